@@ -1,0 +1,1 @@
+"""Training: the loop, optimisation, distributed setup, run directories and launchers (Ray, DeepSpeed)."""
