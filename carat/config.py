@@ -1,0 +1,309 @@
+"""carat's one configuration tree: typed dataclasses owned by their components, loaded in one place.
+
+Precedence: the preset's defaults < a TOML file (``--config FILE``) < ``--section.key=value`` overrides.
+Every section is a dataclass defined next to the code it configures (``model`` in ``carat.model.config``,
+``loader`` in ``carat.data.loader`` ...); this module only composes them, parses values against the field
+types, and turns every mistake into a :class:`~carat.errors.ConfigError` that names the key and what is
+allowed. The resolved tree is written to every run directory as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from carat.data.loader import TINY_OVERRIDES as TINY_LOADER
+from carat.data.loader import LoaderConfig
+from carat.data.prepare import PrepareConfig
+from carat.data.shards import StorageConfig
+from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+from carat.data.synth import SynthConfig
+from carat.errors import ConfigError
+from carat.model.config import TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig
+from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
+from carat.train.optim import OptimConfig
+
+PRESETS: tuple[str, ...] = ("seed", "tiny")
+
+
+@dataclass
+class TrainConfig:
+    """How a run is launched, how long it trains, and where it writes."""
+
+    launcher: Literal["ray", "deepspeed", "none"] = "ray"
+    """ray: Ray Train TorchTrainer workers; deepspeed: under the `deepspeed` launcher; none: one process."""
+    num_workers: int = 0
+    """Ray workers (data-parallel ranks). 0 = one per GPU, or 2 on a CPU-only machine."""
+    epochs: int = 15
+    """Training epochs (the seed trains 15)."""
+    shard_dir: str = "shards"
+    """Directory holding manifest.parquet and the split shards (relative paths resolve against the cwd)."""
+    synth_if_missing: bool = True
+    """With no manifest in shard_dir, synthesize a corpus there first (the [synth] section says how)."""
+    storage_path: str = "runs"
+    """Where run directories live (shared storage for multi-node Ray)."""
+    run_name: str | None = None
+    """Run directory name; rerunning with the same name resumes. None = a new dated name."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3; selects ds_configs/zero<stage>.json unless ds_config is set."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON file to use instead of the stage default (values carat owns are filled/checked)."""
+    offload: bool = False
+    """ZeRO-3 with optimizer and parameter offload to CPU (ds_configs/zero3_offload.json)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    max_failures: int = 1
+    """Ray FailureConfig: how many times crashed workers restart from the last checkpoint."""
+    seed: int = 0
+    """Seeds parameters, the batch plan shuffle and augmentation."""
+    tune_thresholds: bool = True
+    """Also report test metrics at per-class thresholds tuned on validation."""
+    log_every: int = 10
+    """Steps between JSONL/TensorBoard log lines."""
+    max_steps_per_epoch: int | None = None
+    """Cap on steps per epoch (smoke tests); None = the whole epoch."""
+    use_gpu: bool | None = None
+    """None = use CUDA when available."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers} must be >= 0 (0 = automatic)")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs} must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
+        if self.offload and self.zero_stage != 3:
+            raise ConfigError(f"offload=true needs zero_stage=3 (got zero_stage={self.zero_stage})")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every={self.log_every} must be >= 1")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 or unset")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise ConfigError(f"run_name={self.run_name!r} must be a non-empty name without '/'")
+
+
+@dataclass
+class CaratConfig:
+    """The whole configuration tree; one section per component."""
+
+    preset: str = "seed"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(CaratConfig) if f.name != "preset")
+
+_TINY: dict[str, dict[str, Any]] = {
+    "synth": TINY_SYNTH,
+    "loader": TINY_LOADER,
+    "model": TINY_MODEL_OVERRIDES,
+    "loss": TINY_LOSS_OVERRIDES,
+    "optim": TINY_OPTIM,
+    "train": {"epochs": 4, "zero_stage": 2},
+}
+
+
+def preset_values(name: str) -> dict[str, dict[str, Any]]:
+    """The overrides a preset applies on top of the seed defaults."""
+    if name == "seed":
+        return {}
+    if name == "tiny":
+        return {section: dict(values) for section, values in _TINY.items()}
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field type ``tp``; ConfigError naming ``key`` if impossible."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list for {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in names:
+            raise ConfigError(f"unknown key {section}.{name}{_suggest(name, names)}")
+        kwargs[name] = coerce(value, hints[name], f"{section}.{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"[{section}] {err}") from None
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], origin: str) -> None:
+    for section, values in extra.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
+        base.setdefault(section, {}).update(values)
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """``["--model.hidden_size=64", "--train.epochs", "3"]`` -> ``{"model": {...}, "train": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value: --section.key=value")
+            i += 1
+            value = args[i]
+        section, _, key = name.partition(".")
+        if not key:
+            raise ConfigError(f"override {arg!r} must name section.key")
+        out.setdefault(section, {})[key] = value
+        i += 1
+    return out
+
+
+def load_config(
+    preset: str = "seed", file: str | Path | None = None, overrides: list[str] | None = None
+) -> CaratConfig:
+    """Resolve a preset, an optional TOML file and ``--section.key=value`` overrides into a CaratConfig."""
+    values: dict[str, dict[str, Any]] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        preset = str(data.pop("preset", preset))
+        _merge(values, data, str(path))
+    merged = preset_values(preset)
+    for section, section_values in values.items():
+        merged.setdefault(section, {}).update(section_values)
+    _merge(merged, parse_overrides(list(overrides or [])), "command line")
+    built = {}
+    for section in SECTIONS:
+        cls = next(f for f in fields(CaratConfig) if f.name == section).default_factory
+        built[section] = _build_section(section, cls, merged.get(section, {}))
+    return CaratConfig(preset=preset, **built)
+
+
+def config_to_dict(cfg: CaratConfig) -> dict[str, Any]:
+    """A plain, JSON/TOML-friendly dict of the resolved config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def config_to_toml(cfg: CaratConfig) -> str:
+    """The resolved config as TOML that ``load_config(file=...)`` reads back (TOML has no null: None is "none")."""
+    data = config_to_dict(cfg)
+    lines = [f"preset = {_toml_value(data.pop('preset'))}"]
+    for section, values in data.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value('none' if v is None else v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def config_from_dict(data: dict[str, Any]) -> CaratConfig:
+    """Rebuild a CaratConfig from :func:`config_to_dict` output (a checkpoint's saved config)."""
+    data = dict(data)
+    preset = data.pop("preset", "seed")
+    built = {}
+    for section in SECTIONS:
+        cls = next(f for f in fields(CaratConfig) if f.name == section).default_factory
+        built[section] = _build_section(section, cls, data.get(section, {}))
+    return CaratConfig(preset=preset, **built)

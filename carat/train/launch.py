@@ -1,0 +1,143 @@
+"""Launchers: they start processes and call the one loop in :mod:`carat.train.loop`; nothing else.
+
+- ``ray``: a Ray Train ``TorchTrainer`` (local Ray, or the cluster in ``RAY_ADDRESS`` / a ``ray job``), one
+  worker per GPU or two on CPU, checkpoints reported with ``ray.train.report``, ``FailureConfig`` restarts.
+- ``deepspeed``: this process is one rank started by ``deepspeed --num_gpus N --module carat.train``.
+- ``none``: one process, a world of one.
+All three write the same run directory (:mod:`carat.train.rundir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carat.config import CaratConfig, config_from_dict, config_to_dict
+from carat.errors import CaratError
+from carat.train import dist
+from carat.train.loop import WorkerContext, run_training
+
+
+def use_gpu(cfg: CaratConfig) -> bool:
+    return bool(cfg.train.use_gpu if cfg.train.use_gpu is not None else torch.cuda.is_available())
+
+
+def prepare_worker_env(gpu: bool) -> None:
+    """Per-process settings that must precede DeepSpeed's first import of its accelerator."""
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    # DeepSpeed's CPU accelerator counts local ranks from LOCAL_SIZE (else NUMA nodes: its CI once ran
+    # every "multi-rank" test on one rank because of that).
+    os.environ.setdefault("LOCAL_SIZE", str(local_world))
+    if not gpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def init_process_group(gpu: bool) -> None:
+    """Join (or, with no launcher around, create) the process group and DeepSpeed's view of it."""
+    import deepspeed
+
+    if not dist.is_distributed() and "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
+    if gpu:
+        torch.cuda.set_device(dist.local_rank())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def checkpoint_to_resume(root: Path) -> Path | None:
+    """A run directory's checkpoints folder, if an earlier attempt of this run left a complete one."""
+    return root if (root / "latest").is_file() else None
+
+
+# -- deepspeed launcher and single process -----------------------------------------------------------------
+def launch_in_process(cfg: CaratConfig, run_dir: Path, shard_dir: Path, launcher: str) -> dict[str, Any]:
+    gpu = use_gpu(cfg)
+    prepare_worker_env(gpu)
+    init_process_group(gpu)
+    # Every rank must agree on the run name even if their clocks straddle a second.
+    run_dir = Path(dist.broadcast_object(str(run_dir)))
+    checkpoints = run_dir / "checkpoints"
+    ctx = WorkerContext(
+        launcher=launcher, run_dir=run_dir, shard_dir=shard_dir, report=lambda metrics, path: None,
+        resume_dir=checkpoint_to_resume(checkpoints), checkpoint_root=checkpoints,
+    )
+    return run_training(cfg, ctx)
+
+
+# -- Ray Train -----------------------------------------------------------------------------------------------
+def _scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def ray_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer (Ray has created the gloo/NCCL process group)."""
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    gpu = use_gpu(cfg)
+    prepare_worker_env(gpu)
+    init_process_group(gpu)
+
+    def report(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(_scalar_metrics(record), checkpoint=checkpoint)
+
+    def run(resume_dir: Path | None) -> None:
+        ctx = WorkerContext(launcher="ray", run_dir=Path(loop_config["run_dir"]),
+                            shard_dir=Path(loop_config["shard_dir"]), report=report, resume_dir=resume_dir)
+        run_training(cfg, ctx)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        run(None)
+    else:
+        with checkpoint.as_directory() as directory:
+            run(Path(directory))
+
+
+def ray_worker_count(cfg: CaratConfig, gpu: bool) -> int:
+    if cfg.train.num_workers:
+        return cfg.train.num_workers
+    return max(1, torch.cuda.device_count()) if gpu else 2
+
+
+def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpu = use_gpu(cfg)
+    if not ray.is_initialized():
+        # Joins RAY_ADDRESS (set by `ray job submit` or the user) or starts a local Ray.
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir)},
+        scaling_config=ScalingConfig(num_workers=ray_worker_count(cfg, gpu), use_gpu=gpu),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise CaratError(f"the Ray run finished without writing {results_path}")
+    return json.loads(results_path.read_text())

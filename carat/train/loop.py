@@ -1,0 +1,399 @@
+"""The one training loop, run by every launcher (Ray Train workers, the deepspeed launcher, one process).
+
+A launcher only sets up processes and calls :func:`run_training` with a :class:`WorkerContext` saying where
+the run lives and how to report a checkpoint. Everything else, the DeepSpeed engine, the loss normalised by
+the global sample count, the cross-rank queue and prototype updates, evaluation on every sample exactly once,
+checkpoints and resume, happens here, identically for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from carat.config import CaratConfig, config_to_dict, config_to_toml
+from carat.data.batch import Batch
+from carat.data.loader import build_loader
+from carat.metrics import compute_metrics, format_results_table, tune_thresholds
+from carat.model import CARAT, CaratLoss
+from carat.train import dist
+from carat.train.deepspeed_config import build_ds_config, default_ds_config_path, read_ds_config
+from carat.train.optim import build_optimizer, build_scheduler
+from carat.train.rundir import (
+    RunDir, append_jsonl, copy_card, environment_report, truncate_history, write_json_atomic,
+)
+
+FAULT_ENV = "CARAT_FAIL_AFTER_EPOCH"
+"""Test hook: `<epoch>:<rank>` makes that rank exit hard once, after that epoch's checkpoint (fault tests)."""
+
+
+@dataclass
+class WorkerContext:
+    """What a launcher tells the loop."""
+
+    launcher: str
+    run_dir: Path
+    shard_dir: Path
+    report: Callable[[dict[str, Any], Path | None], None]
+    """Called once per epoch on every rank with the metrics and this rank's checkpoint directory."""
+    resume_dir: Path | None = None
+    """A DeepSpeed checkpoint directory (with a `latest` file) to resume from, or None for a fresh start."""
+    checkpoint_root: Path | None = None
+    """Where epoch checkpoints are written; None = a per-epoch temporary directory (Ray copies it away)."""
+
+
+class TrainModule(nn.Module):
+    """Model and loss in one module, so every parameter use happens inside the engine's forward (ZeRO-3)."""
+
+    def __init__(self, model: CARAT, loss_fn: CaratLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                sample_weight: torch.Tensor | None = None) -> tuple[Any, dict[str, torch.Tensor] | None]:
+        out = self.model(**inputs)
+        terms = self.loss_fn(self.model, out, labels, sample_weight=sample_weight) if labels is not None else None
+        return out, terms
+
+
+def pick_device(use_gpu: bool | None) -> torch.device:
+    if (use_gpu is None or use_gpu) and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # A bar only on rank 0 and only on a terminal: logs of batch jobs stay readable.
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+class Trainer:
+    """One rank's view of a run: small named steps, the same for every launcher."""
+
+    def __init__(self, cfg: CaratConfig, ctx: WorkerContext) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.run = RunDir(ctx.run_dir)
+        self.device = pick_device(cfg.train.use_gpu)
+        self.rank = dist.rank()
+        self.world = dist.world_size()
+        self.is_main = self.rank == 0
+        seed_everything(cfg.train.seed)
+
+        model = CARAT.from_config(cfg.model)
+        loss_fn = CaratLoss.from_config(cfg.loss, cfg.model)
+        module = TrainModule(model, loss_fn)
+        self.steps_per_epoch = self._steps_per_epoch()
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        optimizer = build_optimizer(module.model, cfg.optim)
+        scheduler = build_scheduler(optimizer, total_steps, self.steps_per_epoch, cfg.optim)
+        bf16 = self._use_bf16()
+        ds_path = Path(cfg.train.ds_config) if cfg.train.ds_config else default_ds_config_path(
+            cfg.train.zero_stage, cfg.train.offload)
+        ds_config = build_ds_config(
+            read_ds_config(ds_path), source=str(ds_path), micro_batch=cfg.loader.max_batch_size,
+            world_size=self.world, grad_clip=cfg.optim.grad_clip, bf16=bf16,
+            zero_stage=None if cfg.train.ds_config else cfg.train.zero_stage,
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False,
+        )
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.epoch = 0
+        self.global_step = 0
+        self.best = {"micro_f1": -1.0, "epoch": -1}
+        self.history: list[dict[str, Any]] = []
+        self.tb = None  # TensorBoard writer, rank 0 only, opened in fit()
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _use_bf16(self) -> bool:
+        precision = self.cfg.train.precision
+        return precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+
+    def _loader(self, split: str, epoch: int, train: bool):
+        return build_loader(self.ctx.shard_dir, split, self.cfg.loader, rank=self.rank, world_size=self.world,
+                            epoch=epoch, train=train)
+
+    def _steps_per_epoch(self) -> int:
+        steps = len(self._loader("train", 0, True))
+        if steps == 0:
+            raise RuntimeError(f"the train split in {self.ctx.shard_dir} gives no batch on {self.world} ranks")
+        cap = self.cfg.train.max_steps_per_epoch
+        return min(steps, cap) if cap else steps
+
+    @property
+    def model(self) -> CARAT:
+        return self.engine.module.model
+
+    def write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        self.run.create()
+        self.run.config.write_text(config_to_toml(self.cfg))
+        write_json_atomic(self.run.environment, environment_report(self.ctx.launcher, self.world, self.device))
+        copy_card(self.ctx.shard_dir, self.run)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "global_step": self.global_step, "best": dict(self.best),
+            "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
+        }
+
+    def save_checkpoint(self, root: Path, tag: str, save_latest: bool = True) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(), save_latest=save_latest)
+        # DeepSpeed keeps rank 0's client state only; RNG streams differ per rank, so each rank saves its own.
+        torch.save(rng_state(), root / tag / f"rng_rank{self.rank}.pt")
+        dist.barrier()
+
+    def resume(self, directory: Path) -> None:
+        path, state = self.engine.load_checkpoint(str(directory))
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint could be loaded from {directory}")
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.history = list(state["history"])
+        rng_file = Path(path).parent / f"rng_rank{self.rank}.pt"
+        if not rng_file.is_file():  # path points at a file inside the tag folder
+            rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        if self.is_main:
+            truncate_history(self.run.history, self.epoch)
+            truncate_history(self.run.metrics, self.epoch)
+            print(f"[carat] resumed from {directory} after epoch {self.epoch} (step {self.global_step})")
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
+        batch = batch.to(self.device, non_blocking=True)
+        n_local = float(batch.weight.sum().item())
+        n_global = dist.all_reduce_sum(n_local, self.device)
+        inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.model_inputs().items()}
+        out, terms = self.engine(inputs, labels=batch.labels, sample_weight=batch.weight)
+        # DeepSpeed averages gradients over ranks; scaling each rank's mean by its share of the global batch
+        # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
+        scale = n_local * self.world / max(n_global, 1.0)
+        self.engine.backward(terms["total"] * scale)
+        self.engine.step()
+        with torch.no_grad():
+            self.model.update_memory(out, batch.labels, gather=dist.gather_rows)
+        frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
+        return {name: float(value.detach().float().item()) for name, value in terms.items()}, frames
+
+    def train_epoch(self) -> dict[str, float]:
+        self.engine.train()
+        loader = self._loader("train", self.epoch, True)
+        steps = self.steps_per_epoch
+        sums: dict[str, float] = {}
+        seen = frames_seen = 0
+        start = time.perf_counter()
+        bar = _progress(steps, f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", self.is_main)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            terms, frames = self.train_step(batch)
+            self.global_step += 1
+            n = len(batch)
+            seen += n
+            frames_seen += frames
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value * n
+            elapsed = time.perf_counter() - start
+            rate = seen * self.world / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['total']:.4f}", sps=f"{rate:.1f}")
+            if self.is_main and (self.global_step % self.cfg.train.log_every == 0 or step == steps - 1):
+                self.log_step(terms, rate, frames_seen * self.world / max(elapsed, 1e-9))
+        bar.close()
+        elapsed = time.perf_counter() - start
+        totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
+        n_total = dist.all_reduce_sum(seen, self.device)
+        frames_total = dist.all_reduce_sum(frames_seen, self.device)
+        epoch_terms = {f"train/{k}": v / max(n_total, 1.0) for k, v in totals.items()}
+        epoch_terms.update({
+            "train/samples": n_total, "train/samples_per_s": n_total / max(elapsed, 1e-9),
+            "train/frames_per_s": frames_total / max(elapsed, 1e-9), "train/epoch_seconds": elapsed,
+        })
+        return epoch_terms
+
+    def log_step(self, terms: dict[str, float], samples_per_s: float, frames_per_s: float) -> None:
+        record = {"epoch": self.epoch, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_s": samples_per_s, "frames_per_s": frames_per_s}
+        record.update({f"loss/{k}": v for k, v in terms.items()})
+        append_jsonl(self.run.metrics, record)
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    self.tb.add_scalar(key, value, self.global_step)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_split(self, split: str) -> dict[str, np.ndarray]:
+        """Scores for every sample of ``split``, each exactly once, gathered from all ranks (same on every rank)."""
+        self.engine.eval()
+        keys: list[str] = []
+        labels, scores = [], []
+        for batch in self._loader(split, 0, False):
+            batch = batch.to(self.device)
+            inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.model_inputs().items()}
+            out, _ = self.engine(inputs)
+            real = batch.weight > 0  # filler samples only keep ranks in step
+            keys += [k for k, keep in zip(batch.keys, real.tolist()) if keep]
+            labels.append(batch.labels[real].float().cpu().numpy())
+            scores.append(self.model.scores(out)[real].float().cpu().numpy())
+        local = (keys, np.concatenate(labels) if labels else np.zeros((0, 6)),
+                 np.concatenate(scores) if scores else np.zeros((0, 6)))
+        parts = dist.gather_objects(local)
+        all_keys = [k for part in parts for k in part[0]]
+        if len(set(all_keys)) != len(all_keys):
+            raise RuntimeError(f"evaluation of {split} saw {len(all_keys) - len(set(all_keys))} samples twice")
+        order = np.argsort(np.array(all_keys, dtype=object), kind="stable")
+        return {
+            "keys": np.array(all_keys, dtype=object)[order],
+            "labels": np.concatenate([p[1] for p in parts])[order],
+            "scores": np.concatenate([p[2] for p in parts])[order],
+        }
+
+    def validate(self) -> dict[str, Any]:
+        pred = self.predict_split("valid")
+        return compute_metrics(pred["labels"], pred["scores"], self.cfg.model.threshold)
+
+    # -- the run -----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.write_run_files()
+        if self.ctx.resume_dir is not None:
+            self.resume(self.ctx.resume_dir)
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run.tensorboard), purge_step=self.global_step or None)
+        while self.epoch < self.cfg.train.epochs:
+            self.run_epoch()
+        results = self.final_evaluation()
+        if self.tb is not None:
+            self.tb.close()
+        return results
+
+    def run_epoch(self) -> None:
+        record: dict[str, Any] = {"epoch": self.epoch}
+        record.update(self.train_epoch())
+        metrics = self.validate()
+        record.update({f"valid/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        improved = metrics["micro_f1"] > self.best["micro_f1"]
+        if improved:
+            self.best = {"micro_f1": metrics["micro_f1"], "epoch": self.epoch}
+        self.epoch += 1
+        self.history.append(record)
+        if improved:
+            self.save_checkpoint(self.run.best, "best", save_latest=False)
+        self.checkpoint_and_report(record)
+        if self.is_main:
+            append_jsonl(self.run.history, record)
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, self.epoch)
+            print(f"[carat] epoch {self.epoch}/{self.cfg.train.epochs} loss {record['train/total']:.4f} "
+                  f"valid micro-F1 {metrics['micro_f1']:.4f} macro-F1 {metrics['macro_f1']:.4f}"
+                  f"{' (best)' if improved else ''}", flush=True)
+        self.maybe_inject_fault()
+
+    def checkpoint_and_report(self, record: dict[str, Any]) -> None:
+        tag = f"epoch-{self.epoch:03d}"
+        if self.ctx.checkpoint_root is not None:
+            self.save_checkpoint(self.ctx.checkpoint_root, tag)
+            self.ctx.report(record, self.ctx.checkpoint_root)
+            return
+        with tempfile.TemporaryDirectory(prefix="carat-ckpt-") as tmp:
+            self.save_checkpoint(Path(tmp), tag)
+            self.ctx.report(record, Path(tmp))
+
+    def maybe_inject_fault(self) -> None:
+        spec = os.environ.get(FAULT_ENV)
+        if not spec:
+            return
+        epoch, rank = (int(x) for x in spec.split(":"))
+        marker = self.run.root / f".fault-injected-{epoch}-{rank}"
+        if self.epoch == epoch and self.rank == rank and not marker.exists():
+            marker.write_text("1")
+            print(f"[carat] injected fault: rank {rank} exits after epoch {epoch}", flush=True)
+            os._exit(17)
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Reload the best epoch's weights, score valid and test, tune per-class thresholds on valid."""
+        if (self.run.best / "best").is_dir():
+            self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+        valid = self.predict_split("valid")
+        test = self.predict_split("test")
+        threshold = self.cfg.model.threshold
+        results: dict[str, Any] = {
+            "best_epoch": self.best["epoch"] + 1,
+            "valid": compute_metrics(valid["labels"], valid["scores"], threshold),
+            "test": compute_metrics(test["labels"], test["scores"], threshold),
+            "world_size": self.world, "launcher": self.ctx.launcher, "run_dir": str(self.run.root),
+        }
+        if self.cfg.train.tune_thresholds:
+            tuned = tune_thresholds(valid["labels"], valid["scores"])
+            results["tuned_thresholds"] = tuned.tolist()
+            results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
+        if self.is_main:
+            self.write_results(results, test)
+        return results
+
+    def write_results(self, results: dict[str, Any], test: dict[str, np.ndarray]) -> None:
+        from carat.plots import plot_per_emotion_f1, plot_pr_curves, plot_training_curves
+
+        write_json_atomic(self.run.results, results)
+        columns = {f"valid @{self.cfg.model.threshold:g}": results["valid"],
+                   f"test @{self.cfg.model.threshold:g}": results["test"]}
+        if "test_tuned" in results:
+            columns["test @tuned"] = results["test_tuned"]
+        self.run.results_table.write_text(format_results_table(columns) + "\n")
+        self.run.plots.mkdir(exist_ok=True)
+        plot_training_curves(self.history, self.run.plots)
+        plot_per_emotion_f1(results["test"], self.run.plots / "per_emotion_f1.png")
+        plot_pr_curves(test["labels"], test["scores"], self.run.plots / "pr_curves.png")
+
+
+def run_training(cfg: CaratConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Entry point of every launcher's worker process, after the process group exists."""
+    trainer = Trainer(cfg, ctx)
+    return trainer.fit()
