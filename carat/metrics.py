@@ -97,7 +97,8 @@ def _check_threshold(threshold: float | np.ndarray) -> np.ndarray:
     return t
 
 
-def _check_pair(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def validate_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked copies of labels (int64 0/1 [N, 6]) and probability scores (float64 [N, 6], same N)."""
     y = _check_labels(y_true)
     return y, _check_scores(scores, n=y.shape[0])
 
@@ -138,7 +139,7 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | n
     (emotion -> precision, recall, f1, support), ``n_samples``, ``n_positive`` (true labels) and
     ``threshold`` (a float, or a list of 6 when per-emotion thresholds were given).
     """
-    y, s = _check_pair(y_true, scores)
+    y, s = validate_inputs(y_true, scores)
     t = _check_threshold(threshold)
     y_pred = (s >= t[None, :]).astype(np.int64)
 
@@ -182,7 +183,7 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | S
     threshold), then to the smaller one, so the result is deterministic and never drifts far without
     evidence. Returns a float64 array [6] in EMOTIONS order.
     """
-    y, s = _check_pair(y_true, scores)
+    y, s = validate_inputs(y_true, scores)
     g = DEFAULT_THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     if g.ndim != 1 or g.size == 0 or not np.isfinite(g).all() or g.min() < 0.0 or g.max() > 1.0:
         raise DataError(f"grid must be a non-empty 1-d sequence of thresholds in [0, 1]; got {g!r}")
