@@ -23,6 +23,7 @@ from torch import nn
 from carat.config import CaratConfig, config_to_dict, config_to_toml
 from carat.data.batch import Batch
 from carat.data.loader import build_loader
+from carat.evaluate import collect_scores
 from carat.metrics import compute_metrics, format_results_table, tune_thresholds
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
@@ -205,8 +206,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         n_local = float(batch.weight.sum().item())
         n_global = dist.all_reduce_sum(n_local, self.device)
-        inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.model_inputs().items()}
-        out, terms = self.engine(inputs, labels=batch.labels, sample_weight=batch.weight)
+        out, terms = self.engine(self._cast(batch), labels=batch.labels, sample_weight=batch.weight)
         # DeepSpeed averages gradients over ranks; scaling each rank's mean by its share of the global batch
         # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
         scale = n_local * self.world / max(n_global, 1.0)
@@ -264,23 +264,16 @@ class Trainer:
                     self.tb.add_scalar(key, value, self.global_step)
 
     # -- evaluation --------------------------------------------------------------------------------------
+    def _cast(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.model_inputs().items()}
+
     @torch.no_grad()
     def predict_split(self, split: str) -> dict[str, np.ndarray]:
         """Scores for every sample of ``split``, each exactly once, gathered from all ranks (same on every rank)."""
         self.engine.eval()
-        keys: list[str] = []
-        labels, scores = [], []
-        for batch in self._loader(split, 0, False):
-            batch = batch.to(self.device)
-            inputs = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.model_inputs().items()}
-            out, _ = self.engine(inputs)
-            real = batch.weight > 0  # filler samples only keep ranks in step
-            keys += [k for k, keep in zip(batch.keys, real.tolist()) if keep]
-            labels.append(batch.labels[real].float().cpu().numpy())
-            scores.append(self.model.scores(out)[real].float().cpu().numpy())
-        local = (keys, np.concatenate(labels) if labels else np.zeros((0, 6)),
-                 np.concatenate(scores) if scores else np.zeros((0, 6)))
-        parts = dist.gather_objects(local)
+        local = collect_scores(self._loader(split, 0, False), self.device,
+                               lambda batch: self.model.scores(self.engine(self._cast(batch))[0]))
+        parts = dist.gather_objects((list(local["keys"]), local["labels"], local["scores"]))
         all_keys = [k for part in parts for k in part[0]]
         if len(set(all_keys)) != len(all_keys):
             raise RuntimeError(f"evaluation of {split} saw {len(all_keys) - len(set(all_keys))} samples twice")

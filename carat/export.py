@@ -1,0 +1,121 @@
+"""``python -m carat.export``: a DeepSpeed (ZeRO) checkpoint -> one plain PyTorch file.
+
+The output holds ``{"state_dict", "config", "carat_version", "source"}``: the CARAT model's fp32 weights and
+buffers (prototypes, contrastive queue) merged from every rank's shards with DeepSpeed's ``zero_to_fp32``,
+and the resolved config to rebuild the model with. ``carat.evaluate`` and ``carat.predict`` read either form.
+
+    python -m carat.export --checkpoint runs/NAME --out model.pt          # the run's best model
+    python -m carat.export --checkpoint runs/NAME/checkpoints --tag epoch-003 --out model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import carat
+from carat.config import config_from_dict
+from carat.errors import CaratError
+
+MODULE_PREFIX = "model."  # the training wrapper holds CARAT as `.model` next to the loss
+
+
+def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, str]:
+    """Accept a run directory (its best model), a DeepSpeed save dir (its `latest` tag), or a tag folder."""
+    if (path / "best" / "best").is_dir() and tag is None:
+        return path / "best", "best"
+    if (path / "checkpoints" / "latest").is_file() and tag is None and not (path / "best").is_dir():
+        path = path / "checkpoints"
+    if tag is None and (path / "latest").is_file():
+        return path, (path / "latest").read_text().strip()
+    if tag is not None and (path / tag).is_dir():
+        return path, tag
+    if list(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise CaratError(f"{path} holds no DeepSpeed checkpoint (expected a run directory, a folder with a "
+                     f"'latest' file, or a tag folder with *model_states.pt){f' for tag {tag!r}' if tag else ''}")
+
+
+def read_client_state(save_dir: Path, tag: str) -> dict[str, Any]:
+    files = sorted((save_dir / tag).glob("*model_states.pt"))
+    if not files:
+        raise CaratError(f"{save_dir / tag} has no *model_states.pt file")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def consolidate(save_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(CARAT state dict in fp32, the checkpoint's client state) from a sharded DeepSpeed checkpoint."""
+    state = read_client_state(save_dir, tag)
+    if list((save_dir / tag).glob("*optim_states.pt")) and not _is_stage0(state):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    else:  # ZeRO stage 0 keeps the whole module in the model-states file
+        full = state["module"]
+    weights = {k[len(MODULE_PREFIX):]: v.float() if v.is_floating_point() else v
+               for k, v in full.items() if k.startswith(MODULE_PREFIX)}
+    if not weights:
+        raise CaratError(f"{save_dir / tag}: no '{MODULE_PREFIX}*' weights found; is this a carat checkpoint?")
+    return weights, state
+
+
+def _is_stage0(state: dict[str, Any]) -> bool:
+    return int(state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) == 0
+
+
+def load_model(path: Path, tag: str | None = None):
+    """(CARAT in eval mode, its CaratConfig) from an exported file or any checkpoint form."""
+    from carat.model import CARAT
+
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
+            raise CaratError(f"{path} is not a carat export (expected keys state_dict and config)")
+        weights, cfg = blob["state_dict"], config_from_dict(blob["config"])
+    else:
+        save_dir, tag = resolve_checkpoint(path, tag)
+        weights, state = consolidate(save_dir, tag)
+        cfg = config_from_dict(state["config"])
+    model = CARAT.from_config(cfg.model)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CaratError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    return model.eval(), cfg
+
+
+def export(path: Path, out: Path, tag: str | None = None) -> Path:
+    save_dir, tag = resolve_checkpoint(path, tag)
+    weights, state = consolidate(save_dir, tag)
+    blob = {"state_dict": weights, "config": state["config"], "carat_version": carat.__version__,
+            "source": {"checkpoint": str(save_dir), "tag": tag, "epoch": state.get("epoch"),
+                       "world_size": state.get("world_size")}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m carat.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="run directory or DeepSpeed checkpoint")
+    parser.add_argument("--tag", help="checkpoint tag (default: the run's best, else `latest`)")
+    parser.add_argument("--out", type=Path, required=True, help="output .pt file")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.tag)
+    except CaratError as err:
+        print(f"carat.export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"[carat] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

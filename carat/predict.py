@@ -1,0 +1,118 @@
+"""``python -m carat.predict``: per-emotion scores and labels for shards or a ``.npz`` of features.
+
+    python -m carat.predict --checkpoint runs/NAME --shards shards --split test --out preds.csv
+    python -m carat.predict --checkpoint model.pt --npz features.npz --out preds.json
+
+The ``.npz`` holds right-padded arrays ``text`` [N, Lt, 300], ``visual`` [N, Lv, 35], ``audio`` [N, La, 74],
+their lengths ``text_lengths``, ``visual_lengths``, ``audio_lengths`` [N], and optionally ``ids`` [N] (str).
+It is read with ``allow_pickle=False``: no code in a features file ever runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carat.data.batch import Batch
+from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.errors import CaratError, DataError
+from carat.evaluate import score_batches, score_split
+
+
+def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
+    """Batches from a features ``.npz``, with every array checked (names the sample at fault)."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} is not a readable .npz of plain arrays: {err}") from None
+    missing = [k for m in MODALITIES for k in (m, f"{m}_lengths") if k not in data.files]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}")
+    n = len(data["text"])
+    ids = [str(x) for x in data["ids"]] if "ids" in data.files else [f"sample-{i}" for i in range(n)]
+    arrays = {}
+    for m in MODALITIES:
+        x, lengths = data[m].astype(np.float32), data[f"{m}_lengths"].astype(np.int64)
+        if x.ndim != 3 or x.shape[0] != n or x.shape[2] != FEATURE_DIMS[m] or lengths.shape != (n,):
+            raise DataError(f"{path}: {m} has shape {x.shape} / lengths {lengths.shape}; expected "
+                            f"[{n}, L, {FEATURE_DIMS[m]}] and [{n}]")
+        for i in range(n):
+            if not 0 < lengths[i] <= x.shape[1]:
+                raise DataError(f"{path}: sample {ids[i]}: {m} length {lengths[i]} outside 1..{x.shape[1]}")
+            if not np.isfinite(x[i, : lengths[i]]).all():
+                raise DataError(f"{path}: sample {ids[i]}: {m} features contain NaN or inf")
+        arrays[m] = (x, lengths)
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = slice(start, min(start + batch_size, n))
+        fields = {}
+        for m in MODALITIES:
+            x, lengths = arrays[m]
+            width = int(lengths[idx].max())
+            mask = np.arange(width)[None, :] < lengths[idx, None]
+            fields[m] = torch.from_numpy(x[idx, :width] * mask[..., None])
+            fields[f"{m}_mask"] = torch.from_numpy(mask)
+        size = len(ids[idx])
+        batches.append(Batch(keys=ids[idx], labels=torch.zeros(size, 6), intensities=torch.full((size, 6), float("nan")),
+                             weight=torch.ones(size), **fields))
+    return batches
+
+
+def write_predictions(out: Path, keys, scores: np.ndarray, threshold: float | np.ndarray) -> None:
+    labels = (scores > np.asarray(threshold)).astype(int)
+    rows = [{"id": str(k), **{f"score_{e}": float(s[i]) for i, e in enumerate(EMOTIONS)},
+             **{e: int(y[i]) for i, e in enumerate(EMOTIONS)}} for k, s, y in zip(keys, scores, labels)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["id"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        out.write_text(json.dumps({"emotions": list(EMOTIONS), "threshold": np.asarray(threshold).tolist(),
+                                   "predictions": rows}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from carat.export import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m carat.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--tag")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", type=Path, help="shard directory (with --split)")
+    source.add_argument("--npz", type=Path, help="features .npz (see above)")
+    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--out", type=Path, required=True, help=".json or .csv")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.suffix not in (".json", ".csv"):
+            raise CaratError(f"--out {args.out}: use a .json or .csv file name")
+        model, cfg = load_model(args.checkpoint, args.tag)
+        device = torch.device(args.device)
+        if args.npz is not None:
+            pred = score_batches(model, npz_batches(args.npz), device)
+        else:
+            pred = score_split(model, cfg, args.shards.resolve(), args.split, device)
+        threshold = cfg.model.threshold if args.threshold is None else args.threshold
+        write_predictions(args.out, pred["keys"], pred["scores"], threshold)
+    except CaratError as err:
+        print(f"carat.predict: error: {err}", file=sys.stderr)
+        return 2
+    print(f"[carat] wrote {len(pred['keys'])} predictions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The typed config tree: presets, TOML files, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from carat.config import (
+    CaratConfig, coerce, config_from_dict, config_to_dict, config_to_toml, load_config, parse_overrides,
+)
+from carat.errors import ConfigError
+
+
+def test_seed_defaults_match_the_published_configuration():
+    cfg = load_config("seed")
+    assert isinstance(cfg, CaratConfig)
+    assert cfg.train.epochs == 15
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.optim.grad_clip == pytest.approx(1.0)
+    assert cfg.loader.max_batch_size == 64
+
+
+def test_tiny_preset_differs_where_declared():
+    tiny, seed = load_config("tiny"), load_config("seed")
+    assert tiny.preset == "tiny"
+    assert tiny.train.epochs < seed.train.epochs
+    assert config_to_dict(tiny)["model"] != config_to_dict(seed)["model"]
+
+
+def test_overrides_are_typed_and_win_over_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "tiny"\n[train]\nepochs = 7\nseed = 3\n')
+    cfg = load_config(file=path, overrides=["--train.epochs=2", "--train.run_name", "abc", "--train.offload=false"])
+    assert cfg.preset == "tiny"
+    assert cfg.train.epochs == 2 and cfg.train.seed == 3 and cfg.train.run_name == "abc"
+
+
+def test_unknown_key_lists_valid_ones_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch .*did you mean 'epochs'.*valid:"):
+        load_config(overrides=["--train.epoch=3"])
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\].*did you mean 'train'"):
+        load_config(overrides=["--trian.epochs=3"])
+
+
+def test_wrong_type_and_impossible_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 'three'"):
+        load_config(overrides=["--train.epochs=three"])
+    with pytest.raises(ConfigError, match=r"\[train\] epochs=0 must be >= 1"):
+        load_config(overrides=["--train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"train\.launcher: 'slurm' is not allowed"):
+        load_config(overrides=["--train.launcher=slurm"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(file=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(file=tmp_path / "missing.toml")
+
+
+def test_heads_not_dividing_hidden_is_rejected():
+    with pytest.raises(ConfigError, match="12"):
+        load_config(overrides=["--model.num_heads=12"])
+
+
+def test_resolved_config_round_trips_through_toml_and_dict(tmp_path):
+    cfg = load_config("tiny", overrides=["--train.run_name=x", "--train.max_steps_per_epoch=3"])
+    path = tmp_path / "config.toml"
+    path.write_text(config_to_toml(cfg))
+    assert config_to_dict(load_config(file=path)) == config_to_dict(cfg)
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+
+
+def test_coerce_handles_optionals_tuples_and_bools():
+    assert coerce("none", int | None, "k") is None
+    assert coerce("4", int | None, "k") == 4
+    assert coerce("1.5,2", tuple[float, ...], "k") == (1.5, 2.0)
+    assert coerce("[1, 2]", tuple[int, ...], "k") == (1, 2)
+    assert coerce("off", bool, "k") is False
+    with pytest.raises(ConfigError, match="k: expected true or false"):
+        coerce("maybe", bool, "k")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="overrides look like"):
+        parse_overrides(["epochs=3"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--train.epochs"])

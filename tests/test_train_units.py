@@ -1,0 +1,61 @@
+"""Training pieces that need no processes: DeepSpeed config files, run directory helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from carat.errors import ConfigError
+from carat.train.deepspeed_config import DS_CONFIG_DIR, OWNED_KEYS, build_ds_config, read_ds_config
+from carat.train.rundir import append_jsonl, read_jsonl, truncate_history
+
+SHIPPED = sorted(DS_CONFIG_DIR.glob("*.json"))
+
+
+def test_every_stage_and_offload_is_shipped():
+    names = {p.name for p in SHIPPED}
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_files_leave_carat_owned_values_to_carat(path):
+    base = read_ds_config(path)
+    assert not set(OWNED_KEYS) & set(base), f"{path.name} sets values carat owns"
+    stage = base["zero_optimization"]["stage"]
+    full = build_ds_config(base, source=path.name, micro_batch=8, world_size=2, grad_clip=1.0, bf16=False,
+                           zero_stage=stage)
+    assert full["train_batch_size"] == 16 and full["gradient_clipping"] == 1.0
+    assert full["bf16"] == {"enabled": False}
+    if "offload" in path.name:
+        assert base["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert stage == 3
+
+
+def test_conflicting_owned_value_is_rejected_with_the_key_named():
+    base = {"zero_optimization": {"stage": 2}, "gradient_clipping": 5.0}
+    with pytest.raises(ConfigError, match="'gradient_clipping' is owned by carat"):
+        build_ds_config(base, source="mine.json", micro_batch=4, world_size=1, grad_clip=1.0, bf16=False)
+
+
+def test_stage_mismatch_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="stage=2 but train.zero_stage=3"):
+        build_ds_config({"zero_optimization": {"stage": 2}}, source="x", micro_batch=1, world_size=1,
+                        grad_clip=1.0, bf16=False, zero_stage=3)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_ds_config(tmp_path / "none.json")
+    bad.write_text(json.dumps({"train_batch_size": 3}))
+    with pytest.raises(ConfigError, match="zero_optimization"):
+        read_ds_config(bad)
+
+
+def test_history_truncation_on_resume(tmp_path):
+    path = tmp_path / "history.jsonl"
+    for epoch in range(4):
+        append_jsonl(path, {"epoch": epoch, "loss": float(epoch)})
+    truncate_history(path, 2)
+    assert [r["epoch"] for r in read_jsonl(path)] == [0, 1]
