@@ -16,9 +16,11 @@ import numpy as np
 
 from carat.data.segment import EMOTIONS
 from carat.errors import DataError
-from carat.metrics import average_precision, precision_recall_curve, validate_inputs
+from carat.metrics import SUMMARY_METRICS, average_precision, precision_recall_curve, validate_inputs
 
 LOSS_PLOT = "training_loss.png"
+NOT_PLOTTED: tuple[str, ...] = ("valid/n_samples", "valid/n_positive", "valid/threshold")
+"""History bookkeeping values that are neither losses nor metrics."""
 METRICS_PLOT = "validation_metrics.png"
 
 
@@ -67,15 +69,18 @@ def _check_history(history: Sequence[Mapping[str, Any]]) -> None:
 def plot_training_curves(history: Sequence[Mapping[str, Any]], out_dir: Path | str) -> list[Path]:
     """PNGs of a run's per-epoch history (one dict per epoch: "epoch", "train/<loss term>", "valid/<metric>").
 
-    ``training_loss.png``: every train/ term (and valid/ values outside [0, 1], i.e. validation losses),
+    ``training_loss.png``: every train/ term (and other valid/ values outside [0, 1]: validation losses),
     log scale when all are positive since CTC, classification and contrastive terms differ by orders of
-    magnitude. ``validation_metrics.png``: the valid/ values within [0, 1] (F1s, accuracy, hamming loss).
+    magnitude. ``validation_metrics.png``: the compute_metrics scalars and other valid/ values within [0, 1].
+    Bookkeeping keys (:data:`NOT_PLOTTED`, e.g. valid/n_samples) are skipped.
     A figure with nothing to show is not written. Returns the written paths.
     """
     _check_history(history)
     epochs, train = _series(history, "train/")
     _, valid = _series(history, "valid/")
-    is_metric = {k: bool(np.all((v[np.isfinite(v)] >= 0) & (v[np.isfinite(v)] <= 1))) for k, v in valid.items()}
+    valid = {k: v for k, v in valid.items() if k not in NOT_PLOTTED}
+    is_metric = {k: k.removeprefix("valid/") in SUMMARY_METRICS
+                 or bool(np.all((v[np.isfinite(v)] >= 0) & (v[np.isfinite(v)] <= 1))) for k, v in valid.items()}
     losses = {**train, **{k: v for k, v in valid.items() if not is_metric[k]}}
     metrics = {k: v for k, v in valid.items() if is_metric[k]}
     if not losses and not metrics:

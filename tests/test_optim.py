@@ -47,8 +47,8 @@ def _group_of(groups, param):
 def test_param_groups_partition_and_exclusions():
     model, cfg = ToyCARAT(), OptimConfig()
     groups = param_groups(model, cfg)
-    assert sorted(g["name"] for g in groups) == ["base_lr/decay", "base_lr/no_decay", "coef_lr/decay",
-                                                 "coef_lr/no_decay"]
+    assert [g["name"] for g in groups] == ["base_lr/decay", "base_lr/no_decay", "coef_lr/decay",
+                                           "coef_lr/no_decay"]          # full lr first: get_last_lr()[0]
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}

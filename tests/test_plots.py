@@ -44,6 +44,27 @@ def test_training_curves(tmp_path):
         _assert_png(p)
 
 
+def test_training_curves_from_compute_metrics_records(tmp_path, monkeypatch):
+    # The training loop logs every numeric compute_metrics value as valid/<key>: counts and the threshold
+    # must not land on the loss plot.
+    import carat.plots as plots
+    y, s = _case()
+    metrics = compute_metrics(y, s, 0.2)
+    history = [{"epoch": e, "train/total": 1.0 / (e + 1), **{f"valid/{k}": v for k, v in metrics.items()
+                                                           if isinstance(v, (int, float))}} for e in range(3)]
+    drawn = {}
+
+    def record(epochs, series, path, *args, **kwargs):
+        drawn[path.name] = sorted(series)
+        return path
+
+    monkeypatch.setattr(plots, "_plot_lines", record)
+    plot_training_curves(history, tmp_path)
+    assert drawn[LOSS_PLOT] == ["train/total"]
+    assert "valid/micro_f1" in drawn[METRICS_PLOT] and "valid/hamming_loss" in drawn[METRICS_PLOT]
+    assert not any(k.startswith(("valid/n_", "valid/threshold")) for k in drawn[METRICS_PLOT])
+
+
 def test_training_curves_only_what_exists(tmp_path):
     paths = plot_training_curves([{"epoch": 0, "train/total": 1.0}, {"epoch": 1, "train/total": 0.5}], tmp_path)
     assert [p.name for p in paths] == [LOSS_PLOT]

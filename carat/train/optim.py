@@ -101,8 +101,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     optimizers dislike empty groups). A coef_lr_modules entry that matches no parameter is a ConfigError
     (a typo would otherwise silently train the encoders at full lr).
     """
+    # Full-lr groups first, so param_groups[0] / get_last_lr()[0] is the headline (fusion/classifier) lr.
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {
-        (slow, decay): [] for slow in (True, False) for decay in (True, False)
+        (slow, decay): [] for slow in (False, True) for decay in (True, False)
     }
     for name, p in model.named_parameters():
         if p.requires_grad:
