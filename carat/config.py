@@ -22,6 +22,7 @@ from typing import Any, Literal
 from carat.data.loader import TINY_OVERRIDES as TINY_LOADER
 from carat.data.loader import LoaderConfig
 from carat.data.prepare import PrepareConfig
+from carat.data.shards import TINY_OVERRIDES as TINY_STORAGE
 from carat.data.shards import StorageConfig
 from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
 from carat.data.synth import SynthConfig
@@ -110,6 +111,7 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(CaratConfig) if f.name 
 
 _TINY: dict[str, dict[str, Any]] = {
     "synth": TINY_SYNTH,
+    "storage": TINY_STORAGE,
     "loader": TINY_LOADER,
     "model": TINY_MODEL_OVERRIDES,
     "loss": TINY_LOSS_OVERRIDES,
@@ -145,12 +147,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value in args:
