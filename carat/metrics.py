@@ -11,7 +11,7 @@ Emotion Recognition via Adversarial Masking and Perturbation", and its predecess
 - micro / macro precision, recall, F1 and per-emotion precision, recall, F1, support, with sklearn's
   ``zero_division=0`` semantics: a ratio whose denominator is 0 is 0.
 
-A prediction is positive when its score is ``>= threshold`` (seed threshold 0.2); thresholds may differ per
+A prediction is positive when its score is ``> threshold`` (the design note's rule) (seed threshold 0.2); thresholds may differ per
 emotion. Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError)
 naming the problem.
 """
@@ -105,8 +105,8 @@ def validate_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray,
 
 # ------------------------------------------------------------------------------------------------- metrics
 def binarize(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
-    """Predicted labels [N, 6] (int 0/1): score ``>= threshold`` (per-emotion thresholds broadcast)."""
-    return (_check_scores(scores) >= _check_threshold(threshold)[None, :]).astype(np.int64)
+    """Predicted labels [N, 6] (int 0/1): score ``> threshold``, the design note's rule (thresholds broadcast)."""
+    return (_check_scores(scores) > _check_threshold(threshold)[None, :]).astype(np.int64)
 
 
 def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
@@ -141,7 +141,7 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | n
     """
     y, s = validate_inputs(y_true, scores)
     t = _check_threshold(threshold)
-    y_pred = (s >= t[None, :]).astype(np.int64)
+    y_pred = (s > t[None, :]).astype(np.int64)
 
     tp = (y & y_pred).sum(axis=0)
     fp = ((1 - y) & y_pred).sum(axis=0)
@@ -192,7 +192,7 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | S
     g = np.unique(g)
     tuned = np.empty(NUM_CLASSES)
     for c in range(NUM_CLASSES):
-        pred = s[None, :, c] >= g[:, None]                     # [G, N]
+        pred = s[None, :, c] > g[:, None]                     # [G, N]
         pos = y[None, :, c].astype(bool)
         tp = (pred & pos).sum(axis=1)
         fp = (pred & ~pos).sum(axis=1)

@@ -46,7 +46,7 @@ def _sklearn_reference(y: np.ndarray, pred: np.ndarray) -> dict:
 @pytest.mark.parametrize("threshold", [0.2, 0.5, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
 def test_metrics_match_sklearn(seed, threshold):
     y, scores = _random_case(seed)
-    pred = (scores >= np.asarray(threshold)).astype(int)
+    pred = (scores > np.asarray(threshold)).astype(int)
     got = compute_metrics(y, scores, threshold)
     for key, want in _sklearn_reference(y, pred).items():
         assert got[key] == pytest.approx(want, abs=1e-12), key
@@ -111,7 +111,7 @@ def test_tuned_thresholds_beat_or_equal_fixed_on_tuning_data():
         # Per-emotion optimality against a brute force over the same grid.
         grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
         for c in range(6):
-            best = max(skm.f1_score(y[:, c], scores[:, c] >= g, zero_division=0) for g in grid)
+            best = max(skm.f1_score(y[:, c], scores[:, c] > g, zero_division=0) for g in grid)
             assert tuned["per_emotion"][EMOTIONS[c]]["f1"] == pytest.approx(best)
 
 
