@@ -126,7 +126,7 @@ def test_tuning_ties_go_to_default_and_are_deterministic():
     y2[:2, 0] = 1
     s2 = np.zeros((4, 6))
     s2[:, 0] = [0.9, 0.8, 0.1, 0.05]
-    assert tune_thresholds(y2, s2, grid=[0.1, 0.3, 0.5, 0.9])[0] == 0.3  # 0.3 and 0.5 both optimal...
+    assert tune_thresholds(y2, s2, grid=[0.05, 0.3, 0.5, 0.9])[0] == 0.3  # 0.3 and 0.5 both optimal...
     assert tune_thresholds(y2, s2, grid=[0.15, 0.25, 0.5], default=0.2)[0] == 0.15  # ...equidistant: smaller
 
 
