@@ -1,0 +1,330 @@
+"""The dataset card: what a prepared corpus holds, how it was made, and a floor every model must beat.
+
+Following "Datasheets for Datasets" (Gebru et al., 2018) in spirit, ``out_dir/card.json`` records counts per
+split, length quantiles per modality, label prevalence per split, NaN/inf counts and the replacement policy,
+skipped or incomplete segments with reasons (counts and the first keys), sha256 of the source files, the carat
+version and the configuration used, and the reference scorer: a one-vs-rest logistic regression on mean- and
+std-pooled features (trained on train, thresholds 0.5 and tuned on valid, scored on test), per modality and
+fused. Counts, lengths and prevalences are computed from the written manifest, so the card describes exactly
+what the shards hold.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
+from carat.errors import DataError
+
+CARD_FILE = "card.json"
+CARD_VERSION = 1
+QUANTILES = {"p50": 50, "p90": 90, "p99": 99}
+REFERENCE_C = 0.1  # L2 strength of the reference logistic regression: ~800 pooled features, a few thousand samples
+
+
+# --------------------------------------------------------------------------------------- issue accounting
+
+@dataclass
+class IssueLog:
+    """Problems met while reading a source, counted by reason with the first keys of each: nothing is lost
+    silently. ``skipped`` reasons are segments left out of the corpus; ``notes`` are counted observations
+    (e.g. videos in no fold, unlabelled videos) that did not drop a labelled segment."""
+
+    max_keys: int = 20
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_keys: dict[str, list[str]] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
+    note_keys: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, key: str) -> None:
+        """Record that segment ``key`` was left out for ``reason``."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        keys = self.skipped_keys.setdefault(reason, [])
+        if len(keys) < self.max_keys:
+            keys.append(key)
+
+    def note(self, reason: str, key: str) -> None:
+        """Record an observation about ``key`` (a video, a file) that did not drop a segment by itself."""
+        self.notes[reason] = self.notes.get(reason, 0) + 1
+        keys = self.note_keys.setdefault(reason, [])
+        if len(keys) < self.max_keys:
+            keys.append(key)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_total": self.total_skipped,
+            "skipped": {r: {"count": n, "first_keys": self.skipped_keys.get(r, [])}
+                        for r, n in sorted(self.skipped.items())},
+            "notes": {r: {"count": n, "first_keys": self.note_keys.get(r, [])} for r, n in sorted(self.notes.items())},
+        }
+
+
+# ------------------------------------------------------------------------------------------ reference scorer
+
+def pooled_features(seg: Segment) -> dict[str, np.ndarray]:
+    """Mean and std over time of each modality: the time-blind summary a linear floor sees."""
+    out = {}
+    for m in MODALITIES:
+        x = np.asarray(getattr(seg, m), dtype=np.float64)
+        out[m] = np.concatenate([x.mean(axis=0), x.std(axis=0)])
+    return out
+
+
+class ReferenceCollector:
+    """Collects pooled features of a seeded, bounded subsample of each split while the shards are written.
+
+    ``wrap(load)`` returns a loader that records the pooled features of the chosen segments as the writer
+    loads them (no second pass); ``complete(load)`` loads the chosen segments the writer skipped (shards kept
+    from an interrupted run); ``score()`` fits the reference logistic regression.
+    """
+
+    def __init__(self, refs_by_split: dict[str, list[SegmentRef]], *, max_train: int, max_eval: int,
+                 seed: int) -> None:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA7D]))
+        self.chosen: dict[str, SegmentRef] = {}
+        self.sampled: dict[str, int] = {}
+        self.available: dict[str, int] = {}
+        for split in SPLITS:
+            refs = sorted(refs_by_split.get(split, []), key=lambda r: r.key)
+            limit = max_train if split == "train" else max_eval
+            pick = rng.permutation(len(refs))[:limit] if len(refs) > limit else np.arange(len(refs))
+            self.available[split] = len(refs)
+            self.sampled[split] = len(pick)
+            for i in pick:
+                self.chosen[refs[i].key] = refs[i]
+        self.features: dict[str, tuple[str, dict[str, np.ndarray], np.ndarray]] = {}
+
+    def record(self, seg: Segment) -> None:
+        if seg.key in self.chosen:
+            self.features[seg.key] = (seg.split, pooled_features(seg), np.asarray(seg.labels, dtype=np.uint8))
+
+    def wrap(self, load: Callable[[SegmentRef], Segment]) -> Callable[[SegmentRef], Segment]:
+        def recording_load(ref: SegmentRef) -> Segment:
+            seg = load(ref)
+            self.record(seg)
+            return seg
+        return recording_load
+
+    def complete(self, load: Callable[[SegmentRef], Segment]) -> None:
+        for key, ref in self.chosen.items():
+            if key not in self.features:
+                self.record(load(ref))
+
+    def _matrices(self, split: str, modalities: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [(f, y) for s, f, y in (self.features[k] for k in sorted(self.features)) if s == split]
+        if not rows:
+            return np.zeros((0, 0)), np.zeros((0, len(EMOTIONS)), dtype=np.uint8)
+        x = np.stack([np.concatenate([f[m] for m in modalities]) for f, _ in rows])
+        y = np.stack([y for _, y in rows])
+        return x, y
+
+    def score(self, *, progress: bool = False) -> dict[str, Any]:
+        """Reference results (see :func:`reference_scores`) plus the subsample sizes used."""
+        views = {"fused": MODALITIES, **{m: (m,) for m in MODALITIES}}
+        data = {name: {s: self._matrices(s, mods) for s in SPLITS} for name, mods in views.items()}
+        result = reference_scores(data, progress=progress)
+        result["subsample"] = {s: {"used": self.sampled[s], "of": self.available[s]} for s in SPLITS}
+        return result
+
+
+def _f1_summary(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    from sklearn.metrics import f1_score
+
+    return {
+        "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "per_emotion_f1": dict(zip(EMOTIONS, (round(float(v), 4) for v in
+                                              f1_score(y, pred, average=None, zero_division=0)))),
+    }
+
+
+def tune_thresholds_f1(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-emotion threshold maximising F1 on (y, scores) over a grid 0.05..0.95 (0.5 if no positives)."""
+    from sklearn.metrics import f1_score
+
+    grid = np.linspace(0.05, 0.95, 19)
+    best = np.full(y.shape[1], 0.5)
+    for e in range(y.shape[1]):
+        if y[:, e].sum() == 0:
+            continue
+        f1s = [f1_score(y[:, e], scores[:, e] >= t, zero_division=0) for t in grid]
+        best[e] = grid[int(np.argmax(f1s))]
+    return best
+
+
+def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """One-vs-rest logistic regression on standardised features; probabilities for each of ``xs``.
+
+    An emotion with a single class in train gets that class' constant probability (sklearn cannot fit it)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    xt = scaler.transform(x_train)
+    outs = [np.zeros((len(x), y_train.shape[1])) for x in xs]
+    for e in range(y_train.shape[1]):
+        col = y_train[:, e]
+        if col.min() == col.max():
+            for o in outs:
+                o[:, e] = float(col[0])
+            continue
+        clf = LogisticRegression(max_iter=1000, C=REFERENCE_C).fit(xt, col)
+        for o, x in zip(outs, xs):
+            o[:, e] = clf.predict_proba(scaler.transform(x))[:, 1]
+    return outs
+
+
+def reference_scores(data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], *,
+                     progress: bool = False) -> dict[str, Any]:
+    """The linear floor: for each view (``fused`` and each modality) fit on train, score on test.
+
+    ``data[view][split] = (x, y)``. Reports F1 at threshold 0.5 and with per-emotion thresholds tuned on
+    valid, plus macro ROC-AUC, and the trivial "predict every emotion" baseline for scale.
+    """
+    from sklearn.metrics import roc_auc_score
+    from tqdm.auto import tqdm
+
+    out: dict[str, Any] = {
+        "method": f"one-vs-rest logistic regression (C={REFERENCE_C}, standardised) on per-modality mean+std pooled "
+                  "features; train on train, thresholds 0.5 and tuned per emotion on valid, scored on test",
+    }
+    first = next(iter(data.values()))
+    x_tr, y_tr = first["train"]
+    _, y_te = first["test"]
+    if len(y_tr) < 2 or len(y_te) == 0:
+        out["skipped"] = "too few train/test segments for a reference scorer"
+        return out
+    out["all_positive_baseline"] = _f1_summary(y_te, np.ones_like(y_te))
+    views = tqdm(data.items(), desc="reference scorer", disable=not (progress and sys.stderr.isatty()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny corpora
+        for view, splits in views:
+            (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits["train"], splits["valid"], splits["test"]
+            p_va, p_te = _fit_predict(x_tr, y_tr, [x_va, x_te])
+            thresholds = tune_thresholds_f1(y_va, p_va) if len(y_va) else np.full(len(EMOTIONS), 0.5)
+            has_both = [e for e in range(len(EMOTIONS)) if 0 < y_te[:, e].sum() < len(y_te)]
+            auc = float(roc_auc_score(y_te[:, has_both], p_te[:, has_both], average="macro")) if has_both else None
+            out[view] = {
+                "threshold_0.5": _f1_summary(y_te, p_te >= 0.5),
+                "tuned_on_valid": {**_f1_summary(y_te, p_te >= thresholds),
+                                   "thresholds": [round(float(t), 3) for t in thresholds]},
+                "macro_roc_auc": auc,
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the card
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """min, p50, p90, p99, max, mean of a vector of sequence lengths."""
+    if len(lengths) == 0:
+        return {}
+    stats = {"min": int(lengths.min())}
+    stats.update({name: float(np.percentile(lengths, q)) for name, q in QUANTILES.items()})
+    stats.update({"max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)})
+    return stats
+
+
+def manifest_summary(out_dir: Path) -> dict[str, Any]:
+    """Counts, length statistics and label prevalence per split, from the written manifest and shard table."""
+    from carat.data.shards import read_manifest, read_shard_table
+
+    manifest = read_manifest(out_dir)
+    splits = np.asarray(manifest.column("split").to_pylist())
+    labels = np.asarray(manifest.column("labels").to_pylist(), dtype=np.uint8).reshape(-1, len(EMOTIONS))
+    lengths = {m: np.asarray(manifest.column(f"len_{m}").to_numpy()) for m in MODALITIES}
+    shards = read_shard_table(out_dir)
+    summary: dict[str, Any] = {"counts": {}, "lengths": {}, "label_prevalence": {}, "shards": {}}
+    for split in [s for s in SPLITS if (splits == s).any()]:
+        sel = splits == split
+        summary["counts"][split] = int(sel.sum())
+        summary["lengths"][split] = {m: length_stats(lengths[m][sel]) for m in MODALITIES}
+        summary["label_prevalence"][split] = dict(zip(EMOTIONS, (round(float(v), 4) for v in labels[sel].mean(0))))
+        split_shards = [s for s in shards if s.split == split]
+        summary["shards"][split] = {"count": len(split_shards), "bytes": int(sum(s.bytes for s in split_shards))}
+    summary["counts"]["total"] = int(len(splits))
+    summary["lengths"]["all"] = {m: length_stats(lengths[m]) for m in MODALITIES}
+    if len(splits):
+        summary["label_prevalence"]["all"] = dict(zip(EMOTIONS, (round(float(v), 4) for v in labels.mean(0))))
+    summary["shards"]["total_bytes"] = int(sum(s.bytes for s in shards))
+    return summary
+
+
+def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: IssueLog,
+               source_files: dict[str, Path | str], reference: dict[str, Any] | None = None,
+               non_finite: dict[str, Any] | None = None, notes: list[str] | tuple[str, ...] = (),
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble the card of the corpus written in ``out_dir`` (the manifest must exist)."""
+    import carat
+
+    card: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "carat_version": carat.__version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": source,
+        "notes": list(notes),
+        **manifest_summary(Path(out_dir)),
+        "non_finite": non_finite or {},
+        "issues": issues.to_dict(),
+        "source_files": {name: {"path": str(p), "sha256": sha256_file(Path(p)), "bytes": os.path.getsize(p)}
+                         for name, p in source_files.items()},
+        "config": config,
+        "reference_scorer": reference,
+    }
+    if extra:
+        card.update(extra)
+    return card
+
+
+def write_card(out_dir: Path, card: dict[str, Any]) -> Path:
+    """Write ``card.json`` atomically (temp file, then rename)."""
+    path = Path(out_dir) / CARD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.ndarray,)):
+        return value.tolist()
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_card(out_dir: Path) -> dict[str, Any]:
+    """The card of a prepared corpus; DataError naming the file if missing or unreadable."""
+    path = Path(out_dir) / CARD_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no dataset card; is {out_dir} a corpus written by `python -m carat.data`?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable dataset card ({exc})") from exc

@@ -1,0 +1,402 @@
+"""A synthetic CMU-MOSEI-like corpus with a planted, learnable, unaligned multimodal signal.
+
+CMU-MOSEI (Zadeh et al., ACL 2018) can no longer be downloaded, so carat ships a generator that mimics what
+matters for training and systems work: the real split sizes (16,326 / 1,871 / 4,659 segments), feature
+dimensions (GloVe 300 / FACET 35 / COVAREP 74), long-tailed unaligned lengths (text 16-374 words, visual
+126-3,140 frames at ~30 Hz, audio 400-10,891 frames at ~100 Hz, all driven by one segment duration), and the
+test-split label prevalences with plausible co-occurrence (a Gaussian copula over the six emotions).
+
+The signal: each emotion that a segment carries leaves a short cue (a fixed random direction per emotion and
+modality, shaped by a Hann window) at an independent random time in each modality, so the modalities are
+unaligned. Cue strength differs by modality (surprise lives mostly in the face, anger in the voice, disgust in
+the words), a cue can be missing from one modality, background is smooth AR(1) noise with per-dimension
+scales, every video has its own constant offset ("speaker style"), and a fraction of labels disagree with
+the evidence (label noise). A short, local cue in a long sequence is diluted by mean pooling and a missing cue
+in one modality is recovered from another, so fusing modalities and attending over time beats any single
+modality or a mean-pooled linear model (the reference scorer in the dataset card is that floor).
+
+Generation is vectorised numpy and deterministic: the cheap per-segment plan (lengths, labels) is drawn per
+(seed, split); the features of one segment are drawn from a generator seeded by (seed, split, index), so the
+shard writer can materialise segments one at a time in its own (length-sorted) order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.errors import ConfigError
+
+# Real CMU-MOSEI bounds of the unaligned sequences (frames), in MODALITIES order (text, visual, audio).
+LENGTH_BOUNDS: dict[str, tuple[int, int]] = {"text": (16, 374), "visual": (126, 3140), "audio": (400, 10891)}
+
+# Latent correlation of the six emotions (EMOTIONS order) for the Gaussian copula: the negative emotions
+# co-occur (anger-disgust strongest, as annotators often mark both), happiness excludes them.
+LABEL_CORRELATION: tuple[tuple[float, ...], ...] = (
+    (1.00, -0.35, -0.30, 0.10, -0.30, -0.20),
+    (-0.35, 1.00, 0.45, 0.05, 0.40, 0.30),
+    (-0.30, 0.45, 1.00, 0.05, 0.60, 0.25),
+    (0.10, 0.05, 0.05, 1.00, 0.05, 0.15),
+    (-0.30, 0.40, 0.60, 0.05, 1.00, 0.25),
+    (-0.20, 0.30, 0.25, 0.15, 0.25, 1.00),
+)
+
+# Relative cue strength per emotion (rows, EMOTIONS order) and modality (columns: text, visual, audio).
+# Some emotions live mostly in one modality, so no single modality can see everything.
+CUE_STRENGTH: tuple[tuple[float, float, float], ...] = (
+    (1.0, 0.9, 0.5),  # happy: words and smile
+    (0.5, 0.4, 1.0),  # sad: voice
+    (0.4, 0.6, 1.0),  # anger: voice
+    (0.3, 1.1, 0.3),  # surprise: face
+    (1.0, 0.5, 0.3),  # disgust: words
+    (0.4, 0.7, 0.7),  # fear: face and voice
+)
+
+# Independent random streams derived from the seed (SeedSequence entropy), one per purpose.
+_STREAM_PLAN, _STREAM_SEGMENT, _STREAM_VIDEO, _STREAM_GLOBAL = 1, 2, 3, 4
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the synthetic CMU-MOSEI-like corpus. Defaults reproduce the real corpus' size and shape."""
+
+    seed: int = 0
+    """Seed of everything: the same seed and config give byte-identical shards."""
+    scale: float = 1.0
+    """Fraction of the real split sizes to generate (each split keeps at least ``min_split_size``)."""
+    length_scale: float = 1.0
+    """Shrinks every sequence length proportionally (bounded below by ``min_frames``). Only for fast CPU tests
+    and quickstarts: real training uses 1.0. Recorded in the dataset card."""
+    min_frames: int = 4
+    """Lower bound of any sequence length after ``length_scale``."""
+    train_size: int = 16326
+    """Segments in the train split at scale 1 (the real CMU-MOSEI count)."""
+    valid_size: int = 1871
+    """Segments in the valid split at scale 1."""
+    test_size: int = 4659
+    """Segments in the test split at scale 1."""
+    min_split_size: int = 8
+    """Smallest split size whatever ``scale`` is (so every split has a few segments)."""
+    segments_per_video: float = 7.0
+    """Mean labelled segments per video (real CMU-MOSEI: about 7)."""
+    duration_floor_s: float = 4.0
+    """Shortest segment duration in seconds; the duration is this plus a lognormal excess."""
+    duration_median_excess_s: float = 4.0
+    """Median of the lognormal excess duration (seconds) above the floor."""
+    duration_sigma: float = 0.75
+    """Log-space spread of the excess duration: the long tail (p99 ~ 27 s, max ~ 90 s at full size)."""
+    words_per_second: tuple[float, float] = (2.0, 4.0)
+    """Range of a segment's speaking rate (words per second), drawn uniformly per segment."""
+    visual_hz: float = 30.0
+    """Visual (FACET) frame rate."""
+    audio_hz: float = 100.0
+    """Audio (COVAREP) frame rate."""
+    prevalence: tuple[float, float, float, float, float, float] = (0.537, 0.242, 0.230, 0.095, 0.173, 0.083)
+    """Probability that each emotion (happy, sad, anger, surprise, disgust, fear) is present: the real test split."""
+    cue_strength: float = 5.0
+    """Amplitude of a planted cue (in units of the per-dimension background noise), times the per-emotion,
+    per-modality factors of CUE_STRENGTH and an intensity factor."""
+    cue_seconds: float = 1.0
+    """Duration of a cue window; text cues span about 3 words per second of it."""
+    modality_dropout: float = 0.25
+    """Probability that a present emotion leaves no cue in one given modality (fusion recovers it)."""
+    label_noise: float = 0.1
+    """Probability that a present emotion leaves no cue in any modality (its label disagrees with the data)."""
+    spurious_cue_rate: float = 0.02
+    """Probability that an absent emotion leaves cues anyway (the other side of label noise)."""
+    ar_coefficients: tuple[float, float, float] = (0.3, 0.85, 0.9)
+    """AR(1) coefficient of the background noise per modality (text, visual, audio): frames are smooth."""
+    cue_dims: tuple[int, int, int] = (8, 4, 8)
+    """Dimensions each emotion's cue direction spans per modality (text, visual, audio): emotion cues live in
+    a few features (a facial action unit, a pitch statistic), which is what makes them learnable."""
+    speaker_offset: float = 0.3
+    """Std of a constant per-video offset added to every frame: it hides cues from mean pooling."""
+    reference_max_train: int = 4000
+    """Reference scorer: at most this many train segments (a seeded subsample), to keep it fast."""
+    reference_max_eval: int = 3000
+    """Reference scorer: at most this many valid and test segments each."""
+
+    def __post_init__(self) -> None:
+        self.words_per_second = tuple(float(v) for v in self.words_per_second)  # type: ignore[assignment]
+        self.prevalence = tuple(float(v) for v in self.prevalence)  # type: ignore[assignment]
+        self.ar_coefficients = tuple(float(v) for v in self.ar_coefficients)  # type: ignore[assignment]
+        if not 0.0 < self.scale <= 1.0:
+            raise ConfigError(f"synth.scale={self.scale} must be in (0, 1] (a fraction of the real split sizes)")
+        if not 0.0 < self.length_scale <= 1.0:
+            raise ConfigError(f"synth.length_scale={self.length_scale} must be in (0, 1]")
+        for name in ("min_frames", "train_size", "valid_size", "test_size", "min_split_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"synth.{name}={getattr(self, name)} must be >= 1")
+        for name in ("segments_per_video", "duration_median_excess_s", "duration_sigma", "visual_hz",
+                     "audio_hz", "cue_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"synth.{name}={getattr(self, name)} must be > 0")
+        for name in ("duration_floor_s", "cue_strength", "speaker_offset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"synth.{name}={getattr(self, name)} must be >= 0")
+        for name in ("modality_dropout", "label_noise", "spurious_cue_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"synth.{name}={getattr(self, name)} must be in [0, 1)")
+        lo, hi = (self.words_per_second + (0.0, 0.0))[:2]
+        if len(self.words_per_second) != 2 or not 0 < lo <= hi:
+            raise ConfigError(f"synth.words_per_second={self.words_per_second} must be (low, high) with 0 < low <= high")
+        if len(self.prevalence) != len(EMOTIONS) or not all(0.0 < p < 1.0 for p in self.prevalence):
+            raise ConfigError(f"synth.prevalence={self.prevalence} must be {len(EMOTIONS)} values in (0, 1) "
+                              f"(one per emotion: {', '.join(EMOTIONS)})")
+        if len(self.ar_coefficients) != len(MODALITIES) or not all(0.0 <= a < 1.0 for a in self.ar_coefficients):
+            raise ConfigError(f"synth.ar_coefficients={self.ar_coefficients} must be 3 values in [0, 1) "
+                              "(text, visual, audio)")
+        self.cue_dims = tuple(int(v) for v in self.cue_dims)  # type: ignore[assignment]
+        dims = tuple(FEATURE_DIMS[m] for m in MODALITIES)
+        if len(self.cue_dims) != len(MODALITIES) or not all(1 <= k <= d for k, d in zip(self.cue_dims, dims)):
+            raise ConfigError(f"synth.cue_dims={self.cue_dims} must be 3 ints, each in 1..{dims} (text, visual, audio)")
+        if self.reference_max_train < 2 or self.reference_max_eval < 2:
+            raise ConfigError("synth.reference_max_train and synth.reference_max_eval must be >= 2")
+
+
+TINY_OVERRIDES: dict[str, object] = {"scale": 0.02, "length_scale": 0.1}
+"""The "tiny" preset: ~420 segments with sequences a tenth of the real length (CPU smoke runs)."""
+
+
+@dataclass(frozen=True)
+class SynthPlan:
+    """What a SegmentRef's locator holds for a synthetic segment: enough to regenerate it alone."""
+
+    split_index: int
+    index: int
+    video_index: int
+    video_id: str
+    labels: np.ndarray
+    intensities: np.ndarray
+    sentiment: float
+
+
+def split_sizes(cfg: SynthConfig) -> dict[str, int]:
+    """Segments per split: the real sizes times ``scale``, at least ``min_split_size``."""
+    full = {"train": cfg.train_size, "valid": cfg.valid_size, "test": cfg.test_size}
+    return {s: max(cfg.min_split_size, int(round(n * cfg.scale))) for s, n in full.items()}
+
+
+def _rng(cfg: SynthConfig, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([cfg.seed, *stream]))
+
+
+# ----------------------------------------------------------------------------------------------- plan (cheap)
+
+def _draw_video_ids(rng: np.random.Generator, n: int, mean_per_video: float) -> np.ndarray:
+    """Video index of each segment: consecutive runs of 1 + Poisson(mean - 1) segments per video."""
+    counts = 1 + rng.poisson(max(mean_per_video - 1.0, 0.0), size=n)
+    return np.repeat(np.arange(n), counts)[:n]
+
+
+def draw_lengths(rng: np.random.Generator, n: int, cfg: SynthConfig) -> np.ndarray:
+    """[n, 3] int lengths (text, visual, audio), all driven by one long-tailed duration per segment.
+
+    Duration = floor + lognormal excess (seconds); audio at ~100 Hz, visual at ~30 Hz (with a little frame
+    loss), text at a per-segment speaking rate; each clipped to the real bounds, then ``length_scale``d.
+    """
+    excess = np.exp(rng.normal(math.log(cfg.duration_median_excess_s), cfg.duration_sigma, size=n))
+    duration = cfg.duration_floor_s + excess
+    rate = rng.uniform(*cfg.words_per_second, size=n)
+    frame_keep = rng.uniform(0.95, 1.0, size=n)  # face tracking drops a few frames
+    raw = {
+        "text": duration * rate,
+        "visual": duration * cfg.visual_hz * frame_keep,
+        "audio": duration * cfg.audio_hz,
+    }
+    out = np.empty((n, len(MODALITIES)), dtype=np.int64)
+    for j, m in enumerate(MODALITIES):
+        lo, hi = LENGTH_BOUNDS[m]
+        clipped = np.clip(np.rint(raw[m]), lo, hi)
+        out[:, j] = np.maximum(cfg.min_frames, np.rint(clipped * cfg.length_scale)).astype(np.int64)
+    return out
+
+
+def draw_labels(rng: np.random.Generator, n: int, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels [n, 6] uint8, raw intensities [n, 6] float32 in {0, 1/3, ..., 3}, sentiment [n] in -3..3.
+
+    A Gaussian copula: latent z ~ N(0, LABEL_CORRELATION); emotion e is present when z_e exceeds the quantile
+    giving its prevalence. The intensity grows with how far z_e is into the tail (mostly 1/3 or 2/3, as with
+    three annotators' means). Sentiment follows happiness minus the negative emotions, plus noise.
+    """
+    from scipy.special import ndtr, ndtri
+
+    corr = np.asarray(LABEL_CORRELATION)
+    z = rng.standard_normal((n, len(EMOTIONS))) @ np.linalg.cholesky(corr).T
+    prevalence = np.asarray(cfg.prevalence)
+    present = z > ndtri(1.0 - prevalence)
+    tail = np.clip((ndtr(z) - (1.0 - prevalence)) / prevalence, 0.0, 1.0)  # 0..1 within the present tail
+    level = np.clip(1 + np.floor(tail ** 2.5 * 9), 1, 9)  # 1..9 thirds, low levels most common
+    intensities = np.where(present, level / 3.0, 0.0).astype(np.float32)
+    signed = intensities @ np.array([0.9, -0.5, -0.5, 0.1, -0.5, -0.3]) + rng.normal(0.0, 0.6, size=n)
+    sentiment = np.clip(np.rint(signed * 3) / 3, -3.0, 3.0)
+    return present.astype(np.uint8), intensities, sentiment
+
+
+def plan_corpus(cfg: SynthConfig) -> dict[str, list[SegmentRef]]:
+    """Every segment's key, split, lengths and labels, without features (cheap for the full corpus)."""
+    refs: dict[str, list[SegmentRef]] = {}
+    for split_index, (split, n) in enumerate(split_sizes(cfg).items()):
+        rng = _rng(cfg, _STREAM_PLAN, split_index)
+        video = _draw_video_ids(rng, n, cfg.segments_per_video)
+        lengths = draw_lengths(rng, n, cfg)
+        labels, intensities, sentiment = draw_labels(rng, n, cfg)
+        split_refs = []
+        k = 0
+        for i in range(n):
+            k = k + 1 if i > 0 and video[i] == video[i - 1] else 0
+            video_id = f"{split}{video[i]:05d}"
+            plan = SynthPlan(split_index, i, int(video[i]), video_id, labels[i], intensities[i], float(sentiment[i]))
+            split_refs.append(SegmentRef(f"{video_id}[{k}]", split, tuple(int(v) for v in lengths[i]), plan))
+        refs[split] = split_refs
+    return refs
+
+
+# ----------------------------------------------------------------------------------------- features (per key)
+
+@dataclass
+class _ModalityParams:
+    """Fixed per-corpus parameters of one modality (drawn once from the seed)."""
+
+    directions: np.ndarray  # [6, D] unit cue directions
+    scale: np.ndarray       # [D] per-dimension noise scale
+    mean: np.ndarray        # [D] per-dimension mean
+    ar: float
+    cue_frames: int         # cue window length in frames
+
+
+def _hann(width: int) -> np.ndarray:
+    """A strictly positive bump of ``width`` frames peaking at 1."""
+    return np.hanning(width + 2)[1:-1].astype(np.float32)
+
+
+def ar1_noise(rng: np.random.Generator, length: int, dim: int, phi: float) -> np.ndarray:
+    """[length, dim] stationary AR(1) noise with unit variance: x_t = phi x_{t-1} + sqrt(1 - phi^2) e_t."""
+    from scipy.signal import lfilter
+
+    e = rng.standard_normal((dim, length), dtype=np.float32)
+    if phi == 0.0 or length == 1:
+        return np.ascontiguousarray(e.T)
+    c = math.sqrt(1.0 - phi * phi)
+    e[:, 0] /= c  # start in the stationary distribution
+    x = lfilter(np.array([c], np.float32), np.array([1.0, -phi], np.float32), e, axis=1)
+    return np.ascontiguousarray(x.T, dtype=np.float32)
+
+
+class SyntheticCorpus:
+    """The planned corpus plus the generator of each segment's features (``load`` for the shard writer)."""
+
+    def __init__(self, cfg: SynthConfig) -> None:
+        self.cfg = cfg
+        self.refs_by_split = plan_corpus(cfg)
+        self.params = self._draw_params()
+        self._strength = np.asarray(CUE_STRENGTH, dtype=np.float32) * cfg.cue_strength
+
+    def _draw_params(self) -> dict[str, _ModalityParams]:
+        rng = _rng(self.cfg, _STREAM_GLOBAL)
+        cue_frames = {
+            "text": 3.0 * self.cfg.cue_seconds,
+            "visual": self.cfg.visual_hz * self.cfg.cue_seconds,
+            "audio": self.cfg.audio_hz * self.cfg.cue_seconds,
+        }
+        params = {}
+        for j, m in enumerate(MODALITIES):
+            d = FEATURE_DIMS[m]
+            directions = rng.standard_normal((len(EMOTIONS), d))
+            # Sparse support: each emotion speaks through a few features of the modality.
+            support = np.argsort(rng.random((len(EMOTIONS), d)), axis=1)[:, : self.cfg.cue_dims[j]]
+            mask = np.zeros_like(directions)
+            np.put_along_axis(mask, support, 1.0, axis=1)
+            directions *= mask
+            directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+            params[m] = _ModalityParams(
+                directions=directions.astype(np.float32),
+                scale=np.exp(rng.normal(0.0, 0.5, size=d)).astype(np.float32),
+                mean=rng.normal(0.0, 0.5, size=d).astype(np.float32),
+                ar=self.cfg.ar_coefficients[j],
+                cue_frames=max(1, int(round(cue_frames[m] * self.cfg.length_scale))),
+            )
+        return params
+
+    def refs(self) -> dict[str, list[SegmentRef]]:
+        return self.refs_by_split
+
+    def load(self, ref: SegmentRef) -> Segment:
+        """Generate one segment's features from its own seeded stream (independent of any other segment)."""
+        plan: SynthPlan = ref.locator
+        cfg = self.cfg
+        rng = _rng(cfg, _STREAM_SEGMENT, plan.split_index, plan.index)
+        video_rng = _rng(cfg, _STREAM_VIDEO, plan.split_index, plan.video_index)
+        present = plan.labels.astype(bool)
+        # Label noise: some present emotions leave no evidence, a few absent ones leave some.
+        cued = np.where(present, rng.random(len(EMOTIONS)) >= cfg.label_noise,
+                        rng.random(len(EMOTIONS)) < cfg.spurious_cue_rate)
+        # Stronger annotations leave stronger cues; a spurious cue has the weakest intensity.
+        intensity = np.where(present, plan.intensities, 1.0 / 3.0)
+        amplitude = 0.6 + 0.4 * np.minimum(intensity, 3.0) / 3.0
+        features = {}
+        for j, m in enumerate(MODALITIES):
+            p = self.params[m]
+            length, dim = ref.lengths[j], FEATURE_DIMS[m]
+            x = ar1_noise(rng, length, dim, p.ar)
+            x += (video_rng.standard_normal(dim) * cfg.speaker_offset).astype(np.float32)
+            keep = rng.random(len(EMOTIONS)) >= cfg.modality_dropout
+            starts = rng.random(len(EMOTIONS))
+            width = min(p.cue_frames, length)
+            bump = _hann(width)[:, None]
+            for e in np.flatnonzero(cued & keep):
+                t0 = int(starts[e] * (length - width + 1))  # unaligned: its own time in each modality
+                x[t0:t0 + width] += (amplitude[e] * self._strength[e, j]) * bump * p.directions[e]
+            features[m] = x * p.scale + p.mean
+        return Segment(
+            key=ref.key, video_id=plan.video_id, split=ref.split,
+            text=features["text"], visual=features["visual"], audio=features["audio"],
+            labels=plan.labels.copy(), intensities=plan.intensities.copy(), sentiment=plan.sentiment,
+        )
+
+
+def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None, *, progress: bool = False,
+                      reference: bool = True) -> Path:
+    """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
+
+    ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
+    gets the mean/std-pooled logistic-regression floor (on bounded subsamples). Returns ``out_dir``.
+    """
+    from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
+    from carat.data.shards import StorageConfig, write_corpus
+
+    out = Path(out_dir)
+    storage = storage if storage is not None else StorageConfig()
+    corpus = SyntheticCorpus(cfg)
+    refs = corpus.refs()
+    collector = ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
+                                   seed=cfg.seed) if reference else None
+    load = collector.wrap(corpus.load) if collector else corpus.load
+    write_corpus(refs, load, out, storage, progress=progress)
+    scores = None
+    if collector is not None:
+        collector.complete(corpus.load)
+        scores = collector.score(progress=progress)
+    card = build_card(
+        out, source="synth", config={"synth": asdict(cfg), "storage": asdict(storage)},
+        issues=IssueLog(), source_files={}, reference=scores,
+        notes=[
+            "Synthetic CMU-MOSEI-like corpus (carat.data.synth); not real data.",
+            f"length_scale={cfg.length_scale}: sequence lengths are "
+            + ("the realistic ones." if cfg.length_scale == 1.0 else
+               "shrunk for fast CPU runs; do not compare timings or scores with full-length data."),
+        ],
+    )
+    write_card(out, card)
+    return out
+
+
+__all__ = [
+    "SynthConfig", "TINY_OVERRIDES", "SyntheticCorpus", "SynthPlan", "synthesize_corpus", "plan_corpus",
+    "split_sizes", "draw_lengths", "draw_labels", "ar1_noise", "LENGTH_BOUNDS",
+]
