@@ -251,6 +251,8 @@ class Trainer:
             "train/samples": n_total, "train/samples_per_s": n_total / max(elapsed, 1e-9),
             "train/frames_per_s": frames_total / max(elapsed, 1e-9), "train/epoch_seconds": elapsed,
         })
+        if self.device.type == "cuda":
+            epoch_terms["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return epoch_terms
 
     def log_step(self, terms: dict[str, float], samples_per_s: float, frames_per_s: float) -> None:
