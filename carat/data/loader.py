@@ -1,0 +1,438 @@
+"""The balanced, token-budget bucketed loader over carat's WebDataset shards.
+
+Design
+------
+*Plan globally, read locally.* Every rank reads the manifest (never the tars) and computes the same
+:class:`~carat.data.plan.EpochPlan` for (seed, epoch): length-sorted token-budget batches dealt so that every
+rank runs the same number of steps (see :mod:`carat.data.plan`). A rank then reads only the samples of its
+own batches.
+
+*Ranged tar reads.* The shards are sorted by length, so a planned batch is a run of consecutive samples in one
+shard (or two, at a boundary). The manifest records each sample's byte range in its tar (``offset``,
+``nbytes``), so the reader fetches a batch as one ``pread`` per shard it touches (nearby ranges are merged),
+and streams the bytes through WebDataset's own tar expansion and key grouping
+(``webdataset.tariterators.tar_file_expander`` + ``group_by_keys``, the stages behind
+``wds.tarfile_to_samples``) with a handler that records every error. Only ``.npy`` (refusing object arrays)
+and ``.json`` members are decoded; nothing is unpickled. Compared with streaming whole shards per rank
+(``split_by_node``), no rank reads another rank's samples, memory holds one batch per worker, and any number
+of ranks x workers works with any number of shards, including more workers than shards: the unit of
+splitting is the planned batch, not the shard.
+
+*Workers.* DataLoader worker ``w`` of ``n`` takes slots ``w, w+n, w+2n, ...`` of its rank's schedule (the
+``split_by_worker`` rule applied to batches). The DataLoader collects workers round-robin, so batches come
+out in exactly the planned order, deterministically. Workers return dicts of tensors (pinnable); the main
+process wraps them into :class:`~carat.data.batch.Batch`.
+
+*Errors.* A sample that cannot be read (truncated or corrupt tar, bad ``.npy``, json or shape not matching
+the manifest, non-finite values) raises :class:`~carat.errors.DataError` naming shard and key
+(``on_error="raise"``), or is skipped, counted and named (``on_error="skip"``): its batch still comes out with
+the remaining samples (weight 1 each), or, if nothing of it survived, as a one-sample zero-weight filler, so
+step counts never change. Shards missing or of the wrong size are a DataError when the loader is built.
+
+*Cost weights.* ``modality_weights`` scale frames per modality in the batch cost; the default (1, 1, 1)
+counts padded frames, since carat's per-modality CTC aligners run an LSTM over raw frames whose per-step
+work is similar across modalities. Audio (~100 Hz) has ~3.5x the frames of visual (~30 Hz) and ~30x the
+text steps, so it sets the cost of every realistic batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from carat.data.batch import Batch
+from carat.data.collate import DecodedSample, collate, decode_sample, empty_filler, to_batch
+from carat.data.plan import FILLER, EpochPlan, plan_epoch
+from carat.data.segment import SPLITS
+from carat.data.shards import read_manifest, read_shard_table, tar_key
+from carat.errors import ConfigError, DataError
+
+
+@dataclass
+class LoaderConfig:
+    """Token-budget batching, rank balancing and reading of the shards."""
+
+    token_budget: int = 65536
+    """Max padded cost per batch: batch size x max over modalities of (weight x longest length in the batch).
+    With the default weights that is padded audio frames: 64 clips of ~1,000 frames, or 6 of the longest."""
+    max_batch_size: int = 64
+    """Cap on samples per batch (the seed's batch size); short clips fill batches up to it."""
+    min_batch_size: int = 1
+    """A batch may exceed the token budget until it holds this many samples (1 = never)."""
+    modality_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Cost per frame of text, visual, audio in the batch cost (see the module docstring)."""
+    sort_jitter: float = 0.02
+    """Training only: each sample's cost is scaled by exp(U(-j, j)) before cutting, so batch composition
+    varies between epochs (0 = the same batches every epoch, only their order shuffled). 0.02 costs ~2% of
+    padding efficiency (BENCHMARKS.md, Loader)."""
+    remainder: Literal["drop", "pad"] = "drop"
+    """Training only, when the batch count is not a multiple of the world size: drop that many random batches
+    (counted, different each epoch) or complete the last step with weight-0 filler batches."""
+    seed: int = 0
+    """Seeds the per-epoch plan (jitter, dropped batches, step order, rank assignment)."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (ignored with num_workers=0)."""
+    pin_memory: bool | None = None
+    """Page-locked batches for faster host-to-GPU copies; None = only when CUDA is available."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A corrupt sample raises DataError (naming shard and key) or is skipped, counted and reported."""
+    merge_gap_bytes: int = 1 << 20
+    """Byte ranges of one batch in the same shard closer than this are read with one read."""
+
+    def __post_init__(self) -> None:
+        if self.token_budget < 1:
+            raise ConfigError(f"loader.token_budget={self.token_budget} must be >= 1 (padded frames per batch)")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"loader.max_batch_size={self.max_batch_size} must be >= 1")
+        if not 1 <= self.min_batch_size <= self.max_batch_size:
+            raise ConfigError(f"loader.min_batch_size={self.min_batch_size} must be in 1..max_batch_size="
+                              f"{self.max_batch_size}")
+        weights = tuple(self.modality_weights)
+        if len(weights) != 3 or any(not (float(w) > 0) for w in weights):
+            raise ConfigError(f"loader.modality_weights={self.modality_weights!r} must be 3 positive numbers "
+                              "(text, visual, audio)")
+        self.modality_weights = tuple(float(w) for w in weights)  # type: ignore[assignment]
+        if not 0.0 <= self.sort_jitter <= 1.0:
+            raise ConfigError(f"loader.sort_jitter={self.sort_jitter} must be in [0, 1]")
+        if self.remainder not in ("drop", "pad"):
+            raise ConfigError(f"loader.remainder={self.remainder!r} must be 'drop' or 'pad'")
+        if self.num_workers < 0:
+            raise ConfigError(f"loader.num_workers={self.num_workers} must be >= 0")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"loader.prefetch_factor={self.prefetch_factor} must be >= 1")
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"loader.on_error={self.on_error!r} must be 'raise' or 'skip'")
+        if self.merge_gap_bytes < 0:
+            raise ConfigError(f"loader.merge_gap_bytes={self.merge_gap_bytes} must be >= 0")
+
+
+TINY_OVERRIDES: dict[str, object] = {"token_budget": 2048, "max_batch_size": 8, "num_workers": 0}
+
+
+# ------------------------------------------------------------------------------------------- the index
+
+
+@dataclass
+class SplitIndex:
+    """The manifest rows of one split as arrays (the planner's input and the reader's address book)."""
+
+    split: str
+    keys: list[str]
+    shards: list[str]
+    """Distinct shard paths (relative to the corpus root); ``shard_ids`` index into it."""
+    shard_ids: np.ndarray
+    lengths: np.ndarray
+    """[N, 3] int64 (text, visual, audio)."""
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    labels: np.ndarray
+    """[N, 6] uint8."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_split_index(shard_dir: Path, split: str) -> SplitIndex:
+    """Read the manifest rows of ``split`` and check its shard files exist with their recorded sizes."""
+    shard_dir = Path(shard_dir)
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+    manifest = read_manifest(shard_dir)
+    rows = manifest.filter(pc.equal(manifest.column("split"), split))
+    if rows.num_rows == 0:
+        raise DataError(f"{shard_dir / 'manifest.parquet'}: no samples in split {split!r}")
+    shard_col = rows.column("shard").to_pylist()
+    shards = sorted(set(shard_col))
+    lookup = {s: i for i, s in enumerate(shards)}
+    index = SplitIndex(
+        split=split,
+        keys=rows.column("key").to_pylist(),
+        shards=shards,
+        shard_ids=np.array([lookup[s] for s in shard_col], dtype=np.int64),
+        lengths=np.stack([rows.column(f"len_{m}").to_numpy() for m in ("text", "visual", "audio")], 1).astype(np.int64),
+        offsets=rows.column("offset").to_numpy().astype(np.int64),
+        nbytes=rows.column("nbytes").to_numpy().astype(np.int64),
+        labels=np.array(rows.column("labels").to_pylist(), dtype=np.uint8).reshape(-1, 6),
+    )
+    _check_shard_files(shard_dir, index)
+    return index
+
+
+def _check_shard_files(shard_dir: Path, index: SplitIndex) -> None:
+    """Manifest vs files: each shard present, of its recorded size, and holding every recorded byte range."""
+    table = {info.shard: info for info in read_shard_table(shard_dir)}
+    for sid, rel in enumerate(index.shards):
+        path = shard_dir / rel
+        info = table.get(rel)
+        if info is None:
+            raise DataError(f"{path}: in the manifest but not in {shard_dir / 'shards.parquet'}")
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise DataError(f"{path}: size {size} bytes does not match the manifest's shard table ({info.bytes}); "
+                            "the shards were rewritten or truncated: rewrite the corpus or restore the files")
+        ends = index.offsets[index.shard_ids == sid] + index.nbytes[index.shard_ids == sid]
+        if len(ends) and int(ends.max()) > size:
+            raise DataError(f"{path}: manifest byte ranges run past the end of the file ({size} bytes)")
+
+
+# ------------------------------------------------------------------------------------------- the reader
+
+
+Skip = tuple[str, str, str]
+"""(shard path, key, reason) of a skipped sample."""
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+class ShardReader:
+    """Reads given manifest rows from the tars with ranged reads and WebDataset's tar grouping."""
+
+    def __init__(self, shard_dir: Path, index: SplitIndex, merge_gap_bytes: int = 1 << 20, max_open: int = 8):
+        self.shard_dir = Path(shard_dir)
+        self.index = index
+        self.merge_gap_bytes = merge_gap_bytes
+        self.max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def _fd(self, sid: int) -> int:
+        fd = self._fds.pop(sid, None)
+        if fd is None:
+            fd = os.open(self.shard_dir / self.index.shards[sid], os.O_RDONLY)
+            while len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[sid] = fd  # most recently used last
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def _runs(self, rows: np.ndarray) -> list[tuple[int, list[int]]]:
+        """(shard id, rows) groups to read with one read each: same shard, byte ranges close together."""
+        idx = self.index
+        order = sorted(rows.tolist(), key=lambda r: (idx.shard_ids[r], idx.offsets[r]))
+        runs: list[tuple[int, list[int]]] = []
+        end = -1
+        for r in order:
+            sid = int(idx.shard_ids[r])
+            if runs and runs[-1][0] == sid and idx.offsets[r] - end <= self.merge_gap_bytes:
+                runs[-1][1].append(r)
+            else:
+                runs.append((sid, [r]))
+            end = int(idx.offsets[r] + idx.nbytes[r])
+        return runs
+
+    def _read_run(self, sid: int, rows: list[int]) -> tuple[dict[int, DecodedSample], list[Skip]]:
+        idx = self.index
+        rel = str(self.shard_dir / idx.shards[sid])
+        start = int(idx.offsets[rows[0]])
+        stop = int(max(idx.offsets[r] + idx.nbytes[r] for r in rows))
+        errors: list[str] = []
+
+        def handler(exc: Exception) -> bool:  # the WebDataset handler: record, keep going
+            errors.append(f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+            return True
+
+        try:
+            data = _pread(self._fd(sid), stop - start, start)
+        except OSError as exc:
+            return {}, [(rel, idx.keys[r], f"cannot read shard: {exc}") for r in rows]
+        wanted = {tar_key(idx.keys[r]): r for r in rows}
+        found: dict[int, DecodedSample] = {}
+        skips: list[Skip] = []
+        source = [{"url": rel, "stream": io.BytesIO(data)}]
+        for sample in group_by_keys(tar_file_expander(source, handler=handler), handler=handler):
+            r = wanted.get(sample["__key__"])
+            if r is None or r in found:
+                continue  # a neighbour inside a merged range, not ours
+            try:
+                found[r] = decode_sample(sample, idx.keys[r], tuple(idx.lengths[r]))
+                _check_sample(found[r], idx.labels[r])
+            except (ValueError, KeyError, TypeError) as exc:
+                found.pop(r, None)
+                skips.append((rel, idx.keys[r], f"offset {int(idx.offsets[r])}: {exc}"))
+        skipped = {key for _, key, _ in skips}
+        truncated = len(data) < stop - start
+        for r in rows:
+            if r not in found and idx.keys[r] not in skipped:
+                why = (f"truncated shard: read {len(data)} of {stop - start} bytes at offset {start}" if truncated
+                       else "; ".join(errors) or "not found at its manifest offset (manifest does not match shard)")
+                skips.append((rel, idx.keys[r], f"offset {int(idx.offsets[r])}: {why}"))
+        return found, skips
+
+    def read(self, rows: np.ndarray) -> tuple[list[DecodedSample], list[Skip]]:
+        """Samples of ``rows`` in the given order, plus (shard, key, reason) of those that failed."""
+        found: dict[int, DecodedSample] = {}
+        skips: list[Skip] = []
+        for sid, run in self._runs(np.asarray(rows)):
+            got, bad = self._read_run(sid, run)
+            found.update(got)
+            skips.extend(bad)
+        return [found[r] for r in rows.tolist() if r in found], skips
+
+
+def _check_sample(sample: DecodedSample, manifest_labels: np.ndarray) -> None:
+    """Cheap consistency checks that catch flipped bits a sha256 pass would otherwise be needed for."""
+    if not np.array_equal(sample.labels, manifest_labels):
+        raise ValueError(f"labels {sample.labels.tolist()} differ from the manifest's {manifest_labels.tolist()}")
+    for modality, arr in sample.features.items():
+        if arr.size and not np.isfinite(arr).all():
+            raise ValueError(f"{modality} has non-finite values")
+
+
+# ----------------------------------------------------------------------------------- the torch dataset
+
+
+class PlannedBatches(IterableDataset):
+    """One rank's schedule of planned batches, split across DataLoader workers by slot (w, w+n, ...)."""
+
+    def __init__(self, shard_dir: Path, index: SplitIndex, plan: EpochPlan, rank: int, on_error: str,
+                 merge_gap_bytes: int):
+        super().__init__()
+        self.shard_dir = Path(shard_dir)
+        self.index = index
+        self.plan = plan
+        self.rank = rank
+        self.on_error = on_error
+        self.merge_gap_bytes = merge_gap_bytes
+
+    @property
+    def slots(self) -> list[int]:
+        return self.plan.schedule[self.rank]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.iter_worker(worker, workers)
+
+    def iter_worker(self, worker: int, workers: int) -> Iterator[dict]:
+        """The collated batches of slots ``worker::workers``, each with the samples it had to skip."""
+        reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes)
+        try:
+            for slot in self.slots[worker::workers]:
+                yield self._batch(reader, slot)
+        finally:
+            reader.close()
+
+    def _batch(self, reader: ShardReader, slot: int) -> dict:
+        filler = slot == FILLER
+        rows = np.array([self.plan.filler_index]) if filler else self.plan.batches[slot]
+        samples, skips = reader.read(rows)
+        if skips and self.on_error == "raise":
+            shard, key, why = skips[0]
+            raise DataError(f"{shard}: sample {key!r}: {why}"
+                            + (f" (and {len(skips) - 1} more)" if len(skips) > 1 else ""))
+        parts = collate(samples, weight=0.0 if filler else 1.0) if samples else empty_filler()
+        parts["skipped"] = [] if filler else skips  # a filler's copy is not a lost sample
+        return parts
+
+
+# ---------------------------------------------------------------------------------------- the loader
+
+
+@dataclass
+class BatchLoader:
+    """An epoch of batches for one rank: ``len`` is equal on every rank; iterating yields :class:`Batch`."""
+
+    dataset: PlannedBatches
+    num_workers: int
+    prefetch_factor: int
+    pin_memory: bool
+    skipped: int = 0
+    """Samples skipped as unreadable so far (on_error='skip')."""
+    skipped_samples: list[Skip] = field(default_factory=list)
+    """(shard, key, reason) of each skipped sample."""
+
+    @property
+    def plan(self) -> EpochPlan:
+        return self.dataset.plan
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_samples(self) -> int:
+        """Real (weight-1) samples planned for this rank this epoch."""
+        return self.plan.num_samples(self.dataset.rank)
+
+    @property
+    def num_samples_global(self) -> int:
+        """Real samples planned over all ranks this epoch (normalise losses and metrics by it)."""
+        return self.plan.num_samples_global
+
+    @property
+    def num_fillers(self) -> int:
+        """Zero-weight filler batches in this rank's schedule."""
+        return sum(1 for b in self.dataset.slots if b == FILLER)
+
+    @property
+    def dropped_batches(self) -> int:
+        return len(self.plan.dropped)
+
+    @property
+    def dropped_samples(self) -> int:
+        return self.plan.dropped_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+        for parts in loader:
+            skips = parts.pop("skipped")
+            if skips:
+                self.skipped += len(skips)
+                self.skipped_samples.extend(tuple(s) for s in skips)
+            yield to_batch(parts)
+        if self.skipped:
+            shown = "; ".join(f"{s} {k!r}: {w}" for s, k, w in self.skipped_samples[:3])
+            warnings.warn(f"loader skipped {self.skipped} unreadable samples of split "
+                          f"{self.dataset.index.split!r} (first: {shown})", stacklevel=2)
+
+
+def build_loader(shard_dir: Path, split: str, cfg: LoaderConfig, *, rank: int, world_size: int, epoch: int,
+                 train: bool) -> BatchLoader:
+    """The loader of ``split`` for ``rank`` of ``world_size`` in ``epoch`` (see the module docstring).
+
+    Cheap to call (reads the manifest, plans; no worker starts until iteration).
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+    index = load_split_index(Path(shard_dir), split)
+    plan = plan_epoch(index.lengths, token_budget=cfg.token_budget, max_batch_size=cfg.max_batch_size,
+                      weights=cfg.modality_weights, min_batch_size=cfg.min_batch_size, world_size=world_size,
+                      train=train, seed=cfg.seed, epoch=epoch, sort_jitter=cfg.sort_jitter,
+                      remainder=cfg.remainder)
+    if plan.steps == 0:
+        raise DataError(f"split {split!r} of {shard_dir} has {len(plan.batches)} batches, fewer than "
+                        f"world_size={world_size}: use loader.remainder='pad' or a smaller token_budget")
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+    dataset = PlannedBatches(Path(shard_dir), index, plan, rank, cfg.on_error, cfg.merge_gap_bytes)
+    return BatchLoader(dataset, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=pin)
