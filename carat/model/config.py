@@ -1,0 +1,234 @@
+"""Configuration of the CARAT network (:class:`ModelConfig`) and of its training objective (:class:`LossConfig`).
+
+Defaults are the seed (published) configuration of CARAT (Peng et al., AAAI 2024) as fixed in
+``/work/shared/design/carat-model.md``. ``TINY_MODEL_OVERRIDES`` / ``TINY_LOSS_OVERRIDES`` give the "tiny"
+preset used by tests and the quickstart (a few thousand parameters per encoder, short aligned sequences).
+
+The decision threshold (seed 0.2) lives in :class:`ModelConfig` (``threshold``): it is part of the prediction
+rule (``CARAT.predict``), not of the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from carat.errors import ConfigError
+
+ALIGNED_MODALITIES: tuple[str, ...] = ("visual", "audio")
+"""Modalities passed through the soft alignment ("CTC module"); text is never aligned."""
+ENCODED_MODALITIES: tuple[str, ...] = ("text", "visual", "audio")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and behaviour of the CARAT network. Defaults = the seed configuration."""
+
+    text_dim: int = 300
+    """Raw text feature size (GloVe)."""
+    visual_dim: int = 35
+    """Raw visual feature size (FACET)."""
+    audio_dim: int = 74
+    """Raw audio feature size (COVAREP)."""
+    num_classes: int = 6
+    """Number of emotion labels (happy, sad, anger, surprise, disgust, fear)."""
+    hidden_size: int = 512
+    """Encoder width d (all three encoders); must be even (the projections use d/2)."""
+    intermediate_size: int = 512
+    """Width of each encoder layer's feed-forward block."""
+    num_heads: int = 8
+    """Attention heads per encoder layer; must divide hidden_size (the seed text's 12 does not divide 512)."""
+    hidden_act: Literal["gelu", "relu"] = "gelu"
+    """Feed-forward activation (exact erf GELU as in BERT)."""
+    text_dropout: float = 0.3
+    """Dropout of the text encoder (embeddings, attention probabilities, residual branches)."""
+    visual_dropout: float = 0.3
+    """Dropout of the visual encoder."""
+    audio_dropout: float = 0.1
+    """Dropout of the audio encoder."""
+    init_std: float = 0.02
+    """Std of the normal init of the encoders' linear and embedding weights (BERT)."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (the reference's TF-style LayerNorm uses 1e-12)."""
+    text_layers: int = 4
+    """Transformer layers of the text encoder."""
+    visual_layers: int = 3
+    """Transformer layers of the visual encoder."""
+    audio_layers: int = 3
+    """Transformer layers of the audio encoder."""
+    text_max_positions: int = 600
+    """Size of the text position table: the longest text the encoder accepts (see text_overflow)."""
+    visual_max_positions: int = 1200
+    """Size of the visual position table: bounds the aligned visual length."""
+    audio_max_positions: int = 1200
+    """Size of the audio position table: bounds the aligned audio length."""
+    text_overflow: Literal["error", "truncate"] = "error"
+    """Text with more real steps than text_max_positions: "error" raises DataError naming the samples;
+    "truncate" keeps the first text_max_positions steps and counts the truncated samples
+    (CaratOutput.text_truncated, CARAT.text_truncated_total)."""
+    ctc_target_length: int | None = 400
+    """Aligned length of visual and audio (the reference's fixed CTC target). None = adaptive length per
+    sample: round(L_in * <modality>_compression_ratio) clipped to [min_target_len, max_target_len]."""
+    visual_compression_ratio: float = 0.333
+    """Adaptive alignment: aligned visual slots per raw FACET frame. FACET runs at ~30 Hz, so 1/3 gives
+    ~10 slots per second, the same temporal resolution as audio_compression_ratio."""
+    audio_compression_ratio: float = 0.1
+    """Adaptive alignment: aligned audio slots per raw COVAREP frame. COVAREP runs at 100 Hz, so 0.1 gives
+    ~10 slots per second (~4x the word rate of the text); the longest MOSEI audio (10,891 frames) maps to
+    1,089 slots, within the 1,200 positions, so nothing is clipped at the top."""
+    min_target_len: int = 16
+    """Adaptive alignment: fewest aligned slots per sample."""
+    max_target_len: int | None = None
+    """Adaptive alignment: most aligned slots per sample; None = the modality's max positions. Never above
+    visual_max_positions / audio_max_positions. Also sets the LSTM width (max_target_len + 1)."""
+    projection_size: int = 64
+    """Latent (contrastive / prototype) size z."""
+    prototype_momentum: float = 0.99
+    """EMA momentum of the positive / negative label prototypes."""
+    queue_size: int = 8192
+    """Rows in the contrastive memory queue (ring buffer)."""
+    threshold: float = 0.2
+    """Decision threshold on CARAT.scores for CARAT.predict (metrics may tune their own)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: torch scaled_dot_product_attention (flash / memory-efficient on GPU) or the
+    explicit softmax(QK^T/sqrt(d)+mask)V reference."""
+    checkpoint_encoders: tuple[str, ...] = ()
+    """Modalities (text, visual, audio) whose encoder layers use activation checkpointing."""
+    checkpoint_alignment: tuple[str, ...] = ()
+    """Modalities (visual, audio) whose soft alignment (LSTM, softmax, P @ x) uses activation checkpointing."""
+    check_inputs: bool = True
+    """Validate every batch (feature dims, empty samples, NaN/inf, mask layout): one host sync per batch."""
+
+    def __post_init__(self) -> None:
+        self.checkpoint_encoders = tuple(self.checkpoint_encoders)
+        self.checkpoint_alignment = tuple(self.checkpoint_alignment)
+        for name in ("text_dim", "visual_dim", "audio_dim", "num_classes", "hidden_size", "intermediate_size",
+                     "num_heads", "text_layers", "visual_layers", "audio_layers", "text_max_positions",
+                     "visual_max_positions", "audio_max_positions", "min_target_len", "projection_size",
+                     "queue_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be an integer >= 1")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size} "
+                 f"(e.g. num_heads=8 for hidden_size=512)")
+        _require(self.hidden_size % 2 == 0,
+                 f"model.hidden_size={self.hidden_size} must be even (the projections use hidden_size/2)")
+        for name in ("text_dropout", "visual_dropout", "audio_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
+        _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        _require(self.layer_norm_eps > 0, f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
+        _require(0.0 <= self.prototype_momentum < 1.0,
+                 f"model.prototype_momentum={self.prototype_momentum} must be in [0, 1)")
+        _require(0.0 < self.threshold < 1.0, f"model.threshold={self.threshold} must be in (0, 1)")
+        self._check_alignment()
+        self._check_choices()
+
+    def _check_alignment(self) -> None:
+        limit = min(self.visual_max_positions, self.audio_max_positions)
+        if self.ctc_target_length is not None:
+            _require(1 <= self.ctc_target_length <= limit,
+                     f"model.ctc_target_length={self.ctc_target_length} must be in [1, {limit}] "
+                     f"(min of visual_max_positions and audio_max_positions), or None for adaptive lengths")
+        if self.max_target_len is not None:
+            _require(self.max_target_len <= limit,
+                     f"model.max_target_len={self.max_target_len} must be <= {limit} "
+                     f"(min of visual_max_positions and audio_max_positions)")
+        top = self.max_target_len if self.max_target_len is not None else limit
+        _require(self.min_target_len <= top,
+                 f"model.min_target_len={self.min_target_len} must be <= max_target_len={top}")
+        for name in ("visual_compression_ratio", "audio_compression_ratio"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"model.{name}={value} must be > 0")
+
+    def _check_choices(self) -> None:
+        _require(self.hidden_act in ("gelu", "relu"), f"model.hidden_act={self.hidden_act!r}: use gelu or relu")
+        _require(self.text_overflow in ("error", "truncate"),
+                 f"model.text_overflow={self.text_overflow!r}: use 'error' or 'truncate'")
+        _require(self.attention in ("sdpa", "eager"), f"model.attention={self.attention!r}: use 'sdpa' or 'eager'")
+        for m in self.checkpoint_encoders:
+            _require(m in ENCODED_MODALITIES,
+                     f"model.checkpoint_encoders has {m!r}; allowed: {', '.join(ENCODED_MODALITIES)}")
+        for m in self.checkpoint_alignment:
+            _require(m in ALIGNED_MODALITIES,
+                     f"model.checkpoint_alignment has {m!r}; allowed: {', '.join(ALIGNED_MODALITIES)}")
+
+    def alignment_width(self, modality: str) -> int:
+        """Aligned slots the LSTM of ``modality`` can emit (its hidden size is this + 1 for the blank)."""
+        if self.ctc_target_length is not None:
+            return self.ctc_target_length
+        limit = getattr(self, f"{modality}_max_positions")
+        return min(self.max_target_len, limit) if self.max_target_len is not None else limit
+
+
+@dataclass
+class LossConfig:
+    """Weights and constants of the CARAT objective. Defaults = the seed configuration."""
+
+    lsr_clf_weight: float = 0.01
+    """BCE on the label-specific representations' logits (out_1)."""
+    aug_clf_weight: float = 0.1
+    """BCE on the first-round reconstruction logits (out_3)."""
+    final_clf_weight: float = 1.0
+    """BCE on the second-round reconstruction logits (out_4); fixed at 1.0 in the reference."""
+    cl_weight: float = 1.0
+    """Supervised contrastive term (with the memory queue)."""
+    recon_mse_weight: float = 1.0
+    """sum over modalities of MSE(de_proj(proj(Z_m)), Z_m)."""
+    aug_mse_weight: float = 1.0
+    """sum over modalities of MSE(first-round reconstruction, Z_m)."""
+    beta_mse_weight: float = 0.0
+    """sum over modalities of MSE(second-round reconstruction, Z_m)."""
+    total_aug_clf_weight: float = 1.0
+    """BCE of the aggregation head on the three SRR rows, each against y."""
+    shuffle_aug_clf_weight: float = 0.1
+    """BCE of the aggregation head on the sample/modality-shuffled SRR rows."""
+    recon_clf_weight: float = 0.0
+    """BCE of the per-label classifiers on the reconstructions r_m (parsed but unused in the reference)."""
+    pos_weight: tuple[float, ...] = (1.0, 1.1, 1.2, 2.5, 1.3, 3.0)
+    """BCE positive-class weight per label (happy, sad, anger, surprise, disgust, fear); all 1.0 = reference."""
+    temperature: float = 0.07
+    """SupCon temperature."""
+    base_temperature: float = 0.07
+    """SupCon base temperature (the loss is scaled by temperature / base_temperature)."""
+
+    def __post_init__(self) -> None:
+        self.pos_weight = tuple(float(p) for p in self.pos_weight)
+        for name in ("lsr_clf_weight", "aug_clf_weight", "final_clf_weight", "cl_weight", "recon_mse_weight",
+                     "aug_mse_weight", "beta_mse_weight", "total_aug_clf_weight", "shuffle_aug_clf_weight",
+                     "recon_clf_weight"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"loss.{name}={value} must be a finite number >= 0")
+        _require(len(self.pos_weight) >= 1 and all(math.isfinite(p) and p > 0 for p in self.pos_weight),
+                 f"loss.pos_weight={self.pos_weight} must be positive finite numbers, one per label")
+        for name in ("temperature", "base_temperature"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"loss.{name}={value} must be > 0")
+
+
+TINY_MODEL_OVERRIDES: dict[str, object] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "text_layers": 1,
+    "visual_layers": 1,
+    "audio_layers": 1,
+    "text_max_positions": 128,
+    "visual_max_positions": 64,
+    "audio_max_positions": 64,
+    "ctc_target_length": 8,
+    "min_target_len": 4,
+    "projection_size": 8,
+    "queue_size": 256,
+}
+"""The "tiny" preset of ModelConfig: ~5-9k parameters per encoder (most of the text one is its 300->16 input
+layer and 128x16 position table), 8 aligned slots, a 256-row queue."""
+
+TINY_LOSS_OVERRIDES: dict[str, object] = {}
+"""The "tiny" preset of LossConfig: the seed objective (nothing to shrink)."""

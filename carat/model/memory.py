@@ -1,0 +1,115 @@
+"""CARAT's model state outside the parameters: label prototypes and the contrastive memory queue.
+
+Prototypes (Peng et al., AAAI 2024, "prototype-based missing modality imputation"): per modality and label a
+positive and a negative prototype in the latent space, EMAs of L2-normalised latent vectors of samples that have
+(positive) or lack (negative) the label. The reference updates them in a sequential Python loop over samples;
+:func:`ema_closed_form` computes the identical sequential result in one vectorised step.
+
+Queue (MoCo-style, He et al. CVPR 2020): a ring buffer of normalised latent rows and their contrastive class
+ids, used as extra anchors / contrast rows by SupCon. carat initialises it harmlessly: rows are random unit
+vectors and ids are -1, an id the losses treat as "empty" (matches nothing, and empty rows are left out of the
+contrast set entirely), so the loss before the queue fills is SupCon over the filled part only. (The reference
+fills it with column-normalised Gaussian noise and Gaussian float "labels" that act as random negatives.)
+
+Both are updated only from features gathered across all data-parallel ranks, so every rank holds the same state,
+and both keep float32 buffers when the model is cast to bf16 (:class:`Float32State`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EMPTY_ID = -1
+"""Class id of a queue row that holds no feature yet."""
+
+
+def ema_closed_form(state: torch.Tensor, items: torch.Tensor, selected: torch.Tensor,
+                    momentum: float) -> torch.Tensor:
+    """Result of applying ``state[c] <- m * state[c] + (1 - m) * items[n, c]`` for n = 0..N-1 in order, for
+    every n with ``selected[n, c]``, computed at once.
+
+    state [C, z], items [N, C, z], selected [N, C] bool. With k_c selected items, item n weighs
+    (1 - m) * m^(number of selected items after n) and the old state weighs m^k_c. Computed in float64 so it
+    equals the loop to float32 rounding, and returned in ``state``'s dtype.
+    """
+    sel = selected.to(torch.float64)
+    later = sel.flip(0).cumsum(0).flip(0) - sel  # selected items after n, per label
+    weights = (1.0 - momentum) * torch.pow(momentum, later) * sel
+    decay = torch.pow(momentum, sel.sum(0))  # [C]
+    updated = decay[:, None] * state.to(torch.float64) + torch.einsum("nc,ncz->cz", weights,
+                                                                       items.to(torch.float64))
+    return updated.to(state.dtype)
+
+
+class Float32State(nn.Module):
+    """A module whose floating buffers stay float32 when the model is cast (``.bfloat16()``, DeepSpeed bf16):
+    an EMA with momentum 0.99 stored in bf16 (8-bit mantissa) would round most updates away."""
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN201 - torch's signature
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
+
+
+class LabelPrototypes(Float32State):
+    """Positive / negative prototypes [C, z] of one modality (buffers, zero at start as in the reference)."""
+
+    def __init__(self, num_classes: int, latent_size: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("pos_protos", torch.zeros(num_classes, latent_size))
+        self.register_buffer("neg_protos", torch.zeros(num_classes, latent_size))
+
+    def similarity(self, latent_normed: torch.Tensor) -> torch.Tensor:
+        """softmax over {pos, neg} of <latent, prototype>: [B, C, z] -> [B, C, 2] (index 0 = positive)."""
+        protos = torch.stack([self.pos_protos, self.neg_protos], dim=-2).to(latent_normed.dtype)  # [C, 2, z]
+        return torch.softmax(torch.einsum("bcz,cnz->bcn", latent_normed, protos), dim=-1)
+
+    def stand_in(self, similarity: torch.Tensor, hard: bool) -> torch.Tensor:
+        """The prototype standing in for the modality [B, C, z]: the similarity-weighted mix (training) or,
+        ``hard``, the more similar prototype (evaluation; ties go to the negative one, as in the reference)."""
+        protos = torch.stack([self.pos_protos, self.neg_protos], dim=-2).to(similarity.dtype)  # [C, 2, z]
+        if hard:
+            pos = (similarity[..., 0] > similarity[..., 1]).to(similarity.dtype)
+            similarity = torch.stack([pos, 1.0 - pos], dim=-1)
+        return torch.einsum("bcn,cnz->bcz", similarity, protos)
+
+    @torch.no_grad()
+    def update(self, latent_normed: torch.Tensor, labels: torch.Tensor) -> None:
+        """EMA update from normalised latents [N, C, z] in sample order; labels [N, C] 0/1 (>= 0.5 = present)."""
+        present = labels >= 0.5
+        self.pos_protos.copy_(ema_closed_form(self.pos_protos, latent_normed, present, self.momentum))
+        self.neg_protos.copy_(ema_closed_form(self.neg_protos, latent_normed, ~present, self.momentum))
+
+
+class ContrastiveQueue(Float32State):
+    """Ring buffer of ``size`` normalised rows [size, z] with class ids [size] (EMPTY_ID until written)."""
+
+    def __init__(self, size: int, latent_size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("features", F.normalize(torch.randn(size, latent_size), dim=1))
+        self.register_buffer("ids", torch.full((size,), EMPTY_ID, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write rows [n, z] and ids [n] in order after the pointer, wrapping around; when n > size only the
+        last ``size`` rows survive, exactly as writing them one by one would leave the buffer."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        kept = min(n, self.size)
+        start = int(self.ptr) + n - kept
+        positions = (start + torch.arange(kept, device=self.features.device)) % self.size
+        self.features[positions] = rows[n - kept:].to(self.features.dtype)
+        self.ids[positions] = ids[n - kept:].to(self.ids.dtype)
+        self.ptr.fill_((int(self.ptr) + n) % self.size)
+
+    def filled(self) -> torch.Tensor:
+        """[size] bool: rows that hold a real feature."""
+        return self.ids != EMPTY_ID
