@@ -1,0 +1,304 @@
+"""Convert CMU-MOSEI that a user holds (``.csd`` HDF5 files or a MulT-style pickle) into carat shards.
+
+The flow is the same for every source: list every segment's key, split and lengths first (cheap), so the shard
+writer can sort by length; then load one segment at a time in that order, replace NaN / inf values according
+to the policy (counting them per modality), and write shards, manifest and dataset card. Segments a source
+cannot use (a video missing from one modality, no frames in one modality, a video in no fold, corrupt data under
+``on_error="skip"``) are counted by reason in the card, never dropped silently.
+
+Non-finite values: CMU-MOSEI's COVAREP holds -inf and FACET / word vectors can hold NaN. ``nan_policy`` "zero"
+replaces NaN by 0 (what MulT-style loaders do); "error" stops with the file and segment named. ``inf_policy``
+"zero" replaces +-inf by 0; "clip" by the largest / smallest finite value of that feature dimension within the
+segment (0 if the dimension has none); "error" stops. With an "error" policy and ``on_error="skip"`` the features
+are scanned during listing (one extra read) so affected segments are skipped and counted instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import numpy as np
+
+from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
+from carat.data.segment import MODALITIES, SPLITS, Segment, SegmentRef
+from carat.errors import ConfigError, DataError
+
+
+@dataclass
+class PrepareConfig:
+    """How a real-data source is read and cleaned (see the module docstring for the policies)."""
+
+    source: Literal["csd", "pickle"] = "csd"
+    """``csd``: the four CMU-MultimodalSDK computational sequence files; ``pickle``: a MulT-style pickle."""
+    nan_policy: Literal["zero", "error"] = "zero"
+    """NaN values: replace by 0 (counted in the card), or stop with the file and segment named."""
+    inf_policy: Literal["zero", "clip", "error"] = "zero"
+    """+-inf values: replace by 0, clip to the finite range of that dimension in the segment, or stop."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt data (wrong feature dims, mismatched ids / interval counts, duplicate keys, non-finite values under
+    an "error" policy): stop with a DataError naming file and sample, or skip those segments and count them."""
+    trust_pickle: bool = False
+    """Required for ``source="pickle"`` (and pickled label files): unpickling executes code from the file."""
+    text_root: str = "glove_vectors"
+    """Root group of the word-vector ``.csd`` file."""
+    visual_root: str = "FACET 4.2"
+    """Root group of the FACET ``.csd`` file."""
+    audio_root: str = "COVAREP"
+    """Root group of the COVAREP ``.csd`` file."""
+    labels_root: str = "All Labels"
+    """Root group of the labels ``.csd`` file."""
+    max_reported_keys: int = 20
+    """How many keys the card lists per skip reason (all are counted)."""
+    reference: bool = True
+    """Fit the logistic-regression reference floor on a bounded subsample and put it in the card."""
+    reference_max_train: int = 4000
+    """Reference scorer: at most this many train segments."""
+    reference_max_eval: int = 3000
+    """Reference scorer: at most this many valid / test segments each."""
+    seed: int = 0
+    """Seed of the reference scorer's subsample."""
+
+    def __post_init__(self) -> None:
+        choices = {"source": ("csd", "pickle"), "nan_policy": ("zero", "error"),
+                   "inf_policy": ("zero", "clip", "error"), "on_error": ("raise", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"prepare.{name}={getattr(self, name)!r} must be one of {allowed}")
+        for name in ("text_root", "visual_root", "audio_root", "labels_root"):
+            if not getattr(self, name):
+                raise ConfigError(f"prepare.{name} must be a non-empty HDF5 group name")
+        if self.max_reported_keys < 0:
+            raise ConfigError(f"prepare.max_reported_keys={self.max_reported_keys} must be >= 0")
+        if self.reference_max_train < 2 or self.reference_max_eval < 2:
+            raise ConfigError("prepare.reference_max_train and prepare.reference_max_eval must be >= 2")
+
+    @property
+    def roots(self) -> dict[str, str]:
+        return {"text": self.text_root, "visual": self.visual_root, "audio": self.audio_root,
+                "labels": self.labels_root}
+
+
+TINY_OVERRIDES: dict[str, object] = {"reference_max_train": 400, "reference_max_eval": 200}
+
+
+class Source(Protocol):
+    """What prepare needs from a source (carat.data.csd.CsdSource, carat.data.pickles.PickleSource)."""
+
+    name: str
+    issues: IssueLog
+    notes: list[str]
+    source_files: dict[str, Path]
+
+    def list_refs(self, progress: bool = False) -> dict[str, list[SegmentRef]]: ...
+    def load_raw(self, ref: SegmentRef) -> Segment: ...
+    def describe(self, ref: SegmentRef, modality: str) -> str: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- non-finite values
+
+@dataclass
+class NonFiniteLog:
+    """NaN / +inf / -inf counts per modality (values and segments affected), and the policy applied."""
+
+    nan_policy: str
+    inf_policy: str
+    counts: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        m: {"nan": 0, "posinf": 0, "neginf": 0, "segments": 0} for m in MODALITIES})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nan_policy": self.nan_policy, "inf_policy": self.inf_policy, "per_modality": self.counts}
+
+
+def non_finite_counts(x: np.ndarray) -> tuple[int, int, int]:
+    """(NaN, +inf, -inf) counts of an array."""
+    return int(np.isnan(x).sum()), int(np.isposinf(x).sum()), int(np.isneginf(x).sum())
+
+
+def clip_infinite(x: np.ndarray) -> np.ndarray:
+    """Replace +-inf by the max / min finite value of the same column (0 where a column has none)."""
+    out = x.copy()
+    finite = np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        hi = np.where(finite, x, -np.inf).max(axis=0)
+        lo = np.where(finite, x, np.inf).min(axis=0)
+    hi = np.where(np.isfinite(hi), hi, 0.0)
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    rows, cols = np.nonzero(np.isposinf(x))
+    out[rows, cols] = hi[cols]
+    rows, cols = np.nonzero(np.isneginf(x))
+    out[rows, cols] = lo[cols]
+    return out
+
+
+def sanitize_segment(seg: Segment, log: NonFiniteLog, where: Callable[[str], str]) -> Segment:
+    """Count and replace NaN / inf in each modality per the policies; DataError under an "error" policy.
+
+    ``where(modality)`` names the file and sample for the error message."""
+    cleaned = {}
+    for m in MODALITIES:
+        x = np.asarray(getattr(seg, m), dtype=np.float32)
+        nan, pos, neg = non_finite_counts(x)
+        if nan == pos == neg == 0:
+            cleaned[m] = x
+            continue
+        c = log.counts[m]
+        c["nan"] += nan
+        c["posinf"] += pos
+        c["neginf"] += neg
+        c["segments"] += 1
+        if nan and log.nan_policy == "error":
+            raise DataError(f"{where(m)}: {nan} NaN values (nan_policy='error'; use 'zero' to replace them)")
+        if (pos or neg) and log.inf_policy == "error":
+            raise DataError(f"{where(m)}: {pos} +inf and {neg} -inf values (inf_policy='error'; use 'zero' or 'clip')")
+        if pos or neg:
+            x = clip_infinite(x) if log.inf_policy == "clip" else np.where(np.isinf(x), np.float32(0), x)
+        if nan:
+            x = np.where(np.isnan(x), np.float32(0), x)
+        cleaned[m] = x.astype(np.float32, copy=False)
+    return replace(seg, **cleaned)
+
+
+def _scan_non_finite(source: Source, refs_by_split: dict[str, list[SegmentRef]], cfg: PrepareConfig,
+                     progress: bool) -> dict[str, list[SegmentRef]]:
+    """With an "error" policy and on_error="skip": drop (and count) segments holding the forbidden values."""
+    from tqdm.auto import tqdm
+    import sys
+
+    kept: dict[str, list[SegmentRef]] = {}
+    total = sum(len(r) for r in refs_by_split.values())
+    with tqdm(total=total, desc="scanning NaN/inf", unit="seg", disable=not (progress and sys.stderr.isatty())) as bar:
+        for split, refs in refs_by_split.items():
+            kept[split] = []
+            for ref in refs:
+                seg = source.load_raw(ref)
+                bad = []
+                for m in MODALITIES:
+                    nan, pos, neg = non_finite_counts(np.asarray(getattr(seg, m)))
+                    if nan and cfg.nan_policy == "error":
+                        bad.append(f"NaN in {m}")
+                    if (pos or neg) and cfg.inf_policy == "error":
+                        bad.append(f"inf in {m}")
+                if bad:
+                    source.issues.skip(f"non-finite values under an error policy ({bad[0]})", ref.key)
+                else:
+                    kept[split].append(ref)
+                bar.update(1)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- folds
+
+def load_folds(path: Path | None = None) -> dict[str, str]:
+    """video id -> split from a folds JSON ({"train": [...], "valid": [...], "test": [...]}).
+
+    Default: the standard CMU-MOSEI folds shipped with carat (CMU-MultimodalSDK ``cmu_mosei_std_folds``)."""
+    try:
+        if path is None:
+            text = resources.files("carat.data").joinpath("mosei_std_folds.json").read_text()
+            origin = "carat/data/mosei_std_folds.json"
+        else:
+            text, origin = Path(path).read_text(), str(path)
+        doc = json.loads(text)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: folds file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path or 'mosei_std_folds.json'}: unreadable folds JSON ({exc})") from exc
+    missing = [s for s in SPLITS if not isinstance(doc.get(s), list)]
+    if missing:
+        raise DataError(f"{origin}: folds JSON needs lists {list(SPLITS)}; missing or not a list: {missing}")
+    video_split: dict[str, str] = {}
+    for split in SPLITS:
+        for vid in doc[split]:
+            if video_split.get(str(vid), split) != split:
+                raise DataError(f"{origin}: video {vid!r} is in both {video_split[str(vid)]!r} and {split!r}")
+            video_split[str(vid)] = split
+    return video_split
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def open_source(input_path: Path, cfg: PrepareConfig, issues: IssueLog, *, labels_path: Path | None = None,
+                folds_path: Path | None = None, csd_files: dict[str, Path] | None = None) -> Source:
+    """Construct the source named by ``cfg.source`` (files are opened and checked here)."""
+    if cfg.source == "csd":
+        from carat.data.csd import CsdSource
+
+        if labels_path is not None:
+            raise ConfigError("--labels applies to --source pickle; for csd pass --labels-csd to override the "
+                              "labels .csd file")
+        return CsdSource(Path(input_path), load_folds(folds_path), roots=cfg.roots, files=csd_files or {},
+                         on_error=cfg.on_error, issues=issues)
+    from carat.data.pickles import PickleSource
+
+    if csd_files:
+        raise ConfigError(f"--text-file/--visual-file/--audio-file/--labels-csd apply to --source csd, "
+                          f"not pickle (got {sorted(csd_files)})")
+    if folds_path is not None:
+        raise ConfigError("--folds applies to --source csd; a pickle already holds its train/valid/test splits")
+    return PickleSource(Path(input_path), labels_path=labels_path, trust=cfg.trust_pickle,
+                        on_error=cfg.on_error, issues=issues)
+
+
+def _ensure_loaded(refs_by_split: dict[str, list[SegmentRef]], loaded: set[str],
+                   load: Callable[[SegmentRef], Segment]) -> int:
+    """Load the segments the writer did not (shards kept from an interrupted run), so NaN/inf counts and the
+    reference scorer cover the whole corpus. Returns how many were loaded here."""
+    n = 0
+    for refs in refs_by_split.values():
+        for ref in refs:
+            if ref.key not in loaded:
+                load(ref)
+                n += 1
+    return n
+
+
+def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConfig, storage: Any = None, *,
+                   labels_path: Path | None = None, folds_path: Path | None = None,
+                   csd_files: dict[str, Path] | None = None, progress: bool = False) -> Path:
+    """Convert a CMU-MOSEI source into shards + ``manifest.parquet`` + ``card.json`` in ``out_dir``."""
+    from carat.data.shards import StorageConfig, write_corpus
+
+    out = Path(out_dir)
+    storage = storage if storage is not None else StorageConfig()
+    issues = IssueLog(max_keys=cfg.max_reported_keys)
+    log = NonFiniteLog(cfg.nan_policy, cfg.inf_policy)
+    source = open_source(Path(input_path), cfg, issues, labels_path=labels_path, folds_path=folds_path,
+                         csd_files=csd_files)
+    try:
+        refs = source.list_refs(progress=progress)
+        if cfg.on_error == "skip" and "error" in (cfg.nan_policy, cfg.inf_policy):
+            refs = _scan_non_finite(source, refs, cfg, progress)
+        total = sum(len(r) for r in refs.values())
+        if total == 0:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(issues.skipped.items())) or "the source is empty"
+            raise DataError(f"{input_path}: no usable segments ({reasons})")
+        loaded: set[str] = set()
+
+        def load(ref: SegmentRef) -> Segment:
+            seg = sanitize_segment(source.load_raw(ref), log, lambda m: source.describe(ref, m))
+            loaded.add(ref.key)
+            return seg
+
+        collector = (ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
+                                        seed=cfg.seed) if cfg.reference else None)
+        tracked = collector.wrap(load) if collector else load
+        index = write_corpus(refs, tracked, out, storage, progress=progress)
+        if index.shards_reused:
+            _ensure_loaded(refs, loaded, tracked)
+        reference = None
+        if collector is not None:
+            collector.complete(load)
+            reference = collector.score(progress=progress)
+        card = build_card(
+            out, source=source.name, config={"prepare": asdict(cfg), "storage": asdict(storage)},
+            issues=issues, source_files=source.source_files, reference=reference, non_finite=log.to_dict(),
+            notes=source.notes)
+        write_card(out, card)
+    finally:
+        source.close()
+    return out
