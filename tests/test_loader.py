@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carat.data.collate import DecodedSample, collate
+from carat.data.collate import DecodedSample, collate, to_batch
 from carat.data.loader import LoaderConfig, PlannedBatches, build_loader
 from carat.data.plan import FILLER, batch_cost, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
@@ -295,8 +295,11 @@ def test_collate_pads_and_masks_empty_modalities() -> None:
     parts = collate(samples, weight=1.0)
     assert parts["text"].shape == (2, 1, FEATURE_DIMS["text"]) and not parts["text_mask"].any()
     assert parts["visual_mask"].sum(1).tolist() == [2, 5] and parts["audio"].shape == (2, 10, 74)
-    assert parts["audio"].dtype == torch.float32
-    assert parts["labels"].shape == (2, len(EMOTIONS))
+    assert parts["audio"].dtype == torch.float16  # workers ship the stored dtype ...
+    batch = to_batch(parts)
+    assert batch.audio.dtype == torch.float32 and batch.text.dtype == torch.float32  # ... Batch holds float32
+    assert torch.equal(batch.audio, torch.full((2, 10, 74), 0.5) * batch.audio_mask[..., None])
+    assert batch.labels.shape == (2, len(EMOTIONS)) and batch.weight.tolist() == [1.0, 1.0]
 
 
 def test_loader_config_validation() -> None:
