@@ -120,15 +120,18 @@ def test_round_trip_across_ranks_and_workers(corpus, train: bool) -> None:
         assert sum(len(w) for w in per_worker) == len(loader)
         for parts in (p for w in per_worker for p in w):
             assert parts["skipped"] == []
-            for i, key in enumerate(parts["keys"]):
+            batch = to_batch(parts)
+            for i, key in enumerate(batch.keys):
                 seg = load_segment(refs[key])
                 for m in MODALITIES:
                     n = len(getattr(seg, m))
-                    assert parts[f"{m}_mask"][i].sum() == n and not parts[f"{m}_mask"][i, n:].any()
-                    np.testing.assert_array_equal(parts[m][i, :n].numpy(), getattr(seg, m))  # bit-identical
-                    assert not parts[m][i, n:].any()
-                np.testing.assert_array_equal(parts["labels"][i].numpy(), seg.labels.astype(np.float32))
-                np.testing.assert_array_equal(parts["intensities"][i].numpy(), seg.intensities)
+                    mask = getattr(batch, f"{m}_mask")[i]
+                    assert mask.sum() == n and not mask[n:].any()
+                    feats = getattr(batch, m)[i]
+                    np.testing.assert_array_equal(feats[:n].numpy(), getattr(seg, m))  # bit-identical
+                    assert not feats[n:].any()
+                np.testing.assert_array_equal(batch.labels[i].numpy(), seg.labels.astype(np.float32))
+                np.testing.assert_array_equal(batch.intensities[i].numpy(), seg.intensities)
             seen.update(_real_keys(parts))
         assert loader.num_samples == sum(len(_real_keys(p)) for w in per_worker for p in w)
     assert len(lengths) == 1  # equal step counts on every rank
@@ -163,7 +166,7 @@ def test_token_budget_respected_in_loaded_batches(corpus) -> None:
     cfg = tiny_cfg()
     loader = build_loader(root, "train", cfg, rank=0, world_size=1, epoch=0, train=True)
     for parts in loader.dataset.iter_worker(0, 1):
-        peak = max(parts[f"{m}_mask"].sum(1).max().item() for m in MODALITIES)
+        peak = int(parts["lengths"].max())  # the longest modality of the batch's longest sample
         assert len(parts["keys"]) * peak <= cfg.token_budget or len(parts["keys"]) == 1
         assert len(parts["keys"]) <= cfg.max_batch_size
 
@@ -222,9 +225,12 @@ def fresh(tmp_path: Path) -> Path:
 def test_corrupt_header_raises_naming_shard_and_key(fresh: Path) -> None:
     victim = _victim(fresh)
     _corrupt(fresh / victim["shard"], victim["offset"] + 148, b"XXXXXXXX")  # bad header checksum
-    loader = build_loader(fresh, "train", tiny_cfg(), rank=0, world_size=1, epoch=0, train=True)
-    with pytest.raises(DataError, match=rf"train-000001.tar: sample {victim['key']!r}".replace("[", r"\[")):
-        list(loader)
+    pattern = rf"train-000001.tar: sample {victim['key']!r}".replace("[", r"\[")
+    for workers in (0, 1):  # a worker's DataError reaches the training process as a DataError
+        loader = build_loader(fresh, "train", tiny_cfg(num_workers=workers), rank=0, world_size=1, epoch=0,
+                              train=True)
+        with pytest.raises(DataError, match=pattern):
+            list(loader)
 
 
 def test_corrupt_data_skip_counts_and_keeps_step_count(fresh: Path) -> None:
@@ -293,10 +299,10 @@ def test_collate_pads_and_masks_empty_modalities() -> None:
         "audio": np.full((2 * n, 74), 0.5, np.float16)}, labels=np.zeros(6, np.uint8),
         intensities=np.full(6, np.nan, np.float32)) for i, n in enumerate((2, 5))]
     parts = collate(samples, weight=1.0)
-    assert parts["text"].shape == (2, 1, FEATURE_DIMS["text"]) and not parts["text_mask"].any()
-    assert parts["visual_mask"].sum(1).tolist() == [2, 5] and parts["audio"].shape == (2, 10, 74)
+    assert parts["text"].shape == (2, 1, FEATURE_DIMS["text"]) and parts["audio"].shape == (2, 10, 74)
     assert parts["audio"].dtype == torch.float16  # workers ship the stored dtype ...
     batch = to_batch(parts)
+    assert not batch.text_mask.any() and batch.visual_mask.sum(1).tolist() == [2, 5]
     assert batch.audio.dtype == torch.float32 and batch.text.dtype == torch.float32  # ... Batch holds float32
     assert torch.equal(batch.audio, torch.full((2, 10, 74), 0.5) * batch.audio_mask[..., None])
     assert batch.labels.shape == (2, len(EMOTIONS)) and batch.weight.tolist() == [1.0, 1.0]

@@ -104,8 +104,8 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return proto.new(storage).resize_(shape)
 
 
-def _pad(arrays: list[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L, dim] zero-padded at the end in the stored dtype, and the [B, L] True-on-real-frames mask.
+def _pad(arrays: list[np.ndarray], dim: int) -> torch.Tensor:
+    """[B, L, dim] zero-padded at the end, in the stored dtype.
 
     L is at least 1 so a batch whose samples all lack a modality still has a (fully masked) time axis.
     Features stay in their stored dtype (float16 by default) until :func:`to_batch`: a worker's batch crosses
@@ -124,28 +124,32 @@ def _pad(arrays: list[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor
                 out[i, :n].copy_(torch.from_numpy(arr))
             if n < width:
                 out[i, n:].zero_()  # only the padding is written twice, not the whole batch
-    mask = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
-    return out, mask
+    return out
 
 
 def collate(samples: list[DecodedSample], weight: float) -> dict:
-    """Padded float32 features, bool masks, labels, intensities and per-sample weights, as tensors."""
+    """A worker's batch: padded feature tensors (stored dtype) and small numpy arrays.
+
+    Keys: ``keys``, ``text``/``visual``/``audio`` [B, L, D] tensors, ``lengths`` [B, 3] int64, ``labels``
+    [B, 6] float32, ``intensities`` [B, 6] float32, ``weight`` [B] float32. Only the three feature tensors go
+    through shared memory; the rest is pickled inline (a shared-memory segment per small tensor costs ~0.2 ms).
+    :func:`to_batch` builds masks from the lengths and the :class:`Batch`.
+    """
     out: dict = {"keys": [s.key for s in samples]}
     for modality in MODALITIES:
-        feats, mask = _pad([s.features[modality] for s in samples], FEATURE_DIMS[modality])
-        out[modality] = feats
-        out[f"{modality}_mask"] = mask
-    out["labels"] = torch.from_numpy(np.stack([s.labels for s in samples]).astype(np.float32))
-    out["intensities"] = torch.from_numpy(np.stack([s.intensities for s in samples]))
-    out["weight"] = torch.full((len(samples),), float(weight), dtype=torch.float32)
+        out[modality] = _pad([s.features[modality] for s in samples], FEATURE_DIMS[modality])
+    out["lengths"] = np.array([[len(s.features[m]) for m in MODALITIES] for s in samples], dtype=np.int64)
+    out["labels"] = np.stack([s.labels for s in samples]).astype(np.float32)
+    out["intensities"] = np.stack([s.intensities for s in samples]).astype(np.float32)
+    out["weight"] = np.full(len(samples), float(weight), dtype=np.float32)
     return out
 
 
 def nonfinite_rows(parts: dict) -> dict[int, str]:
     """Rows of a collated batch holding NaN/inf, with the modality, e.g. from flipped bits in a shard.
 
-    One float32 sum per modality finds them: NaN and inf propagate through it, and float32 sums of finite features
-    cannot overflow unless values are near 1e38 (then the exact per-row check below decides)."""
+    One float32 sum per modality finds them: NaN and inf propagate through it, and float32 sums of finite
+    features cannot overflow unless values are near 1e38 (then the exact per-row check below decides)."""
     bad: dict[int, str] = {}
     for modality in MODALITIES:
         x = parts[modality]
@@ -160,7 +164,13 @@ def nonfinite_rows(parts: dict) -> dict[int, str]:
 def select_rows(parts: dict, keep: list[int]) -> dict:
     """The collated batch restricted to rows ``keep`` (padding width unchanged)."""
     index = torch.tensor(keep, dtype=torch.long)
-    return {k: ([v[i] for i in keep] if isinstance(v, list) else v.index_select(0, index)) for k, v in parts.items()}
+
+    def pick(v):
+        if isinstance(v, list):
+            return [v[i] for i in keep]
+        return v.index_select(0, index) if isinstance(v, torch.Tensor) else v[keep]
+
+    return {k: pick(v) for k, v in parts.items()}
 
 
 def empty_filler() -> dict:
@@ -184,12 +194,18 @@ def _as_float32(x: torch.Tensor, pin_memory: bool) -> torch.Tensor:
 
 
 def to_batch(parts: dict, pin_memory: bool = False) -> Batch:
-    """The :class:`Batch` of a collated dict: features as float32, every tensor pinned if ``pin_memory``.
+    """The :class:`Batch` of a collated dict: float32 features, bool masks (True = real frame) from the
+    lengths, every tensor page-locked if ``pin_memory``. Runs in the consuming process, after the transfer."""
+    def small(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory() if pin_memory else t
 
-    Done in the consuming process, after the worker-to-main transfer (see :func:`_pad`).
-    """
-    t = {k: (_as_float32(v, pin_memory) if k in MODALITIES else (v.pin_memory() if pin_memory else v))
-         for k, v in parts.items() if isinstance(v, torch.Tensor)}
-    return Batch(keys=list(parts["keys"]), text=t["text"], text_mask=t["text_mask"], visual=t["visual"],
-                 visual_mask=t["visual_mask"], audio=t["audio"], audio_mask=t["audio_mask"], labels=t["labels"],
-                 intensities=t["intensities"], weight=t["weight"])
+    fields: dict[str, torch.Tensor] = {}
+    lengths = torch.from_numpy(np.asarray(parts["lengths"], dtype=np.int64))
+    for j, modality in enumerate(MODALITIES):
+        feats = _as_float32(parts[modality], pin_memory)
+        fields[modality] = feats
+        mask = torch.arange(feats.shape[1])[None, :] < lengths[:, j : j + 1]
+        fields[f"{modality}_mask"] = mask.pin_memory() if pin_memory else mask
+    return Batch(keys=list(parts["keys"]), labels=small(parts["labels"]),
+                 intensities=small(parts["intensities"]), weight=small(parts["weight"]), **fields)

@@ -270,7 +270,9 @@ class ShardReader:
         found: dict[int, DecodedSample] = {}
         skips: list[Skip] = []
         source = [{"url": rel, "stream": io.BytesIO(data)}]
-        for sample in group_by_keys(tar_file_expander(source, handler=handler), handler=handler):
+        ours = lambda fname: fname.split(".", 1)[0] in wanted  # noqa: E731 - neighbours in a merged range
+        members = tar_file_expander(source, handler=handler, select_files=ours)
+        for sample in group_by_keys(members, handler=handler):
             r = wanted.get(sample["__key__"])
             if r is None or r in found:
                 continue  # a neighbour inside a merged range, not ours
@@ -371,6 +373,10 @@ class PlannedBatches(IterableDataset):
 # ---------------------------------------------------------------------------------------- the loader
 
 
+def _keep_as_is(parts: dict) -> dict:
+    return parts
+
+
 @dataclass
 class BatchLoader:
     """An epoch of batches for one rank: ``len`` is equal on every rank; iterating yields :class:`Batch`."""
@@ -416,9 +422,11 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(
-            # Pinning happens in to_batch, after the float16 -> float32 cast (pinning half tensors would be wasted).
+            # Pinning happens in to_batch, after the float16 -> float32 cast (pinning half tensors would be
+            # wasted); _keep_as_is stops default_convert from turning the small numpy arrays into tensors (each
+            # would cost a shared-memory segment).
             self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=False,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+            collate_fn=_keep_as_is, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
         for parts in loader:
             skips = parts.pop("skipped")
             if skips:
