@@ -47,6 +47,21 @@ def test_supcon_equals_the_loop_reference():
     assert got.item() == pytest.approx(supcon_by_loops(features, ids, valid, 0.5, 0.07), rel=1e-4)
 
 
+def test_chunked_supcon_equals_one_chunk_in_value_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    raw = torch.randn(23, 5, generator=g)
+    ids = torch.randint(-1, 4, (23,), generator=g)
+    valid = torch.rand(23, generator=g) > 0.2
+    results = []
+    for chunk in (100, 4):
+        leaf = raw.clone().requires_grad_(True)
+        loss = supcon_loss(F.normalize(leaf, dim=1), ids, valid, 0.07, 0.07, chunk_rows=chunk)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 def test_supcon_matches_the_reference_formula_when_all_rows_count():
     """The reference's SupConLoss (mask = equal ids, self excluded, mean over all anchors)."""
     g = torch.Generator().manual_seed(1)

@@ -19,7 +19,9 @@ Where carat deliberately differs from the published code:
   shuffle augmentation by argsort of random numbers (same distribution as its numpy permutation loops); the
   queue is a ring buffer that also handles more rows than its size.
 - Distributed: prototypes and queue are updated from features gathered across ranks (``update_memory``).
-- Loss: per-class pos_weight and per-sample weights (losses.py).
+- Loss: per-class pos_weight and per-sample weights (losses.py); SupCon computed in float32, in anchor chunks
+  under checkpointing (same value, O(chunk x N) instead of O(N^2) memory for the 8,192-row queue).
+- Prototypes and queue stay float32 when the model is cast to bf16 (an EMA at momentum 0.99 needs it).
 - Not here but in other parts: coef_lr is applied to the encoders (optimizer side, by the ``*_encoder`` name
   prefixes); the Jaccard accuracy of an empty-vs-empty sample is 1 (metrics side).
 - The threshold is 0.2 (``ModelConfig.threshold``) and applied by ``predict`` / the metrics.

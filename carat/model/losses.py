@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from carat.errors import ConfigError
 from carat.model.config import LossConfig, ModelConfig
@@ -42,29 +43,49 @@ def contrastive_class_ids(labels: torch.Tensor, num_stages: int = NUM_STAGES) ->
 
 
 def supcon_loss(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, temperature: float,
-                base_temperature: float) -> torch.Tensor:
+                base_temperature: float, chunk_rows: int = 2048) -> torch.Tensor:
     """Supervised contrastive loss with every valid row as an anchor (the reference's ``SupConLoss`` with
     ``batch_size = N``): features [N, z] L2-normalised, ids [N] (EMPTY_ID matches nothing), valid [N] bool.
 
     For anchor i over the contrast set A(i) = {valid j != i} and positives P(i) = {j in A(i): id_j = id_i}:
     loss_i = -(T / T_base) * mean_{p in P(i)} log( exp(s_ip / T) / sum_{a in A(i)} exp(s_ia / T) ),
     0 when P(i) is empty; the result is the mean over valid anchors (0 if there are none).
+
+    Anchors are processed ``chunk_rows`` at a time, each chunk under activation checkpointing when gradients
+    are on: the seed's 8,192-row queue plus 64 x 54 batch rows makes N ~ 11,600, and the N x N similarity,
+    exp, log-probability and mask matrices (~0.5 GB each) would otherwise all be kept for the backward pass.
     """
     features = features.float()
     n = features.shape[0]
-    logits = features @ features.T / temperature
+    total = features.new_zeros(())
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        if torch.is_grad_enabled() and features.requires_grad and n > chunk_rows:
+            part = checkpoint(_supcon_anchor_sum, features, ids, valid, start, stop, temperature,
+                              base_temperature, use_reentrant=False)
+        else:
+            part = _supcon_anchor_sum(features, ids, valid, start, stop, temperature, base_temperature)
+        total = total + part
+    return total / valid.sum().clamp_min(1)
+
+
+def _supcon_anchor_sum(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, start: int, stop: int,
+                       temperature: float, base_temperature: float) -> torch.Tensor:
+    """Sum of the SupCon loss of the valid anchors start..stop-1 (see :func:`supcon_loss`)."""
+    logits = features[start:stop] @ features.T / temperature
     # Shift by the row max for stability (cancels out except in the reference's +1e-12).
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    not_self = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    rows = torch.arange(start, stop, device=features.device)
+    not_self = rows[:, None] != torch.arange(features.shape[0], device=features.device)[None, :]
     contrast = not_self & valid[None, :]
     denominator = torch.where(contrast, logits.exp(), 0.0).sum(dim=1, keepdim=True)
     log_prob = logits - torch.log(denominator + 1e-12)
-    positive = contrast & (ids[:, None] == ids[None, :]) & (ids != EMPTY_ID)[:, None]
+    anchor_ids = ids[start:stop]
+    positive = contrast & (anchor_ids[:, None] == ids[None, :]) & (anchor_ids != EMPTY_ID)[:, None]
     num_positive = positive.sum(dim=1)
     mean_log_prob_pos = torch.where(positive, log_prob, 0.0).sum(dim=1) / (num_positive + 1e-12)
     per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
-    num_valid = valid.sum()
-    return torch.where(valid, per_anchor, 0.0).sum() / num_valid.clamp_min(1)
+    return torch.where(valid[start:stop], per_anchor, 0.0).sum()
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
