@@ -73,7 +73,7 @@ class CsdFixture:
 
 
 def _frames(rng: np.random.Generator, duration: float, rate: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous frames over [0, duration): fixed rate with a little jitter in the boundaries."""
+    """Contiguous frames over [0, duration) at a fixed rate, random features."""
     n = int(duration * rate)
     starts = np.arange(n) / rate
     ends = starts + 1.0 / rate
