@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     # A bar only on rank 0 and only on a terminal: logs of batch jobs stay readable.
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    quiet = not enabled or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
 
 
 class Trainer:
@@ -230,7 +232,7 @@ class Trainer:
                 break
             terms, frames = self.train_step(batch)
             self.global_step += 1
-            n = len(batch)
+            n = int(batch.weight.sum().item())  # filler samples (weight 0) are not seen
             seen += n
             frames_seen += frames
             for name, value in terms.items():
