@@ -13,7 +13,7 @@ Visual and text lengths scale with audio as in CMU-MOSEI (visual ~ 0.29 x audio,
 Variants: ``sdpa`` (default kernel), ``eager`` (reference kernel), ``ckpt`` (sdpa + activation checkpointing of
 all encoder layers and both alignments).
 
-The step function :func:`training_step` is shared with bench/gpu_model_sweep.py.
+The batch and model builders are shared with bench/gpu_model_sweep.py.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import VARIANTS, build, make_inputs, mosei_lengths, training_step  # noqa: E402
+from bench_model import VARIANTS, build, make_inputs, mosei_lengths  # noqa: E402
 
 MIB = 2 ** 20
 

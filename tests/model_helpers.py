@@ -47,7 +47,8 @@ def stack_samples(samples: list[dict[str, torch.Tensor]], garbage: bool = True) 
         frames, masks = [], []
         for s in samples:
             pad = longest - s[name].shape[1]
-            filler = torch.randn(1, pad, s[name].shape[2], generator=g) if garbage else torch.zeros(1, pad, s[name].shape[2])
+            shape = (1, pad, s[name].shape[2])
+            filler = torch.randn(shape, generator=g) if garbage else torch.zeros(shape)
             frames.append(torch.cat([s[name], filler], dim=1))
             masks.append(torch.nn.functional.pad(s[f"{name}_mask"], (0, pad)))
         batch[name], batch[f"{name}_mask"] = torch.cat(frames), torch.cat(masks)
