@@ -190,3 +190,25 @@ def test_custom_folds_and_config_errors(fx, tmp_path):
         _prepare(fx, tmp_path / "out2", folds_path=folds)
     with pytest.raises(ConfigError, match="prepare.nan_policy"):
         PrepareConfig(nan_policy="drop")
+
+
+def test_rerun_reusing_shards_keeps_counts_and_reference(fx, tmp_path):
+    """A rerun keeps verified shards (the writer skips loading them); the card must still count everything."""
+    key = next(iter(fx.expected))
+    vid = fx.expected[key]["video_id"]
+    feats, iv = fx.videos["visual"][vid]
+    feats = feats.copy()
+    feats[:, 0] = np.nan
+    fx.videos["visual"][vid] = (feats, iv)
+    fx.rewrite("visual")
+    cfg = PrepareConfig(reference_max_train=50, reference_max_eval=50)
+    first = read_card(_prepare(fx, tmp_path / "out", cfg=cfg))
+    (tmp_path / "out" / "card.json").unlink()
+    second = read_card(_prepare(fx, tmp_path / "out", cfg=cfg))
+    assert second["non_finite"] == first["non_finite"]
+    assert first["non_finite"]["per_modality"]["visual"]["segments"] == 3
+    assert second["reference_scorer"]["fused"] == first["reference_scorer"]["fused"]
+    assert second["counts"] == first["counts"]
+    assert first["write"]["shards_reused"] == 0
+    assert second["write"]["shards_reused"] == sum(second["shards"][s]["count"] for s in ("train", "valid", "test"))
+    assert second["write"]["segments_loaded_after_write"] == second["counts"]["total"]

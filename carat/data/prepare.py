@@ -288,8 +288,7 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
                                         seed=cfg.seed) if cfg.reference else None)
         tracked = collector.wrap(load) if collector else load
         index = write_corpus(refs, tracked, out, storage, progress=progress)
-        if index.shards_reused:
-            _ensure_loaded(refs, loaded, tracked)
+        reloaded = _ensure_loaded(refs, loaded, tracked) if index.shards_reused else 0
         reference = None
         if collector is not None:
             collector.complete(load)
@@ -297,7 +296,8 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
         card = build_card(
             out, source=source.name, config={"prepare": asdict(cfg), "storage": asdict(storage)},
             issues=issues, source_files=source.source_files, reference=reference, non_finite=log.to_dict(),
-            notes=source.notes)
+            notes=source.notes, extra={"write": {"shards_reused": index.shards_reused,
+                                                  "segments_loaded_after_write": reloaded}})
         write_card(out, card)
     finally:
         source.close()

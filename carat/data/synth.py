@@ -378,7 +378,7 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     collector = ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
                                    seed=cfg.seed) if reference else None
     load = collector.wrap(corpus.load) if collector else corpus.load
-    write_corpus(refs, load, out, storage, progress=progress)
+    index = write_corpus(refs, load, out, storage, progress=progress)
     scores = None
     if collector is not None:
         collector.complete(corpus.load)
@@ -392,6 +392,7 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
             + ("the realistic ones." if cfg.length_scale == 1.0 else
                "shrunk for fast CPU runs; do not compare timings or scores with full-length data."),
         ],
+        extra={"write": {"shards_reused": index.shards_reused}},
     )
     write_card(out, card)
     return out
