@@ -35,7 +35,7 @@ from carat.train.rundir import (
 )
 
 FAULT_ENV = "CARAT_FAIL_AFTER_EPOCH"
-"""Test hook: `<epoch>:<rank>` makes that rank exit hard once, after that epoch's checkpoint (fault tests)."""
+"""Test hook: `<epoch>:<rank>` makes that rank exit hard once, when the epoch after `<epoch>` begins (fault tests)."""
 
 
 @dataclass
@@ -199,8 +199,6 @@ class Trainer:
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         if self.is_main:
-            truncate_history(self.run.history, self.epoch)
-            truncate_history(self.run.metrics, self.epoch)
             print(f"[carat] resumed from {directory} after epoch {self.epoch} (step {self.global_step})")
 
     # -- training ----------------------------------------------------------------------------------------
@@ -215,7 +213,7 @@ class Trainer:
         self.engine.backward(terms["total"] * scale)
         self.engine.step()
         with torch.no_grad():
-            self.model.update_memory(out, batch.labels, gather=dist.gather_rows)
+            self.model.update_memory(out, batch.labels, gather=dist.gather_rows, sample_weight=batch.weight)
         frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
         return {name: float(value.detach().float().item()) for name, value in terms.items()}, frames
 
@@ -297,6 +295,9 @@ class Trainer:
         self.write_run_files()
         if self.ctx.resume_dir is not None:
             self.resume(self.ctx.resume_dir)
+        if self.is_main:  # logs past the starting epoch belong to an attempt that did not checkpoint
+            truncate_history(self.run.history, self.epoch)
+            truncate_history(self.run.metrics, self.epoch)
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -309,6 +310,7 @@ class Trainer:
         return results
 
     def run_epoch(self) -> None:
+        self.maybe_inject_fault()
         record: dict[str, Any] = {"epoch": self.epoch}
         record.update(self.train_epoch())
         metrics = self.validate()
@@ -330,7 +332,6 @@ class Trainer:
             print(f"[carat] epoch {self.epoch}/{self.cfg.train.epochs} loss {record['train/total']:.4f} "
                   f"valid micro-F1 {metrics['micro_f1']:.4f} macro-F1 {metrics['macro_f1']:.4f}"
                   f"{' (best)' if improved else ''}", flush=True)
-        self.maybe_inject_fault()
 
     def checkpoint_and_report(self, record: dict[str, Any]) -> None:
         tag = f"epoch-{self.epoch:03d}"
@@ -351,6 +352,8 @@ class Trainer:
         if self.epoch == epoch and self.rank == rank and not marker.exists():
             marker.write_text("1")
             print(f"[carat] injected fault: rank {rank} exits after epoch {epoch}", flush=True)
+            # Let Ray's controller register the last report first: a crash mid-epoch, not mid-report.
+            time.sleep(3.0)
             os._exit(17)
 
     def final_evaluation(self) -> dict[str, Any]:
