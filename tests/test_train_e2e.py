@@ -40,7 +40,9 @@ def common_args(shards: Path, storage: Path, name: str, epochs: int = 2) -> list
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # An in-process run earlier in this session leaves its world-of-one variables behind: drop them.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "CUDA_VISIBLE_DEVICES": ""})
     env.update(extra)

@@ -219,7 +219,7 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
     "text_layers": 1,
     "visual_layers": 1,
     "audio_layers": 1,
-    "text_max_positions": 400,
+    "text_max_positions": 128,
     "visual_max_positions": 64,
     "audio_max_positions": 64,
     "ctc_target_length": 8,
@@ -228,7 +228,7 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
     "queue_size": 256,
 }
 """The "tiny" preset of ModelConfig: ~5-9k parameters per encoder (most of the text one is its 300->16 input
-layer and 400x16 position table, long enough for any MOSEI text), 8 aligned slots, a 256-row queue."""
+layer and 128x16 position table), 8 aligned slots, a 256-row queue."""
 
 TINY_LOSS_OVERRIDES: dict[str, object] = {}
 """The "tiny" preset of LossConfig: the seed objective (nothing to shrink)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,17 @@ def prepare_worker_env(gpu: bool) -> None:
 def init_process_group(gpu: bool) -> None:
     """Join (or, with no launcher around, create) the process group and DeepSpeed's view of it."""
     import deepspeed
+    import torch.distributed as tdist
 
-    if not dist.is_distributed() and "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,
-                               verbose=False)
+    backend = "nccl" if gpu else "gloo"
+    if not dist.is_distributed() and "MASTER_ADDR" not in os.environ:
+        # A world of one: a file store needs no port, so nothing can race us for one.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})
+        store_file = tempfile.NamedTemporaryFile(prefix="carat-store-", delete=False).name
+        tdist.init_process_group(backend, store=tdist.FileStore(store_file, 1), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if gpu:
         torch.cuda.set_device(dist.local_rank())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def checkpoint_to_resume(root: Path) -> Path | None:
