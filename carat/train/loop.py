@@ -237,10 +237,12 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value * n
             elapsed = time.perf_counter() - start
             rate = seen * self.world / max(elapsed, 1e-9)
+            frame_rate = frames_seen * self.world / max(elapsed, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{terms['total']:.4f}", sps=f"{rate:.1f}")
+            bar.set_postfix(step=self.global_step, loss=f"{terms['total']:.4f}", sps=f"{rate:.1f}",
+                            fps=f"{frame_rate:.0f}")
             if self.is_main and (self.global_step % self.cfg.train.log_every == 0 or step == steps - 1):
-                self.log_step(terms, rate, frames_seen * self.world / max(elapsed, 1e-9))
+                self.log_step(terms, rate, frame_rate)
         bar.close()
         elapsed = time.perf_counter() - start
         totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}

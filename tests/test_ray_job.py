@@ -1,0 +1,60 @@
+"""`ray job submit --working-dir . -- python -m carat.train` against a local `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carat.data.shards import StorageConfig
+from carat.data.synth import SynthConfig, synthesize_corpus
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_PORT = 8277
+
+
+def ray_cli() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture()
+def ray_head():
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    import os
+
+    env = dict(os.environ, **env)
+    subprocess.run([ray_cli(), "start", "--head", "--num-cpus", "2", "--port", "6397",
+                    "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env)
+    try:
+        yield env
+    finally:
+        subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
+
+
+def test_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
+    shards = tmp_path / "shards"
+    synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=3),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    storage = tmp_path / "runs"
+    # Ray 2.60 clusters use token authentication; RAY_AUTH_MODE=token makes the CLI send ~/.ray/auth_token.
+    env = dict(ray_head, RAY_ADDRESS=f"http://127.0.0.1:{DASHBOARD_PORT}", RAY_AUTH_MODE="token")
+    proc = subprocess.run(
+        [ray_cli(), "job", "submit", "--working-dir", ".", "--runtime-env-json",
+         json.dumps({"excludes": ["shards/", "runs/", ".git/"], "env_vars": {"DS_ACCELERATOR": "cpu"}}), "--",
+         "python", "-m", "carat.train", f"--train.shard_dir={shards}", f"--train.storage_path={storage}",
+         "--run-name=job", "--train.epochs=1", "--loader.num_workers=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+    results = json.loads((storage / "job" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["launcher"] == "ray"
+    env_report = json.loads((storage / "job" / "environment.json").read_text())
+    assert env_report["world_size"] == 2
