@@ -132,17 +132,30 @@ def test_single_process_run_then_export_evaluate_predict(shards, tmp_path):
                          "--out", str(json_out)]) == 2
 
 
-def test_deepspeed_launcher_two_ranks(shards, tmp_path):
+def test_deepspeed_launcher_two_ranks_zero3_checkpointing_and_export(shards, tmp_path):
     storage = tmp_path / "runs"
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     proc = run_module(
         [deepspeed, "--num_gpus", "2", "--master_port", "29561", "--module", "carat.train", "--launcher",
-         "deepspeed"] + common_args(shards, storage, "ds", epochs=1),
+         "deepspeed", "--train.zero_stage=3", "--model.checkpoint_encoders=audio,visual",
+         "--model.checkpoint_alignment=audio", "--model.ctc_target_length=none"]
+        + common_args(shards, storage, "ds", epochs=1),
         cpu_env(LOCAL_SIZE="2"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check_run_dir(storage / "ds", world=2)
+    results = check_run_dir(storage / "ds", world=2)
     assert ranks_in_checkpoint(storage / "ds" / "checkpoints") == {0, 1}
+
+    # The ZeRO-3 shards of both ranks merge into one plain model that scores the test split as the run did.
+    from carat import evaluate, export
+
+    model = tmp_path / "model.pt"
+    assert export.main(["--checkpoint", str(storage / "ds"), "--out", str(model)]) == 0
+    out = tmp_path / "test.json"
+    assert evaluate.main(["--checkpoint", str(model), "--split", "test", "--shards", str(shards),
+                          "--out", str(out)]) == 0
+    single = next(iter(json.loads(out.read_text()).values()))
+    assert single["micro_f1"] == pytest.approx(results["test"]["micro_f1"], abs=1e-9)
 
 
 def test_ray_two_workers_and_a_killed_worker_is_restarted(shards, tmp_path):

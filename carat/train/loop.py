@@ -179,8 +179,8 @@ class Trainer:
             "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
         }
 
-    def save_checkpoint(self, root: Path, tag: str, save_latest: bool = True) -> None:
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(), save_latest=save_latest)
+    def save_checkpoint(self, root: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state())
         # DeepSpeed keeps rank 0's client state only; RNG streams differ per rank, so each rank saves its own.
         torch.save(rng_state(), root / tag / f"rng_rank{self.rank}.pt")
         dist.barrier()
@@ -324,7 +324,8 @@ class Trainer:
         self.epoch += 1
         self.history.append(record)
         if improved:
-            self.save_checkpoint(self.run.best, "best", save_latest=False)
+            # `latest` in best/ too: under ZeRO-3 a module-only load ignores the tag and reads `latest`.
+            self.save_checkpoint(self.run.best, "best")
         self.checkpoint_and_report(record)
         if self.is_main:
             append_jsonl(self.run.history, record)
