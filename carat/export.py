@@ -72,7 +72,10 @@ def load_model(path: Path, tag: str | None = None):
     from carat.model import CARAT
 
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: a model file never gets to run code on load
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for foreign or corrupt files
+            raise CaratError(f"{path} is not a readable carat export: {err}") from None
         if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
             raise CaratError(f"{path} is not a carat export (expected keys state_dict and config)")
         weights, cfg = blob["state_dict"], config_from_dict(blob["config"])

@@ -1,0 +1,46 @@
+"""Every training-side command has --help and turns bad input into a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import pytest
+
+from carat import evaluate, export, predict
+from carat.train import __main__ as train_main
+
+
+@pytest.mark.parametrize("main", [train_main.main, evaluate.main, predict.main, export.main],
+                         ids=["train", "evaluate", "predict", "export"])
+def test_help_exits_zero(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_train_rejects_config_typos_before_starting_anything(capsys, tmp_path):
+    assert train_main.main(["--launcher", "none", "--train.epocs=2"]) == 2
+    assert "unknown key train.epocs" in capsys.readouterr().err
+    assert train_main.main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_without_shards_and_synthesis_disabled_says_what_to_do(capsys, tmp_path):
+    code = train_main.main(["--launcher", "none", f"--train.shard_dir={tmp_path / 'none'}",
+                            "--train.synth_if_missing=false"])
+    assert code == 2
+    assert "no manifest.parquet" in capsys.readouterr().err
+
+
+def test_checkpoint_commands_name_the_bad_path(capsys, tmp_path):
+    missing = tmp_path / "nothing"
+    missing.mkdir()
+    assert export.main(["--checkpoint", str(missing), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "holds no DeepSpeed checkpoint" in capsys.readouterr().err
+    not_carat = tmp_path / "other.pt"
+    import torch
+
+    torch.save({"weights": 1}, not_carat)
+    assert evaluate.main(["--checkpoint", str(not_carat)]) == 2
+    assert "is not a carat export" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(not_carat), "--npz", "x.npz", "--out", str(tmp_path / "p.txt")]) == 2
+    assert "use a .json or .csv" in capsys.readouterr().err
