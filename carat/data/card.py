@@ -12,7 +12,6 @@ what the shards hold.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.shards import sha256_file
 from carat.errors import DataError
 
 CARD_FILE = "card.json"
@@ -228,14 +228,6 @@ def reference_scores(data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
 
 
 # ------------------------------------------------------------------------------------------------ the card
-
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
     """min, p50, p90, p99, max, mean of a vector of sequence lengths."""

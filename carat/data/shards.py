@@ -289,7 +289,8 @@ def _sample_members(key: str, meta: dict, feats: dict[str, np.ndarray]) -> list[
     return sorted(members.items())
 
 
-def _sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, read in chunks (shards are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -328,7 +329,7 @@ def _write_shard(out_dir: Path, rel: str, split: str, refs: list[SegmentRef],
         tmp.unlink(missing_ok=True)
         raise
     info = ShardInfo(shard=rel, split=split, num_samples=len(refs), bytes=path.stat().st_size,
-                     sha256=_sha256_file(path))
+                     sha256=sha256_file(path))
     return info, rows
 
 
@@ -363,7 +364,7 @@ def _reusable_shard(out_dir: Path, rel: str, fingerprint: str, n: int) -> tuple[
         doc = json.loads(journal.read_text())
         if doc.get("fingerprint") != fingerprint or len(doc["rows"]) != n:
             return None
-        if path.stat().st_size != doc["bytes"] or _sha256_file(path) != doc["sha256"]:
+        if path.stat().st_size != doc["bytes"] or sha256_file(path) != doc["sha256"]:
             return None
         info = ShardInfo(shard=rel, split=doc["split"], num_samples=n, bytes=doc["bytes"], sha256=doc["sha256"])
         return info, doc["rows"]
@@ -544,7 +545,7 @@ def _iter_tar_keys(path: Path) -> Iterator[tuple[str, int]]:
 def _verify_shard_samples(out_dir: Path, info: ShardInfo, keys: list[str]) -> None:
     """Deep check: checksum and the tar's sample keys, in order, against the manifest."""
     path = out_dir / info.shard
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != info.sha256:
         raise DataError(f"{path}: sha256 {digest[:16]}... does not match the shard table ({info.sha256[:16]}...)")
     try:
