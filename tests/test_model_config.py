@@ -45,6 +45,7 @@ def test_tiny_preset_is_small():
     ({"ctc_target_length": None, "max_target_len": 2000}, "max_target_len=2000 must be <= 1200"),
     ({"checkpoint_encoders": ("speech",)}, "checkpoint_encoders has 'speech'"),
     ({"checkpoint_alignment": ("text",)}, "checkpoint_alignment has 'text'"),
+    ({"alignment_chunk_frames": 0}, "alignment_chunk_frames=0 must be an integer >= 1"),
     ({"attention": "flash"}, "attention='flash'"),
     ({"audio_dropout": 1.0}, "audio_dropout=1.0 must be in"),
     ({"audio_compression_ratio": 0.0}, "audio_compression_ratio=0.0 must be > 0"),

@@ -121,11 +121,12 @@ def _loss_and_grads(model: CARAT, batch, seed: int = 5) -> tuple[dict, dict[str,
     return output_tensors(out), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_activation_checkpointing_changes_neither_outputs_nor_gradients():
+@pytest.mark.parametrize("chunk_frames", [512, 7, None])  # one segment, several (not dividing), one block
+def test_activation_checkpointing_changes_neither_outputs_nor_gradients(chunk_frames):
     batch = make_batch(LENGTHS)
     plain = tiny_model().train()
-    ckpt = tiny_model(checkpoint_encoders=("text", "visual", "audio"),
-                      checkpoint_alignment=("visual", "audio")).train()
+    ckpt = tiny_model(checkpoint_encoders=("text", "visual", "audio"), checkpoint_alignment=("visual", "audio"),
+                      alignment_chunk_frames=chunk_frames).train()
     ckpt.load_state_dict(plain.state_dict())
     out_a, grads_a = _loss_and_grads(plain, batch)
     out_b, grads_b = _loss_and_grads(ckpt, batch)

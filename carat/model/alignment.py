@@ -13,11 +13,24 @@ carat additions (padding never matters):
   softmax runs over the blank and the sample's own slots only, and slots beyond the sample's target are masked
   in the returned output mask (and are exactly zero). A sample's aligned output thus depends on its own frames
   only, whatever else is in the batch.
+
+Activation checkpointing (``checkpointed``) is time-segmented: the frames are cut into segments of
+``chunk_frames``; each segment (LSTM from the carried (h, c) state, slot softmax, and its share
+assignment_seg^T @ x_seg of P @ x, accumulated over segments) is one ``torch.utils.checkpoint`` block
+(non-reentrant). P @ x is a sum over input frames and the LSTM is a recurrence, so this is the same function as
+the unsegmented alignment, but the backward pass rebuilds one segment's activations at a time: the alignment's
+peak activation memory is O(B x chunk_frames x width) instead of O(B x L_in x width). Samples are ordered by
+length (longest first) so that the samples still running in a segment are a prefix of the batch: a segment
+packs only those, with each one's frames left in that segment, so the LSTM never runs past a sample's end and
+a finished sample's state is never touched again. ``chunk_frames=None`` checkpoints the whole alignment as one
+block (whole activation set rebuilt at once in backward). Without checkpointing (or without gradients) the
+alignment runs unsegmented: one packed LSTM call over the whole sequence (cuDNN on GPU).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
@@ -40,13 +53,16 @@ class SoftAlignment(nn.Module):
     """
 
     def __init__(self, input_dim: int, width: int, *, fixed_target: int | None, compression_ratio: float,
-                 min_target_len: int, checkpointed: bool = False) -> None:
+                 min_target_len: int, checkpointed: bool = False, chunk_frames: int | None = 512) -> None:
         super().__init__()
+        if chunk_frames is not None and chunk_frames < 1:
+            raise ValueError(f"chunk_frames={chunk_frames} must be >= 1 or None")
         self.width = width
         self.fixed_target = fixed_target
         self.compression_ratio = compression_ratio
         self.min_target_len = min(min_target_len, width)
         self.checkpointed = checkpointed
+        self.chunk_frames = chunk_frames
         # +1 output slot for the blank, as in the reference (hidden = L_out + 1).
         self.lstm = nn.LSTM(input_dim, width + 1, num_layers=2, batch_first=True)
 
@@ -58,7 +74,11 @@ class SoftAlignment(nn.Module):
         # pack_padded_sequence wants lengths on the CPU; one small copy per batch.
         lengths_cpu = lengths.cpu()
         if self.checkpointed and torch.is_grad_enabled():
-            aligned = checkpoint(self._align, frames, mask, lengths_cpu, targets, num_slots, use_reentrant=False)
+            if self.chunk_frames is None:
+                aligned = checkpoint(self._align, frames, mask, lengths_cpu, targets, num_slots,
+                                     use_reentrant=False)
+            else:
+                aligned = self._align_segmented(frames, mask, lengths_cpu, targets, num_slots, self.chunk_frames)
         else:
             aligned = self._align(frames, mask, lengths_cpu, targets, num_slots)
         slot_mask = torch.arange(num_slots, device=frames.device)[None, :] < targets[:, None]
@@ -66,7 +86,16 @@ class SoftAlignment(nn.Module):
 
     def _align(self, frames: torch.Tensor, mask: torch.Tensor, lengths_cpu: torch.Tensor,
                targets: torch.Tensor, num_slots: int) -> torch.Tensor:
-        logits = self._slot_logits(frames, lengths_cpu)[..., : num_slots + 1]
+        """Unsegmented alignment: one packed LSTM call over every sample's real frames, then P @ x."""
+        packed = pack_padded_sequence(frames, lengths_cpu, batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        logits, _ = pad_packed_sequence(output, batch_first=True, total_length=frames.shape[1])
+        return self._assign(logits, frames, mask, targets, num_slots)
+
+    def _assign(self, logits: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                num_slots: int) -> torch.Tensor:
+        """LSTM outputs [B, L, width + 1] of frames [B, L, F] -> their share of P @ x, [B, num_slots, F]."""
+        logits = logits[..., : num_slots + 1]
         if self.fixed_target is None:
             # Each sample distributes a frame over the blank and its own slots only (slot s <= target).
             slots = torch.arange(num_slots + 1, device=frames.device)
@@ -78,9 +107,38 @@ class SoftAlignment(nn.Module):
         # P @ x with P = assignment^T: bmm reads the transposed view without copying it.
         return torch.bmm(assignment.transpose(1, 2), frames.to(assignment.dtype))
 
-    def _slot_logits(self, frames: torch.Tensor, lengths_cpu: torch.Tensor) -> torch.Tensor:
-        """LSTM outputs [B, L_in, width + 1] over each sample's real frames only (zeros after its end)."""
-        packed = pack_padded_sequence(frames, lengths_cpu, batch_first=True, enforce_sorted=False)
-        output, _ = self.lstm(packed)
-        padded, _ = pad_packed_sequence(output, batch_first=True, total_length=frames.shape[1])
-        return padded
+    def _align_segmented(self, frames: torch.Tensor, mask: torch.Tensor, lengths_cpu: torch.Tensor,
+                         targets: torch.Tensor, num_slots: int, chunk: int) -> torch.Tensor:
+        """Time-segmented checkpointed alignment (see the module docstring); equals :meth:`_align`."""
+        batch = frames.shape[0]
+        # Longest first (stable, so ties keep batch order): the samples alive in a segment are a prefix.
+        order = torch.argsort(lengths_cpu, descending=True, stable=True)
+        lengths_sorted = lengths_cpu[order]
+        order_dev = order.to(frames.device)
+        frames_s, mask_s, targets_s = (t.index_select(0, order_dev) for t in (frames, mask, targets))
+        total = frames.new_zeros((), dtype=torch.float32)
+        out_dtype = frames.dtype
+        state: tuple[torch.Tensor, torch.Tensor] | None = None
+        for start in range(0, int(lengths_sorted[0]), chunk):
+            alive = int((lengths_sorted > start).sum())
+            seg_lengths = (lengths_sorted[:alive] - start).clamp(max=chunk)
+            stop = start + int(seg_lengths[0])
+            hidden = None if state is None else (state[0][:, :alive], state[1][:, :alive])
+            part, h, c = checkpoint(self._segment, frames_s[:alive, start:stop], mask_s[:alive, start:stop],
+                                    seg_lengths, targets_s[:alive], num_slots, hidden, use_reentrant=False)
+            state, out_dtype = (h, c), part.dtype
+            # Accumulate in float32 (one bmm over all frames accumulates in float32 too, also under autocast).
+            total = total + F.pad(part.float(), (0, 0, 0, 0, 0, batch - alive))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(batch)
+        return total.index_select(0, inverse.to(frames.device)).to(out_dtype)
+
+    def _segment(self, frames: torch.Tensor, mask: torch.Tensor, lengths_cpu: torch.Tensor,
+                 targets: torch.Tensor, num_slots: int, hidden: tuple[torch.Tensor, torch.Tensor] | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One segment of samples sorted longest first: LSTM from ``hidden`` over each sample's frames in the
+        segment, its share of P @ x, and the (h, c) after each sample's last frame in the segment."""
+        packed = pack_padded_sequence(frames, lengths_cpu, batch_first=True, enforce_sorted=True)
+        output, (h, c) = self.lstm(packed, hidden)
+        logits, _ = pad_packed_sequence(output, batch_first=True, total_length=frames.shape[1])
+        return self._assign(logits, frames, mask, targets, num_slots), h, c

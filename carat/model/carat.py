@@ -135,7 +135,7 @@ class CARAT(nn.Module):
             self.add_module(f"{m}_align", SoftAlignment(
                 self.feature_dims[m], cfg.alignment_width(m), fixed_target=cfg.ctc_target_length,
                 compression_ratio=getattr(cfg, f"{m}_compression_ratio"), min_target_len=cfg.min_target_len,
-                checkpointed=m in cfg.checkpoint_alignment))
+                checkpointed=m in cfg.checkpoint_alignment, chunk_frames=cfg.alignment_chunk_frames))
         for m in MODALITY_ORDER:
             self.add_module(f"{m}_encoder", ModalityEncoder(
                 self.feature_dims[m], d, cfg.intermediate_size, cfg.num_heads, getattr(cfg, f"{m}_layers"),

@@ -102,6 +102,13 @@ class ModelConfig:
     """Modalities (text, visual, audio) whose encoder layers use activation checkpointing."""
     checkpoint_alignment: tuple[str, ...] = ()
     """Modalities (visual, audio) whose soft alignment (LSTM, softmax, P @ x) uses activation checkpointing."""
+    alignment_chunk_frames: int | None = 512
+    """Checkpointed alignment: input frames per checkpointed time segment (the LSTM's (h, c) is carried across
+    segments, each segment's share of P @ x is accumulated), so backward rebuilds one segment at a time: the
+    alignment's activation memory is O(batch x this x LSTM width) instead of O(batch x L_in x width). Same
+    outputs as unsegmented. 512 keeps a segment's activations small (B=64, width 401, fp32: ~0.3 GB per LSTM
+    layer) while the extra per-segment calls stay few (22 for MOSEI's longest audio). None = the whole
+    alignment is one checkpointed block. Unused without checkpoint_alignment."""
     check_inputs: bool = True
     """Validate every batch (feature dims, empty samples, NaN/inf, mask layout): one host sync per batch."""
 
@@ -114,6 +121,10 @@ class ModelConfig:
                      "queue_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be an integer >= 1")
+        _require(self.alignment_chunk_frames is None or (isinstance(self.alignment_chunk_frames, int)
+                                                         and self.alignment_chunk_frames >= 1),
+                 f"model.alignment_chunk_frames={self.alignment_chunk_frames!r} must be an integer >= 1 "
+                 f"(frames per checkpointed alignment segment) or None (one block)")
         _require(self.hidden_size % self.num_heads == 0,
                  f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size} "
                  f"(e.g. num_heads=8 for hidden_size=512)")
