@@ -105,7 +105,26 @@ def print_summary(run_dir: Path) -> None:
     table = run_dir / "results.txt"
     if table.is_file():
         print(table.read_text())
+    floor = reference_floor(run_dir / "card.json")
+    if floor:
+        print(floor)
     print(f"[carat] run directory: {run_dir}")
+
+
+def reference_floor(card_path: Path) -> str | None:
+    """The dataset card's baselines on the test split: the floor every training run should beat."""
+    import json
+
+    if not card_path.is_file():
+        return None
+    reference = json.loads(card_path.read_text()).get("reference_scorer") or {}
+    fused = (reference.get("fused") or {}).get("tuned_on_valid")
+    everything = reference.get("all_positive_baseline")
+    if not fused or not everything:
+        return None
+    return (f"[carat] test-split floors from the dataset card: logistic regression on pooled features "
+            f"micro-F1 {fused['micro_f1']:.4f} / macro-F1 {fused['macro_f1']:.4f}; predicting every emotion "
+            f"micro-F1 {everything['micro_f1']:.4f} / macro-F1 {everything['macro_f1']:.4f}")
 
 
 if __name__ == "__main__":
