@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from carat.config import (
@@ -87,3 +89,10 @@ def test_override_syntax_errors():
         parse_overrides(["epochs=3"])
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--train.epochs"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_file_loads(path):
+    cfg = load_config(file=path)
+    assert cfg.preset == "seed"
