@@ -2,7 +2,8 @@
 (results: BENCHMARKS.md, ``## Model``).
 
     OMP_NUM_THREADS=1 nice python bench/bench_model.py [--lengths 500 1000 2000 4000] [--batch 2] [--repeats 2]
-        [--variants sdpa eager ckpt] [--queue-size 8192] [--json out.json]
+        [--variants sdpa eager ckpt ckpt-block] [--queue-size 8192] [--json out.json]
+    OMP_NUM_THREADS=1 nice python bench/bench_model.py --breakdown 8000 [--batch 2] [--queue-size 8192]
 
 Every point (audio length x variant) runs in a fresh subprocess, so ``ru_maxrss`` (the process's peak resident
 memory) belongs to that point alone. Reported per point: mean seconds of one training step (forward in train
@@ -11,7 +12,16 @@ peak RSS, and the peak minus the RSS after the model and the batch were built (t
 activations, gradients, SupCon's matrices).
 Visual and text lengths scale with audio as in CMU-MOSEI (visual ~ 0.29 x audio, text ~ audio / 29, >= 16).
 Variants: ``sdpa`` (default kernel), ``eager`` (reference kernel), ``ckpt`` (sdpa + activation checkpointing of
-all encoder layers and both alignments).
+all encoder layers and both alignments, the alignments time-segmented in ``alignment_chunk_frames`` = 512 frame
+segments), ``ckpt-block`` (as ``ckpt`` but each alignment is one checkpointed block: ``alignment_chunk_frames``
+None).
+
+``--breakdown AUDIO`` instead reports where the activation memory goes at one length (no RSS noise): the bytes
+of the tensors autograd saves for backward, per model part, counted by ``torch.autograd.graph.saved_tensors_hooks``
+(each storage once, parameters excluded) in one forward + loss of the ``sdpa`` model, and, for each
+checkpointing variant, the number and the largest size of the checkpointed blocks per part (what backward
+rebuilds at once). For that count every ``checkpoint`` call of carat.model is run directly (not checkpointed)
+under the counter, one block at a time.
 
 The batch and model builders are shared with bench/gpu_model_sweep.py.
 """
@@ -25,6 +35,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -35,6 +47,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "eager": {"attention": "eager"},
     "ckpt": {"attention": "sdpa", "checkpoint_encoders": ("text", "visual", "audio"),
              "checkpoint_alignment": ("visual", "audio")},
+    "ckpt-block": {"attention": "sdpa", "checkpoint_encoders": ("text", "visual", "audio"),
+                   "checkpoint_alignment": ("visual", "audio"), "alignment_chunk_frames": None},
 }
 FEATURE_DIMS = {"text": 300, "visual": 35, "audio": 74}
 
@@ -98,6 +112,112 @@ def run_point(variant: str, audio: int, batch: int, repeats: int, queue_size: in
             "peak_rss_mib": peak, "step_mib": peak - base, "base_rss_mib": base, "threads": torch.get_num_threads()}
 
 
+BREAKDOWN_PARTS = ("visual_align", "audio_align", "text_encoder", "visual_encoder", "audio_encoder")
+
+
+class SavedTensorLedger:
+    """Bytes of the tensors autograd saves for backward, per model part and per checkpointed block.
+
+    A part is one of BREAKDOWN_PARTS while that module runs, else ``other`` (norms, heads) or whatever the
+    caller sets (``loss``). Each storage is counted once; parameters and buffers are excluded (not activations).
+    """
+
+    def __init__(self, model: CARAT) -> None:
+        self.part = "other"
+        self.saved: dict[str, int] = defaultdict(int)
+        self.blocks: dict[str, list[int]] = defaultdict(list)
+        self.kept: dict[str, int] = defaultdict(int)  # saved outside checkpointed blocks, or a block's input
+        self._block: list[int] | None = None
+        self._seen: set[int] = set()
+        self._weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        for name in BREAKDOWN_PARTS:
+            module = getattr(model, name)
+            module.register_forward_pre_hook(lambda *_, name=name: setattr(self, "part", name))
+            module.register_forward_hook(lambda *_: setattr(self, "part", "other"))
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr and ptr not in self._weights and ptr not in self._seen:
+            self._seen.add(ptr)
+            size = tensor.untyped_storage().nbytes()
+            self.saved[self.part] += size
+            if self._block is not None:
+                self._block[0] += size
+            else:
+                self.kept[self.part] += size
+        return tensor
+
+    def direct_checkpoint(self, function: Callable, *args: object, use_reentrant: bool = False,
+                          **kwargs: object) -> object:
+        """Stand-in for torch.utils.checkpoint.checkpoint: runs ``function`` and records its saved bytes (and
+        its tensor inputs, which a real checkpoint keeps until backward, as kept bytes)."""
+        flat = [a for arg in args for a in (arg if isinstance(arg, tuple) else (arg,))]
+        for tensor in flat:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                self.pack(tensor)
+        self._block = [0]
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.blocks[self.part].append(self._block[0])
+            self._block = None
+
+
+def breakdown(audio: int, batch: int, queue_size: int) -> dict[str, dict[str, object]]:
+    """Saved-for-backward MiB per part (sdpa) and checkpointed blocks per part (ckpt, ckpt-block)."""
+    import carat.model.alignment as alignment_module
+    import carat.model.encoder as encoder_module
+    import carat.model.losses as losses_module
+    inputs = make_inputs(batch, audio, torch.device("cpu"))
+    labels = torch.randint(0, 2, (batch, 6), generator=torch.Generator().manual_seed(1)).float()
+    report: dict[str, dict[str, object]] = {}
+    for variant in ("sdpa", "ckpt-block", "ckpt"):
+        model, loss_fn = build(variant, torch.device("cpu"), queue_size=queue_size)
+        ledger = SavedTensorLedger(model)
+        modules = (alignment_module, encoder_module, losses_module)
+        originals = [m.checkpoint for m in modules]
+        for m in modules:
+            m.checkpoint = ledger.direct_checkpoint
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
+                out = model(**inputs)
+                ledger.part = "loss"
+                loss_fn(model, out, labels)
+        finally:
+            for m, original in zip(modules, originals):
+                m.checkpoint = original
+        report[variant] = {part: {"saved_mib": ledger.saved[part] / 2 ** 20, "kept_mib": ledger.kept[part] / 2 ** 20,
+                                  "blocks": len(ledger.blocks[part]),
+                                  "largest_block_mib": max(ledger.blocks[part], default=0) / 2 ** 20}
+                           for part in (*BREAKDOWN_PARTS, "other", "loss")}
+    return report
+
+
+def breakdown_markdown(report: dict[str, dict[str, object]]) -> str:
+    """Per part: saved MiB without checkpointing; per checkpointing variant the MiB kept until backward
+    (saved outside blocks + block inputs) and the blocks (count, largest). The last row estimates the peak
+    activation memory of backward: everything kept + the largest block rebuilt at once."""
+    variants = ("ckpt-block", "ckpt")
+    lines = ["| part | no checkpointing: saved MiB | ckpt-block: kept MiB; blocks, largest MiB | "
+             "ckpt: kept MiB; blocks, largest MiB |", "|---|---|---|---|"]
+    for part, row in report["sdpa"].items():
+        cells = []
+        for v in variants:
+            r = report[v][part]
+            blocks = f"{r['blocks']}, {r['largest_block_mib']:.1f}" if r["blocks"] else "-"
+            cells.append(f"{r['kept_mib']:.1f}; {blocks}")
+        lines.append(f"| {part} | {row['saved_mib']:.1f} | {cells[0]} | {cells[1]} |")
+    total = sum(row["saved_mib"] for row in report["sdpa"].values())
+    estimates = []
+    for v in variants:
+        rows = report[v].values()
+        peak = sum(r["kept_mib"] for r in rows) + max(r["largest_block_mib"] for r in rows)
+        estimates.append(f"{peak:.1f} ({peak / total:.2f}x)")
+    lines.append(f"| kept + largest block (vs no checkpointing) | {total:.1f} (1.00x) | {estimates[0]} | "
+                 f"{estimates[1]} |")
+    return "\n".join(lines)
+
+
 def sweep(lengths: list[int], variants: list[str], batch: int, repeats: int,
           queue_size: int) -> list[dict[str, object]]:
     results = []
@@ -139,7 +259,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="contrastive queue rows (seed 8192; a small queue isolates the length-dependent part)")
     parser.add_argument("--point", nargs=2, metavar=("VARIANT", "AUDIO"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--breakdown", type=int, metavar="AUDIO",
+                        help="report saved-for-backward bytes per model part at this audio length instead")
     args = parser.parse_args(argv)
+    if args.breakdown:
+        report = breakdown(args.breakdown, args.batch, args.queue_size)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        print(breakdown_markdown(report))
+        return
     if args.point:
         print(json.dumps(run_point(args.point[0], int(args.point[1]), args.batch, args.repeats,
                                    args.queue_size)))
