@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,11 +92,17 @@ def decode_sample(sample: dict, key: str, lengths: tuple[int, int, int]) -> Deco
     return DecodedSample(key=key, features=features, labels=labels, intensities=intensities)
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; inside a DataLoader worker, directly in shared memory.
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+"""Allocator of a padded feature tensor (shape, dtype) -> uninitialised tensor; see :func:`collate`."""
+
+
+def shared_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker, directly in a fresh shared-memory segment.
 
     Same trick as torch's default_collate: a worker's batch travels to the main process through shared
-    memory, and allocating it there saves one more copy of every batch.
+    memory, and allocating it there saves one more copy of every batch. Each fresh segment costs its page
+    population and an fd transfer, which is why the loader normally writes into a reused pool instead
+    (``carat.data.loader.SharedBufferPool``) and uses this only as the fallback.
     """
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
@@ -104,7 +111,10 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return proto.new(storage).resize_(shape)
 
 
-def _pad(arrays: list[np.ndarray], dim: int) -> torch.Tensor:
+_NUMPY_DTYPE = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32)}
+
+
+def _pad(arrays: list[np.ndarray], dim: int, alloc: Alloc) -> torch.Tensor:
     """[B, L, dim] zero-padded at the end, in the stored dtype.
 
     L is at least 1 so a batch whose samples all lack a modality still has a (fully masked) time axis.
@@ -114,30 +124,38 @@ def _pad(arrays: list[np.ndarray], dim: int) -> torch.Tensor:
     lens = [len(a) for a in arrays]
     width = max([1, *lens])
     half = all(a.dtype == np.float16 for a in arrays)
-    out = _alloc((len(arrays), width, dim), torch.float16 if half else torch.float32)
-    with warnings.catch_warnings():
-        # The arrays view immutable tar bytes; torch warns about that although it only reads them.
-        warnings.simplefilter("ignore", UserWarning)
-        for i, arr in enumerate(arrays):
-            n = lens[i]
-            if n:
-                out[i, :n].copy_(torch.from_numpy(arr))
-            if n < width:
-                out[i, n:].zero_()  # only the padding is written twice, not the whole batch
+    out = alloc((len(arrays), width, dim), torch.float16 if half else torch.float32)
+    target = out.numpy()  # numpy slice assignment: ~1 us per sample, vs ~4 us for a torch copy_ call
+    for i, arr in enumerate(arrays):
+        n = lens[i]
+        if n:
+            # Same dtype: a plain memcpy. Otherwise (float32/64 stored, or a float16 sample in a float32
+            # batch) torch's vectorised cast; numpy's float16 conversion is ~20x slower.
+            if arr.dtype == target.dtype:
+                target[i, :n] = arr
+            else:
+                with warnings.catch_warnings():
+                    # The arrays view immutable tar bytes; torch warns about that although it only reads them.
+                    warnings.simplefilter("ignore", UserWarning)
+                    out[i, :n].copy_(torch.from_numpy(arr))
+        if n < width:
+            target[i, n:] = 0  # only the padding is written twice, not the whole batch
     return out
 
 
-def collate(samples: list[DecodedSample], weight: float) -> dict:
+def collate(samples: list[DecodedSample], weight: float, alloc: Alloc | None = None) -> dict:
     """A worker's batch: padded feature tensors (stored dtype) and small numpy arrays.
 
     Keys: ``keys``, ``text``/``visual``/``audio`` [B, L, D] tensors, ``lengths`` [B, 3] int64, ``labels``
     [B, 6] float32, ``intensities`` [B, 6] float32, ``weight`` [B] float32. Only the three feature tensors go
     through shared memory; the rest is pickled inline (a shared-memory segment per small tensor costs ~0.2 ms).
-    :func:`to_batch` builds masks from the lengths and the :class:`Batch`.
+    ``alloc`` places the feature tensors (default :func:`shared_alloc`; the loader's workers pass a slot of
+    their reused buffer pool). :func:`to_batch` builds masks from the lengths and the :class:`Batch`.
     """
+    alloc = shared_alloc if alloc is None else alloc
     out: dict = {"keys": [s.key for s in samples]}
     for modality in MODALITIES:
-        out[modality] = _pad([s.features[modality] for s in samples], FEATURE_DIMS[modality])
+        out[modality] = _pad([s.features[modality] for s in samples], FEATURE_DIMS[modality], alloc)
     out["lengths"] = np.array([[len(s.features[m]) for m in MODALITIES] for s in samples], dtype=np.int64)
     out["labels"] = np.stack([s.labels for s in samples]).astype(np.float32)
     out["intensities"] = np.stack([s.intensities for s in samples]).astype(np.float32)
@@ -145,17 +163,26 @@ def collate(samples: list[DecodedSample], weight: float) -> dict:
     return out
 
 
+# Exponent bits of IEEE-754 half and single floats: all ones <=> inf or NaN.
+_EXPONENT_BITS = {np.dtype(np.float16): (np.int16, 0x7C00), np.dtype(np.float32): (np.int32, 0x7F800000)}
+
+
 def nonfinite_rows(parts: dict) -> dict[int, str]:
     """Rows of a collated batch holding NaN/inf, with the modality, e.g. from flipped bits in a shard.
 
-    One float32 sum per modality finds them: NaN and inf propagate through it, and float32 sums of finite
-    features cannot overflow unless values are near 1e38 (then the exact per-row check below decides)."""
+    A value is non-finite exactly when its exponent bits are all ones, so one integer AND + max over the raw
+    bits of each modality decides for the whole batch (~0.3 ms for 10 MB of float16, ~8x faster than a float32
+    sum and exact: no overflow false alarms); only a batch that has some looks for the rows."""
     bad: dict[int, str] = {}
     for modality in MODALITIES:
-        x = parts[modality]
-        if math.isfinite(float(x.sum(dtype=torch.float32))):
+        x = parts[modality].numpy()
+        int_type, exponent = _EXPONENT_BITS[x.dtype]
+        if x.size == 0:
             continue
-        rows = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).nonzero().flatten().tolist()
+        bits = np.bitwise_and(x.view(int_type), exponent)
+        if int(bits.max()) != exponent:
+            continue
+        rows = np.flatnonzero((bits.reshape(len(x), -1) == exponent).any(axis=1)).tolist()
         for r in rows:
             bad.setdefault(r, f"{modality} has non-finite values")
     return bad
@@ -185,17 +212,24 @@ def empty_filler() -> dict:
     return collate(samples, weight=0.0)
 
 
-def _as_float32(x: torch.Tensor, pin_memory: bool) -> torch.Tensor:
-    """float32 copy (vectorised half -> float cast), page-locked when asked; float32 input passes through."""
-    if x.dtype == torch.float32:
+def _features_out(x: torch.Tensor, dtype: torch.dtype | None, pin_memory: bool, copy: bool) -> torch.Tensor:
+    """``x`` as ``dtype`` (None = as is) in memory the Batch owns, page-locked if ``pin_memory``.
+
+    ``copy`` forces a fresh tensor even when nothing changes: a worker's pooled shared buffer is reused for a
+    later batch, so the Batch must not keep a view of it."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.dtype == dtype and not copy:
         return x.pin_memory() if pin_memory else x
-    out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin_memory)
-    return out.copy_(x)
+    out = torch.empty(x.shape, dtype=dtype, pin_memory=pin_memory)
+    return out.copy_(x)  # vectorised half -> float cast, or a memcpy
 
 
-def to_batch(parts: dict, pin_memory: bool = False) -> Batch:
-    """The :class:`Batch` of a collated dict: float32 features, bool masks (True = real frame) from the
-    lengths, every tensor page-locked if ``pin_memory``. Runs in the consuming process, after the transfer."""
+def to_batch(parts: dict, pin_memory: bool = False, dtype: torch.dtype | None = torch.float32,
+             copy: bool = False) -> Batch:
+    """The :class:`Batch` of a collated dict: features as ``dtype`` (float32 by default, the model's input;
+    None keeps the stored dtype), bool masks (True = real frame) from the lengths, every tensor page-locked if
+    ``pin_memory``, features copied out of ``parts`` if ``copy``. Runs in the consuming process, after the
+    transfer."""
     def small(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if pin_memory else t
@@ -203,7 +237,7 @@ def to_batch(parts: dict, pin_memory: bool = False) -> Batch:
     fields: dict[str, torch.Tensor] = {}
     lengths = torch.from_numpy(np.asarray(parts["lengths"], dtype=np.int64))
     for j, modality in enumerate(MODALITIES):
-        feats = _as_float32(parts[modality], pin_memory)
+        feats = _features_out(parts[modality], dtype, pin_memory, copy)
         fields[modality] = feats
         mask = torch.arange(feats.shape[1])[None, :] < lengths[:, j : j + 1]
         fields[f"{modality}_mask"] = mask.pin_memory() if pin_memory else mask

@@ -201,6 +201,77 @@ Skip = tuple[str, str, str]
 """(shard path, key, reason) of a skipped sample."""
 
 
+_BLOCK = 512
+_MEMBERS = ("json", "text.npy", "visual.npy", "audio.npy")
+"""The members (suffixes after the tar key) of one stored sample."""
+_HEADER_SPAN = np.arange(_BLOCK)
+_CHKSUM_FIELD = slice(148, 156)
+
+
+def _octal(field: memoryview) -> int:
+    """A NUL/space-terminated octal number field of a ustar header; ValueError if it is not one."""
+    text = bytes(field).rstrip(b"\0 ")
+    if not text or text.strip(b"01234567"):
+        raise ValueError(f"bad octal field {bytes(field)!r}")
+    return int(text, 8)
+
+
+def fast_tar_samples(data: bytes, base: int, spans: list[tuple[int, int, str]]) -> list[dict] | None:
+    """WebDataset-style sample dicts read straight from ustar headers, or None if anything is unusual.
+
+    ``spans`` are (offset in the shard, byte count, tar key) of samples inside ``data``, which starts at shard
+    offset ``base``. This is the fast path of :meth:`ShardReader._read_run` for shards as carat's writer lays
+    them out: each sample is exactly four regular members ``<key>.<suffix>`` filling its manifest byte range.
+    Every header's checksum is verified (all at once, with numpy), as tarfile does. Payloads are zero-copy
+    memoryviews of ``data``. Any deviation (checksum, type, name, size, a pax/GNU header, a short read)
+    returns None and the caller takes WebDataset's general path, which names the error. Python's tarfile costs
+    ~25 us per member; this costs ~2 us.
+    """
+    view = memoryview(data)
+    headers: list[int] = []
+    samples: list[dict] = []
+    for offset, nbytes, key in spans:
+        pos, end = offset - base, offset - base + nbytes
+        if pos < 0 or end > len(data):
+            return None
+        sample: dict = {"__key__": key}
+        while pos < end:
+            if pos + _BLOCK > end:
+                return None
+            header = view[pos : pos + _BLOCK]
+            # Regular file (type '0' or NUL), POSIX ustar magic, no name prefix (carat's names are short).
+            if header[156] not in (0x30, 0) or header[257:265] != b"ustar\x0000" or header[345] != 0:
+                return None
+            name = bytes(header[:100]).split(b"\0", 1)[0].decode("ascii", "replace")
+            try:
+                size = _octal(header[124:136])
+            except ValueError:
+                return None
+            stem, _, suffix = name.partition(".")
+            if stem != key or suffix not in _MEMBERS or suffix in sample:
+                return None
+            data_end = pos + _BLOCK + size
+            if data_end > end:
+                return None
+            sample[suffix] = bytes(view[pos + _BLOCK : data_end]) if suffix == "json" else view[pos + _BLOCK : data_end]
+            headers.append(pos)
+            pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        if pos != end or len(sample) != len(_MEMBERS) + 1:
+            return None
+        samples.append(sample)
+    if headers:
+        blocks = np.frombuffer(data, dtype=np.uint8)[np.add.outer(np.array(headers), _HEADER_SPAN)].astype(np.int64)
+        # The checksum is the unsigned byte sum of the header with its own 8-byte field counted as spaces.
+        computed = blocks.sum(axis=1) - blocks[:, _CHKSUM_FIELD].sum(axis=1) + 8 * 0x20
+        try:
+            stored = [_octal(view[h + 148 : h + 156]) for h in headers]
+        except ValueError:
+            return None
+        if not np.array_equal(computed, np.array(stored)):
+            return None
+    return samples
+
+
 def _pread(fd: int, size: int, offset: int) -> bytes:
     parts = []
     while size > 0:
@@ -269,10 +340,14 @@ class ShardReader:
         wanted = {tar_key(idx.keys[r]): r for r in rows}
         found: dict[int, DecodedSample] = {}
         skips: list[Skip] = []
-        source = [{"url": rel, "stream": io.BytesIO(data)}]
-        ours = lambda fname: fname.split(".", 1)[0] in wanted  # noqa: E731 - neighbours in a merged range
-        members = tar_file_expander(source, handler=handler, select_files=ours)
-        for sample in group_by_keys(members, handler=handler):
+        samples = fast_tar_samples(data, start, [(int(idx.offsets[r]), int(idx.nbytes[r]), k)
+                                                 for k, r in wanted.items()])
+        if samples is None:  # not carat's plain layout, or damaged: WebDataset's general path names the error
+            source = [{"url": rel, "stream": io.BytesIO(data)}]
+            ours = lambda fname: fname.split(".", 1)[0] in wanted  # noqa: E731 - neighbours in a merged range
+            members = tar_file_expander(source, handler=handler, select_files=ours)
+            samples = group_by_keys(members, handler=handler)
+        for sample in samples:
             r = wanted.get(sample["__key__"])
             if r is None or r in found:
                 continue  # a neighbour inside a merged range, not ours
