@@ -24,6 +24,7 @@ from torch import nn
 from carat.config import CaratConfig, config_to_dict, config_to_toml
 from carat.data.batch import Batch
 from carat.data.loader import build_loader
+from carat.errors import CaratError, DataError
 from carat.evaluate import collect_scores
 from carat.metrics import compute_metrics, format_results_table, tune_thresholds
 from carat.model import CARAT, CaratLoss
@@ -156,7 +157,8 @@ class Trainer:
     def _steps_per_epoch(self) -> int:
         steps = len(self._loader("train", 0, True))
         if steps == 0:
-            raise RuntimeError(f"the train split in {self.ctx.shard_dir} gives no batch on {self.world} ranks")
+            raise DataError(f"the train split in {self.ctx.shard_dir} gives no batch on {self.world} ranks: "
+                            "it has fewer batches than ranks (lower loader.token_budget or use fewer workers)")
         cap = self.cfg.train.max_steps_per_epoch
         return min(steps, cap) if cap else steps
 
@@ -188,7 +190,7 @@ class Trainer:
     def resume(self, directory: Path) -> None:
         path, state = self.engine.load_checkpoint(str(directory))
         if path is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint could be loaded from {directory}")
+            raise CaratError(f"no DeepSpeed checkpoint could be loaded from {directory}")
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.best = dict(state["best"])
@@ -198,6 +200,8 @@ class Trainer:
             rng_file = Path(path) / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # still a valid resume, only not bit-identical to an uninterrupted run
+            print(f"[carat] warning: {rng_file} missing; rank {self.rank} resumes with fresh RNG streams")
         if self.is_main:
             print(f"[carat] resumed from {directory} after epoch {self.epoch} (step {self.global_step})")
 
@@ -280,7 +284,7 @@ class Trainer:
         parts = dist.gather_objects((list(local["keys"]), local["labels"], local["scores"]))
         all_keys = [k for part in parts for k in part[0]]
         if len(set(all_keys)) != len(all_keys):
-            raise RuntimeError(f"evaluation of {split} saw {len(all_keys) - len(set(all_keys))} samples twice")
+            raise DataError(f"evaluation of {split} saw {len(all_keys) - len(set(all_keys))} samples twice")
         order = np.argsort(np.array(all_keys, dtype=object), kind="stable")
         return {
             "keys": np.array(all_keys, dtype=object)[order],
