@@ -299,6 +299,43 @@ def config_to_toml(cfg: CaratConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (litgpt style), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (frozen app): documented keys are a nicety, not a need
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_config(cfg: CaratConfig) -> str:
+    """The resolved config as commented TOML: every key, its value, and what it means."""
+    import textwrap
+
+    data = config_to_dict(cfg)
+    lines = [f"preset = {_toml_value(data.pop('preset'))}"]
+    for section, values in data.items():
+        cls = type(getattr(cfg, section))
+        docs = field_docs(cls)
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            for doc_line in textwrap.wrap(docs.get(key, ""), 100):
+                lines.append(f"# {doc_line}")
+            lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
+    return "\n".join(lines) + "\n"
+
+
 def config_from_dict(data: dict[str, Any]) -> CaratConfig:
     """Rebuild a CaratConfig from :func:`config_to_dict` output (a checkpoint's saved config)."""
     data = dict(data)

@@ -44,3 +44,10 @@ def test_checkpoint_commands_name_the_bad_path(capsys, tmp_path):
     assert "is not a carat export" in capsys.readouterr().err
     assert predict.main(["--checkpoint", str(not_carat), "--npz", "x.npz", "--out", str(tmp_path / "p.txt")]) == 2
     assert "use a .json or .csv" in capsys.readouterr().err
+
+
+def test_show_config_documents_every_key(capsys):
+    assert train_main.main(["--show-config", "--model.hidden_size=64", "--model.num_heads=4"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden_size = 64" in out and "[optim]" in out and "[train]" in out
+    assert "# Encoder width d" in out  # field docstrings become comments

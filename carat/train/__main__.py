@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from carat.config import PRESETS, CaratConfig, load_config
+from carat.config import PRESETS, CaratConfig, describe_config, load_config
 from carat.errors import CaratError
 from carat.train.rundir import new_run_name
 
@@ -29,12 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
     parser.add_argument("--launcher", choices=("ray", "deepspeed", "none"), help="same as --train.launcher")
     parser.add_argument("--run-name", help="same as --train.run_name; reusing a name resumes that run")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved configuration, every key documented, and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-def resolve_config(argv: list[str] | None) -> CaratConfig:
+def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namespace]:
     args, overrides = build_parser().parse_known_args(argv)
     preset = args.preset or ("tiny" if args.config is None else "seed")
     if args.launcher:
@@ -42,8 +44,8 @@ def resolve_config(argv: list[str] | None) -> CaratConfig:
     if args.run_name:
         overrides.append(f"--train.run_name={args.run_name}")
     if args.config is not None and args.preset is None:
-        return load_config(file=args.config, overrides=overrides)
-    return load_config(preset=preset, file=args.config, overrides=overrides)
+        return load_config(file=args.config, overrides=overrides), args
+    return load_config(preset=preset, file=args.config, overrides=overrides), args
 
 
 def ensure_shards(cfg: CaratConfig, shard_dir: Path) -> None:
@@ -61,7 +63,10 @@ def ensure_shards(cfg: CaratConfig, shard_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = resolve_config(argv)
+        cfg, args = resolve_config(argv)
+        if args.show_config:
+            print(describe_config(cfg), end="")
+            return 0
         shard_dir = Path(cfg.train.shard_dir).resolve()
         run_dir = (Path(cfg.train.storage_path) / (cfg.train.run_name or new_run_name())).resolve()
         launcher = cfg.train.launcher
