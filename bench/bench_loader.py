@@ -2,22 +2,27 @@
 
     OMP_NUM_THREADS=1 python bench/bench_loader.py [--samples 3000] [--workdir /tmp/carat-bench-loader]
 
-1. Padding efficiency on the full-size synthetic length distribution (carat.data.synth.draw_lengths, 22,856
-   segments): real / padded frames per modality and for the batch-cost modality, sorted token-budget batches
-   (sort_jitter 0 and the default) vs random batches of the same sizes; step balance across 8 ranks.
+1. Padding efficiency on the full-size synthetic length distribution (the lengths of
+   ``SyntheticCorpus(SynthConfig()).refs()``, all splits, 22,856 segments, what ``python -m carat.data synth``
+   writes): real / padded frames per modality and for the batch-cost modality, sorted token-budget batches
+   (sort_jitter 0 and the default) vs random batches of the same sizes; step balance across 2 and 8 ranks.
 2. float16 vs float32 storage of ``--samples`` segments drawn from that distribution, with features at
    realistic magnitudes (GloVe ~N(0, 0.4); FACET-like per-dim spreads 0.5..30; COVAREP-like F0 in 0..450 Hz
    plus spreads 0.05..20): bytes, write time, max abs / relative error.
 3. Loader throughput reading those shards from local disk (page cache warm), in the calling process
-   (num_workers=0, i.e. one core) and through a DataLoader with 1 and 2 worker processes: wall samples/s,
-   frames/s (all three modalities), MB/s of shard bytes, and samples per CPU-second of main + workers (the
-   per-core figure, robust to other jobs on shared cores); plus a per-stage breakdown of the one-core path.
+   (num_workers=0, i.e. one core) and through a DataLoader with 1 and 2 worker processes, each with torch's
+   default transfer (a fresh shared segment per batch, ``reuse_buffers=False``) and with the reused
+   shared-memory rings (the default), and Batch features as float32 (the default) or as stored
+   (``feature_dtype='stored'``): wall samples/s, frames/s (all three modalities), samples per CPU-second of
+   main + workers (the per-core figure, robust to other jobs on shared cores: getrusage of this process and
+   its reaped workers), and CPU microseconds per sample in the main process and in the workers; plus a
+   per-stage breakdown of the one-core path.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -30,15 +35,15 @@ from carat.data.loader import LoaderConfig, ShardReader, build_loader, load_spli
 from carat.data.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.data.shards import StorageConfig, write_corpus
-from carat.data.synth import SynthConfig, draw_lengths, split_sizes
+from carat.data.synth import SynthConfig, SyntheticCorpus
 
 WEIGHTS = (1.0, 1.0, 1.0)
 
 
-def full_lengths(seed: int = 0) -> np.ndarray:
-    cfg = SynthConfig()
-    n = sum(split_sizes(cfg).values())
-    return draw_lengths(np.random.default_rng(seed), n, cfg)
+def full_lengths() -> np.ndarray:
+    """[N, 3] (text, visual, audio) lengths of every segment of the full-size synthetic corpus."""
+    refs = SyntheticCorpus(SynthConfig()).refs()
+    return np.array([ref.lengths for split in refs.values() for ref in split], dtype=np.int64)
 
 
 def fmt_eff(e: dict[str, float]) -> str:
@@ -171,31 +176,37 @@ def frames_in(batch) -> int:
     return int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process plus its finished (reaped) children, i.e. DataLoader workers of past passes."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished (reaped) children, i.e. the DataLoader
+    workers of past passes (getrusage: microsecond resolution, unlike os.times' 10 ms ticks)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def time_loader(shard_dir: Path, cfg: LoaderConfig, repeats: int) -> dict[str, float]:
-    """Best of ``repeats`` full eval passes: wall samples/s, frames/s, and samples per CPU-second.
+    """Full eval passes: best wall samples/s and frames/s, median samples per CPU-second and per-sample CPU.
 
-    CPU-seconds count the main process and its DataLoader workers (reaped when the pass ends), so the
-    per-core figure holds even when other jobs share the machine's cores and stretch wall time.
+    CPU-seconds count the main process and its DataLoader workers (reaped when the pass ends, so per-epoch
+    fixed costs such as forking and first-touching the rings are included), so the per-core figure holds even
+    when other jobs share the machine's cores and stretch wall time.
     """
-    best: dict[str, float] | None = None
+    runs = []
     for _ in range(repeats):
         loader = build_loader(shard_dir, "train", cfg, rank=0, world_size=1, epoch=0, train=False)
-        c0, t0 = cpu_seconds(), time.perf_counter()
+        (m0, w0), t0 = cpu_seconds(), time.perf_counter()
         n = frames = 0
         for batch in loader:
             n += len(batch)
             frames += frames_in(batch)
         dt = time.perf_counter() - t0
-        cpu = cpu_seconds() - c0
-        if best is None or dt < best["seconds"]:
-            best = {"sps": n / dt, "fps": frames / dt, "seconds": dt, "cpu": cpu, "sps_cpu": n / cpu}
-    return best
+        m1, w1 = cpu_seconds()
+        runs.append({"sps": n / dt, "fps": frames / dt, "seconds": dt, "main": m1 - m0, "workers": w1 - w0,
+                     "sps_cpu": n / (m1 - m0 + w1 - w0), "n": n})
+    best = max(runs, key=lambda r: r["sps"])
+    median = sorted(runs, key=lambda r: r["sps_cpu"])[len(runs) // 2]
+    return {"sps": best["sps"], "fps": best["fps"], "seconds": best["seconds"], "sps_cpu": median["sps_cpu"],
+            "main_us": median["main"] / median["n"] * 1e6, "workers_us": median["workers"] / median["n"] * 1e6}
 
 
 def stage_breakdown(shard_dir: Path, cfg: LoaderConfig) -> str:
@@ -240,17 +251,23 @@ def main(argv: list[str] | None = None) -> None:
     lines, dirs = bench_storage(source, args.workdir)
     print("\n".join(lines))
 
-    print("\n## loader throughput (eval pass over all samples, page cache warm, best of "
-          f"{args.repeats}; default token_budget={cfg.token_budget}, max_batch_size={cfg.max_batch_size})")
-    print("| storage | num_workers | wall samples/s | wall frames/s | shard MB/s | CPU-s used | samples per CPU-second |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n## loader throughput (eval pass over all samples, page cache warm; best wall of "
+          f"{args.repeats}, median CPU figures; default token_budget={cfg.token_budget}, "
+          f"max_batch_size={cfg.max_batch_size}, prefetch_factor={cfg.prefetch_factor})")
+    print("| storage | num_workers | transfer | Batch features | wall samples/s | wall frames/s | "
+          "samples per CPU-second | main CPU us/sample | workers CPU us/sample |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    variants = [(0, True, "float32"), (0, True, "stored")]
+    variants += [(w, reuse, out) for w in (1, 2) for reuse, out in ((False, "float32"), (True, "float32"),
+                                                                      (True, "stored"))]
     for dtype, shard_dir in dirs.items():
-        total = du(shard_dir)
-        for workers in (0, 1, 2):
-            run_cfg = LoaderConfig(num_workers=workers, pin_memory=False)
+        for workers, reuse, out in variants:
+            run_cfg = LoaderConfig(num_workers=workers, pin_memory=False, reuse_buffers=reuse, feature_dtype=out)
             r = time_loader(shard_dir, run_cfg, args.repeats)
-            print(f"| {dtype} | {workers} | {r['sps']:,.0f} | {r['fps'] / 1e6:.2f} M | {total / 1e6 / r['seconds']:,.0f} | "
-                  f"{r['cpu']:.2f} | {r['sps_cpu']:,.0f} |")
+            transfer = "-" if workers == 0 else ("reused rings" if reuse else "fresh segments (torch)")
+            shown = "float32" if out == "float32" else f"{dtype} (stored)"
+            print(f"| {dtype} | {workers} | {transfer} | {shown} | {r['sps']:,.0f} | {r['fps'] / 1e6:.2f} M | "
+                  f"{r['sps_cpu']:,.0f} | {r['main_us']:.0f} | {r['workers_us']:.0f} |", flush=True)
         print(stage_breakdown(shard_dir, LoaderConfig(num_workers=0)))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

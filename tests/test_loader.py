@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carat.data.collate import DecodedSample, collate, to_batch
-from carat.data.loader import LoaderConfig, PlannedBatches, build_loader
+from carat.data.collate import DecodedSample, collate, nonfinite_rows, to_batch
+from carat.data.loader import LoaderConfig, PlannedBatches, ShardReader, build_loader, fast_tar_samples
+from carat.data.shards import tar_key
 from carat.data.plan import FILLER, batch_cost, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.errors import ConfigError, DataError
@@ -149,6 +150,59 @@ def test_real_dataloader_workers_keep_plan_order(corpus) -> None:
     assert batches[0].text.dtype == torch.float32 and batches[0].text_mask.dtype == torch.bool
 
 
+def _assert_same_batches(got: list, want: list) -> None:
+    assert [b.keys for b in got] == [b.keys for b in want]
+    for a, b in zip(got, want):
+        for name in ("text", "visual", "audio", "text_mask", "visual_mask", "audio_mask", "labels", "weight"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_worker_batches_equal_in_process_and_own_their_memory(corpus, reuse: bool) -> None:
+    """Through real workers (reused shared rings, or torch's fresh segments), every batch is bit-identical to
+    the in-process one. All batches are held until the end: with prefetch_factor=1 each worker's ring has only
+    2 slots, reused many times, so a Batch still viewing a slot would show a later batch's data."""
+    root, _ = corpus
+    cfg = tiny_cfg(token_budget=300, max_batch_size=4, prefetch_factor=1, reuse_buffers=reuse)
+    want = list(build_loader(root, "train", cfg, rank=0, world_size=1, epoch=3, train=True))
+    loader = build_loader(root, "train", LoaderConfig(**{**cfg.__dict__, "num_workers": 2}), rank=0,
+                          world_size=1, epoch=3, train=True)
+    got = list(loader)
+    assert len(got) == len(loader) > 8  # several trips round each 2-slot ring
+    _assert_same_batches(got, want)
+    again = list(loader)  # a second epoch pass makes fresh rings and workers
+    _assert_same_batches(again, want)
+
+
+def test_stopping_early_releases_the_workers(corpus) -> None:
+    """A consumer that stops mid-epoch (break) shuts the workers down; the loader can be iterated again."""
+    root, _ = corpus
+    cfg = tiny_cfg(token_budget=300, max_batch_size=4, prefetch_factor=1, num_workers=2)
+    loader = build_loader(root, "train", cfg, rank=0, world_size=1, epoch=0, train=True)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    assert len(list(loader)) == len(loader)
+
+
+def test_stored_feature_dtype(tmp_path: Path) -> None:
+    """feature_dtype='stored' yields the shards' float16 (cast later, on the device); values match float32."""
+    write_tiny(tmp_path, {"train": 24}, dtype="float16")
+    for workers in (0, 2):
+        kw = dict(token_budget=600, max_batch_size=8, num_workers=workers)
+        half = list(build_loader(tmp_path, "train", tiny_cfg(feature_dtype="stored", **kw), rank=0, world_size=1,
+                                 epoch=0, train=False))
+        full = list(build_loader(tmp_path, "train", tiny_cfg(**kw), rank=0, world_size=1, epoch=0, train=False))
+        assert half[0].audio.dtype == torch.float16 and full[0].audio.dtype == torch.float32
+        for a, b in zip(half, full):
+            assert a.keys == b.keys
+            for m in MODALITIES:
+                assert torch.equal(getattr(a, m).float(), getattr(b, m))
+    with pytest.raises(ConfigError, match="loader.feature_dtype"):
+        LoaderConfig(feature_dtype="bfloat16")  # type: ignore[arg-type]
+
+
 def test_uneven_shards_more_workers_than_shards(corpus) -> None:
     root, _ = corpus  # 3 train shards, 4 ranks x 2 workers = 8 readers
     cfg = tiny_cfg(token_budget=1200, max_batch_size=16)
@@ -231,6 +285,45 @@ def test_corrupt_header_raises_naming_shard_and_key(fresh: Path) -> None:
                               train=True)
         with pytest.raises(DataError, match=pattern):
             list(loader)
+
+
+def _shard_run(root: Path, shard: str) -> tuple[bytes, list[tuple[int, int, str]]]:
+    rows = [r for r in pq.read_table(root / "manifest.parquet").to_pylist() if r["shard"] == shard]
+    return (root / shard).read_bytes(), [(r["offset"], r["nbytes"], tar_key(r["key"])) for r in rows]
+
+
+def test_fast_tar_path_matches_webdataset_and_falls_back(fresh: Path) -> None:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+    import io
+
+    data, spans = _shard_run(fresh, "train/train-000001.tar")
+    fast = fast_tar_samples(data, 0, spans)
+    slow = list(group_by_keys(tar_file_expander([{"url": "x", "stream": io.BytesIO(data)}])))
+    assert fast is not None and [s["__key__"] for s in fast] == [s["__key__"] for s in slow]
+    for f, w in zip(fast, slow):
+        assert {k for k in f if not k.startswith("__")} == {k for k in w if not k.startswith("__")}
+        assert all(bytes(f[k]) == w[k] for k in f if not k.startswith("__"))
+    assert fast_tar_samples(data[1024:], 1024, spans[1:]) is not None  # a ranged read from its offset
+    start, nbytes, key = spans[3]
+    damaged = bytearray(data)
+    damaged[start + 100] ^= 0x01  # a header byte (mode) flipped: only the checksum notices
+    assert fast_tar_samples(bytes(damaged), 0, spans) is None
+    assert fast_tar_samples(data, 0, [(start, nbytes - 512, key)]) is None  # range does not end on the sample
+    assert fast_tar_samples(data, 0, [(start, nbytes, "other")]) is None  # names must carry the key
+    assert fast_tar_samples(data[: start + 600], 0, [(start, nbytes, key)]) is None  # short read
+
+
+def test_nonfinite_rows_is_exact() -> None:
+    """Bit-level check: inf and NaN rows found; the largest finite values (whose sums overflow) are not."""
+    x16 = torch.zeros(4, 3, FEATURE_DIMS["audio"], dtype=torch.float16)
+    x16[0] = 65504.0
+    x16[1, 2, 5] = float("inf")
+    x16[3, 0, 0] = float("nan")
+    x32 = torch.full((4, 2, FEATURE_DIMS["visual"]), 3e38)
+    x32[2, 1, 1] = -float("inf")
+    parts = {"text": torch.zeros(4, 1, 300, dtype=torch.float16), "visual": x32, "audio": x16}
+    assert nonfinite_rows(parts) == {1: "audio has non-finite values", 3: "audio has non-finite values",
+                                     2: "visual has non-finite values"}
 
 
 def test_corrupt_data_skip_counts_and_keeps_step_count(fresh: Path) -> None:

@@ -220,7 +220,12 @@ def _features_out(x: torch.Tensor, dtype: torch.dtype | None, pin_memory: bool, 
     dtype = x.dtype if dtype is None else dtype
     if x.dtype == dtype and not copy:
         return x.pin_memory() if pin_memory else x
-    out = torch.empty(x.shape, dtype=dtype, pin_memory=pin_memory)
+    if pin_memory:
+        out = torch.empty(x.shape, dtype=dtype, pin_memory=True)  # torch's caching host allocator
+    else:
+        # numpy asks the kernel for transparent huge pages on large arrays: a fresh 20 MB batch then costs
+        # ~10 page faults instead of ~5,000 (measured: ~0.5 vs ~0.8-2.4 ms per audio tensor).
+        out = torch.from_numpy(np.empty(tuple(x.shape), dtype=_NUMPY_DTYPE[dtype]))
     return out.copy_(x)  # vectorised half -> float cast, or a memcpy
 
 

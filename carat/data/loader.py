@@ -39,7 +39,9 @@ text steps, so it sets the cost of every realistic batch.
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -55,11 +57,12 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from carat.data.batch import Batch
 from carat.data.collate import (
-    DecodedSample, collate, decode_sample, empty_filler, nonfinite_rows, select_rows, to_batch,
+    Alloc, DecodedSample, collate, decode_sample, empty_filler, nonfinite_rows, select_rows, shared_alloc,
+    to_batch,
 )
 from carat.data.plan import FILLER, EpochPlan, plan_epoch
-from carat.data.segment import SPLITS
-from carat.data.shards import read_manifest, read_shard_table, tar_key
+from carat.data.segment import FEATURE_DIMS, MODALITIES, SPLITS
+from carat.data.shards import read_manifest, read_shard_table, storage_dtype, tar_key
 from carat.errors import ConfigError, DataError
 
 
@@ -91,6 +94,15 @@ class LoaderConfig:
     """Batches each worker prepares ahead (ignored with num_workers=0)."""
     pin_memory: bool | None = None
     """Page-locked batches for faster host-to-GPU copies; None = only when CUDA is available."""
+    reuse_buffers: bool = True
+    """Workers write batches into a per-worker ring of prefetch_factor + 1 shared-memory buffers made once per
+    epoch, instead of torch's fresh shared segment per batch (whose page population and fd passing cost more
+    than reading the batch; BENCHMARKS.md, Loader). False = torch's default transfer."""
+    feature_dtype: Literal["float32", "stored"] = "float32"
+    """dtype of Batch features: float32 (Batch's contract, what the model takes on the CPU) or the shards'
+    stored dtype ('stored', float16 by default): half the host memory, pinning and host-to-device bytes, and no
+    CPU cast; the consumer must cast after moving the batch to the device (the training loop's input cast to
+    the model dtype does)."""
     on_error: Literal["raise", "skip"] = "raise"
     """A corrupt sample raises DataError (naming shard and key) or is skipped, counted and reported."""
     merge_gap_bytes: int = 1 << 20
@@ -119,6 +131,8 @@ class LoaderConfig:
             raise ConfigError(f"loader.prefetch_factor={self.prefetch_factor} must be >= 1")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"loader.on_error={self.on_error!r} must be 'raise' or 'skip'")
+        if self.feature_dtype not in ("float32", "stored"):
+            raise ConfigError(f"loader.feature_dtype={self.feature_dtype!r} must be 'float32' or 'stored'")
         if self.merge_gap_bytes < 0:
             raise ConfigError(f"loader.merge_gap_bytes={self.merge_gap_bytes} must be >= 0")
 
@@ -260,9 +274,10 @@ def fast_tar_samples(data: bytes, base: int, spans: list[tuple[int, int, str]]) 
             return None
         samples.append(sample)
     if headers:
-        blocks = np.frombuffer(data, dtype=np.uint8)[np.add.outer(np.array(headers), _HEADER_SPAN)].astype(np.int64)
+        blocks = np.frombuffer(data, dtype=np.uint8)[np.add.outer(np.array(headers), _HEADER_SPAN)]
         # The checksum is the unsigned byte sum of the header with its own 8-byte field counted as spaces.
-        computed = blocks.sum(axis=1) - blocks[:, _CHKSUM_FIELD].sum(axis=1) + 8 * 0x20
+        computed = (blocks.sum(axis=1, dtype=np.int64) - blocks[:, _CHKSUM_FIELD].sum(axis=1, dtype=np.int64)
+                    + 8 * 0x20)
         try:
             stored = [_octal(view[h + 148 : h + 156]) for h in headers]
         except ValueError:
@@ -272,27 +287,54 @@ def fast_tar_samples(data: bytes, base: int, spans: list[tuple[int, int, str]]) 
     return samples
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    parts = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
+def _pread(fd: int, size: int, offset: int, buffer: bytearray | None = None) -> bytes | memoryview:
+    """``size`` bytes at ``offset`` (fewer at the end of the file): a new bytes object, or a view of ``buffer``
+    (at least ``size`` long) filled in place, which saves the page faults of a fresh ~10 MB allocation."""
+    if buffer is None:
+        parts = []
+        while size > 0:
+            chunk = os.pread(fd, size, offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size -= len(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:size]], offset + done)
+        if n == 0:
             break
-        parts.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
+        done += n
+    return view[:done]
 
 
 class ShardReader:
     """Reads given manifest rows from the tars with ranged reads and WebDataset's tar grouping."""
 
-    def __init__(self, shard_dir: Path, index: SplitIndex, merge_gap_bytes: int = 1 << 20, max_open: int = 8):
+    def __init__(self, shard_dir: Path, index: SplitIndex, merge_gap_bytes: int = 1 << 20, max_open: int = 8,
+                 reuse_buffers: bool = False):
+        """``reuse_buffers``: read into buffers kept across :meth:`read` calls, so the samples one call returns
+        (views of those bytes) are valid only until the next call; for callers that collate them at once."""
         self.shard_dir = Path(shard_dir)
         self.index = index
         self.merge_gap_bytes = merge_gap_bytes
         self.max_open = max_open
+        self.reuse_buffers = reuse_buffers
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._buffers: list[bytearray] = []
+
+    def _buffer(self, i: int, size: int) -> bytearray | None:
+        """Reusable read buffer ``i`` (one per run of a read call), at least ``size`` bytes."""
+        if not self.reuse_buffers:
+            return None
+        while len(self._buffers) <= i:
+            self._buffers.append(bytearray())
+        if len(self._buffers[i]) < size:
+            # A new object rather than a resize: views of the old one may still be alive.
+            self._buffers[i] = bytearray(max(size, 2 * len(self._buffers[i])))
+        return self._buffers[i]
 
     def _fd(self, sid: int) -> int:
         fd = self._fds.pop(sid, None)
@@ -322,7 +364,7 @@ class ShardReader:
             end = int(idx.offsets[r] + idx.nbytes[r])
         return runs
 
-    def _read_run(self, sid: int, rows: list[int]) -> tuple[dict[int, DecodedSample], list[Skip]]:
+    def _read_run(self, sid: int, rows: list[int], buffer: int = 0) -> tuple[dict[int, DecodedSample], list[Skip]]:
         idx = self.index
         rel = str(self.shard_dir / idx.shards[sid])
         start = int(idx.offsets[rows[0]])
@@ -334,7 +376,7 @@ class ShardReader:
             return True
 
         try:
-            data = _pread(self._fd(sid), stop - start, start)
+            data = _pread(self._fd(sid), stop - start, start, self._buffer(buffer, stop - start))
         except OSError as exc:
             return {}, [(rel, idx.keys[r], f"cannot read shard: {exc}") for r in rows]
         wanted = {tar_key(idx.keys[r]): r for r in rows}
@@ -372,11 +414,145 @@ class ShardReader:
         """Samples of ``rows`` in the given order, plus (shard, key, reason) of those that failed."""
         found: dict[int, DecodedSample] = {}
         skips: list[Skip] = []
-        for sid, run in self._runs(np.asarray(rows)):
-            got, bad = self._read_run(sid, run)
+        for i, (sid, run) in enumerate(self._runs(np.asarray(rows))):
+            got, bad = self._read_run(sid, run, buffer=i)
             found.update(got)
             skips.extend(bad)
         return [found[r] for r in rows.tolist() if r in found], skips
+
+
+# ------------------------------------------------------------------------------ the worker-to-main ring
+
+
+_ALIGN = 64
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class PooledTensor:
+    """Where a worker wrote a padded tensor in a slot of its ring: sent instead of the tensor itself."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class SharedBufferPool:
+    """Per-worker rings of reusable shared-memory buffers for the worker-to-main transfer (a bounded buffer).
+
+    Why: torch sends every tensor a DataLoader worker returns through a fresh shared-memory segment. The worker
+    populates its new pages, passes a file descriptor over a socket, and the main process maps, reads and
+    unmaps it: per batch, more CPU than reading the batch. Here the main process creates ``depth`` byte buffers
+    per worker once per epoch, before the workers fork, so both sides map the same pages for the whole epoch;
+    worker ``w`` writes its m-th batch into slot ``m % depth`` and sends only where the tensors are
+    (:class:`PooledTensor`); the main process copies them out into the :class:`Batch` it yields.
+
+    Safety is the classic bounded-buffer protocol with one counting semaphore per worker, starting at
+    ``depth``: the worker acquires a permit before writing each batch, the main process releases one after it
+    has copied out a batch of that worker. The main process consumes a worker's batches in the order the worker
+    produced them, so when the worker acquires for its batch m, at least m - depth + 1 of its batches have
+    been copied out, including batch m - depth, the previous user of slot ``m % depth``. Semaphore operations
+    are full memory barriers, so the copy-out is complete before the worker's writes can begin. No deadlock:
+    when the main process waits for batch m of worker w, it has released all of w's batches before m and w
+    has written at most m batches, so w holds at least ``depth`` >= 1 permits for batch m. With
+    ``depth = prefetch_factor + 1`` a worker never waits in steady state: the DataLoader gives it batch m + p
+    only after the main process took batch m. Slots are sized from the plan (the largest batch the worker
+    will make); a batch that does not fit (e.g. an unexpected dtype in a shard) falls back to torch's transfer.
+    """
+
+    def __init__(self, capacities: list[int], depth: int):
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        self.depth = depth
+        self.buffers = [[self._shared_bytes(n) for _ in range(depth)] for n in capacities]
+        self.free = [torch.multiprocessing.get_context().Semaphore(depth) for _ in capacities]
+        self.parent_pid = os.getpid()
+
+    @staticmethod
+    def _shared_bytes(nbytes: int) -> torch.Tensor:
+        """An uninitialised uint8 tensor directly in shared memory (share_memory_() would first copy)."""
+        proto = torch.empty(0, dtype=torch.uint8)
+        return proto.new(proto._typed_storage()._new_shared(max(nbytes, 1), device=proto.device))
+
+    @classmethod
+    def for_plan(cls, dataset: "PlannedBatches", workers: int, depth: int) -> "SharedBufferPool":
+        """Rings sized for the largest batch each worker of ``dataset`` will produce this epoch."""
+        itemsize = 2 if storage_dtype(dataset.shard_dir) == "float16" else 4
+        lengths = dataset.index.lengths
+        dims = np.array([FEATURE_DIMS[m] for m in MODALITIES])
+        capacities = []
+        for w in range(workers):
+            largest = 0
+            for slot in dataset.slots[w::workers]:
+                rows = [dataset.plan.filler_index] if slot == FILLER else dataset.plan.batches[slot]
+                widths = np.maximum(lengths[rows].max(axis=0), 1)
+                largest = max(largest, sum(_aligned(int(n)) for n in len(rows) * widths * dims * itemsize))
+            capacities.append(largest)
+        return cls(capacities, depth)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for ring in self.buffers for b in ring)
+
+    # -- worker side
+
+    def acquire(self, worker: int) -> None:
+        """Wait for a free slot of ``worker``'s ring (raises if the main process died meanwhile)."""
+        while not self.free[worker].acquire(timeout=5.0):
+            if os.getppid() != self.parent_pid:
+                raise RuntimeError(f"loader worker {worker}: the main process is gone")
+
+    def allocator(self, worker: int, slot: int) -> tuple[Alloc, torch.Tensor]:
+        """An :data:`~carat.data.collate.Alloc` carving tensors out of one slot (fresh shared memory when full)."""
+        buf = self.buffers[worker][slot]
+        used = 0
+
+        def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            nonlocal used
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            if used + nbytes > buf.numel():
+                return shared_alloc(shape, dtype)
+            out = buf[used : used + nbytes].view(dtype).view(shape)
+            used = _aligned(used + nbytes)
+            return out
+
+        return alloc, buf
+
+    @staticmethod
+    def describe(parts: dict, worker: int, slot: int, buf: torch.Tensor) -> dict:
+        """``parts`` with the feature tensors that live in ``buf`` replaced by their :class:`PooledTensor`."""
+        base = buf.untyped_storage().data_ptr()
+        for m in MODALITIES:
+            t = parts[m]
+            if t.untyped_storage().data_ptr() == base:
+                parts[m] = PooledTensor(t.data_ptr() - buf.data_ptr(), tuple(t.shape), t.dtype)
+        parts["pool"] = (worker, slot)
+        return parts
+
+    # -- main side
+
+    def resolve(self, parts: dict, worker: int, slot: int) -> dict:
+        """Views of the slot for the :class:`PooledTensor` entries (valid until :meth:`release`)."""
+        buf = self.buffers[worker][slot]
+        for m in MODALITIES:
+            t = parts[m]
+            if isinstance(t, PooledTensor):
+                nbytes = math.prod(t.shape) * torch.empty(0, dtype=t.dtype).element_size()
+                parts[m] = buf[t.offset : t.offset + nbytes].view(t.dtype).view(t.shape)
+        return parts
+
+    def release(self, worker: int) -> None:
+        """The main process has copied out one more batch of ``worker``."""
+        self.free[worker].release()
+
+    def close(self) -> None:
+        """The main process reads no more: unblock any worker waiting for a slot so it can shut down."""
+        for sem in self.free:
+            for _ in range(self.depth):
+                sem.release()
 
 
 # ----------------------------------------------------------------------------------- the torch dataset
@@ -394,6 +570,14 @@ class PlannedBatches(IterableDataset):
         self.rank = rank
         self.on_error = on_error
         self.merge_gap_bytes = merge_gap_bytes
+        self.pool: SharedBufferPool | None = None
+        """Set on the per-iteration copy that DataLoader workers run (see :class:`SharedBufferPool`)."""
+
+    def with_pool(self, pool: SharedBufferPool) -> "PlannedBatches":
+        """A shallow copy whose workers write into ``pool``."""
+        out = copy.copy(self)
+        out.pool = pool
+        return out
 
     @property
     def slots(self) -> list[int]:
@@ -408,22 +592,32 @@ class PlannedBatches(IterableDataset):
         return self.iter_worker(worker, workers)
 
     def iter_worker(self, worker: int, workers: int) -> Iterator[dict]:
-        """The collated batches of slots ``worker::workers``, each with the samples it had to skip."""
-        reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes)
+        """The collated batches of slots ``worker::workers``, each with the samples it had to skip.
+
+        With a pool (inside DataLoader workers), each batch is written into the worker's next ring slot and
+        carries ``pool`` = (worker, slot); the consumer must copy it out and release the slot."""
+        reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes, reuse_buffers=True)
+        pool = self.pool
         try:
-            for slot in self.slots[worker::workers]:
-                yield self._batch(reader, slot)
+            for m, slot in enumerate(self.slots[worker::workers]):
+                if pool is None:
+                    yield self._batch(reader, slot)
+                    continue
+                ring_slot = m % pool.depth
+                pool.acquire(worker)  # exactly one permit per batch yielded; the consumer releases it
+                alloc, buf = pool.allocator(worker, ring_slot)
+                yield pool.describe(self._batch(reader, slot, alloc), worker, ring_slot, buf)
         finally:
             reader.close()
 
-    def _batch(self, reader: ShardReader, slot: int) -> dict:
+    def _batch(self, reader: ShardReader, slot: int, alloc: Alloc | None = None) -> dict:
         filler = slot == FILLER
         rows = np.array([self.plan.filler_index]) if filler else self.plan.batches[slot]
         samples, skips = reader.read(rows)
         self._raise_if_any(skips)
         if not samples:
             return {**empty_filler(), "skipped": [] if filler else skips}
-        parts = collate(samples, weight=0.0 if filler else 1.0)
+        parts = collate(samples, weight=0.0 if filler else 1.0, alloc=alloc)
         bad = nonfinite_rows(parts)  # values are checked here, batched, after the float32 cast
         if bad:
             new = [(self._shard_of(parts["keys"][i], rows), parts["keys"][i], why) for i, why in bad.items()]
@@ -460,6 +654,10 @@ class BatchLoader:
     num_workers: int
     prefetch_factor: int
     pin_memory: bool
+    reuse_buffers: bool = True
+    """Workers transfer through a :class:`SharedBufferPool` (else torch's fresh segment per batch)."""
+    feature_dtype: torch.dtype | None = torch.float32
+    """dtype of the yielded features; None = as stored."""
     skipped: int = 0
     """Samples skipped as unreadable so far (on_error='skip')."""
     skipped_samples: list[Skip] = field(default_factory=list)
@@ -496,18 +694,36 @@ class BatchLoader:
         return self.plan.dropped_samples
 
     def __iter__(self) -> Iterator[Batch]:
+        dataset, pool = self.dataset, None
+        if self.num_workers > 0 and self.reuse_buffers:
+            pool = SharedBufferPool.for_plan(dataset, self.num_workers, depth=self.prefetch_factor + 1)
+            dataset = dataset.with_pool(pool)  # created before the workers fork: they inherit its mappings
         loader = DataLoader(
             # Pinning happens in to_batch, after the float16 -> float32 cast (pinning half tensors would be
             # wasted); _keep_as_is stops default_convert from turning the small numpy arrays into tensors (each
             # would cost a shared-memory segment).
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=False,
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=False,
             collate_fn=_keep_as_is, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
-        for parts in loader:
-            skips = parts.pop("skipped")
-            if skips:
-                self.skipped += len(skips)
-                self.skipped_samples.extend(tuple(s) for s in skips)
-            yield to_batch(parts, pin_memory=self.pin_memory)
+        batches = iter(loader)
+        try:
+            for parts in batches:
+                skips = parts.pop("skipped")
+                if skips:
+                    self.skipped += len(skips)
+                    self.skipped_samples.extend(tuple(s) for s in skips)
+                ring = parts.pop("pool", None)
+                if ring is None:
+                    yield to_batch(parts, pin_memory=self.pin_memory, dtype=self.feature_dtype)
+                    continue
+                # Copy out of the worker's slot, then hand the slot back (see SharedBufferPool).
+                batch = to_batch(pool.resolve(parts, *ring), pin_memory=self.pin_memory,
+                                 dtype=self.feature_dtype, copy=True)
+                pool.release(ring[0])
+                yield batch
+        finally:
+            if pool is not None:
+                pool.close()  # no worker may stay blocked on a slot while the DataLoader shuts them down
+            del batches
         if self.skipped:
             shown = "; ".join(f"{s} {k!r}: {w}" for s, k, w in self.skipped_samples[:3])
             warnings.warn(f"loader skipped {self.skipped} unreadable samples of split "
@@ -532,4 +748,6 @@ def build_loader(shard_dir: Path, split: str, cfg: LoaderConfig, *, rank: int, w
                         f"world_size={world_size}: use loader.remainder='pad' or a smaller token_budget")
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
     dataset = PlannedBatches(Path(shard_dir), index, plan, rank, cfg.on_error, cfg.merge_gap_bytes)
-    return BatchLoader(dataset, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=pin)
+    return BatchLoader(dataset, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=pin,
+                       reuse_buffers=cfg.reuse_buffers,
+                       feature_dtype=torch.float32 if cfg.feature_dtype == "float32" else None)
