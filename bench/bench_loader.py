@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from carat.data.collate import collate
-from carat.data.loader import LoaderConfig, ShardReader, build_loader, load_split_index
+from carat.data.collate import collate, nonfinite_rows, to_batch
+from carat.data.loader import LoaderConfig, SharedBufferPool, ShardReader, build_loader, load_split_index
 from carat.data.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.data.shards import StorageConfig, write_corpus
@@ -90,6 +90,14 @@ def bench_padding(lengths: np.ndarray, cfg: LoaderConfig) -> list[str]:
                      f"({plan.dropped_samples / len(lengths):.2%}); per-step min/max cost across ranks: median "
                      f"{np.median(ratio):.3f}, p5 {np.percentile(ratio, 5):.3f}; total cost per rank max/min "
                      f"{per_rank.max() / per_rank.min():.3f}")
+    for workers in (1, 4):  # the DataLoader rings of a default-config rank on the full distribution
+        plan = plan_epoch(lengths, token_budget=cfg.token_budget, max_batch_size=cfg.max_batch_size, weights=WEIGHTS,
+                          world_size=1, train=True, seed=0, epoch=0, sort_jitter=cfg.sort_jitter)
+        per_worker = [max(SharedBufferPool.batch_nbytes(lengths[plan.batches[b]], 2)
+                          for b in plan.schedule[0][w::workers]) for w in range(workers)]
+        depth = cfg.prefetch_factor + 1
+        lines.append(f"shared rings, float16, {workers} worker(s) x {depth} slots: slot {max(per_worker) / 1e6:.1f} MB "
+                     f"(largest batch), total {sum(per_worker) * depth / 1e6:.0f} MB per rank")
     return lines
 
 
@@ -202,32 +210,38 @@ def time_loader(shard_dir: Path, cfg: LoaderConfig, repeats: int) -> dict[str, f
         dt = time.perf_counter() - t0
         m1, w1 = cpu_seconds()
         runs.append({"sps": n / dt, "fps": frames / dt, "seconds": dt, "main": m1 - m0, "workers": w1 - w0,
-                     "sps_cpu": n / (m1 - m0 + w1 - w0), "n": n})
+                     "sps_cpu": n / (m1 - m0 + w1 - w0), "fps_cpu": frames / (m1 - m0 + w1 - w0), "n": n})
     best = max(runs, key=lambda r: r["sps"])
     median = sorted(runs, key=lambda r: r["sps_cpu"])[len(runs) // 2]
     return {"sps": best["sps"], "fps": best["fps"], "seconds": best["seconds"], "sps_cpu": median["sps_cpu"],
+            "fps_cpu": median["fps_cpu"],
             "main_us": median["main"] / median["n"] * 1e6, "workers_us": median["workers"] / median["n"] * 1e6}
 
 
 def stage_breakdown(shard_dir: Path, cfg: LoaderConfig) -> str:
-    """One-core time split: ranged read + tar parse + npy/json decode + checks, vs collate (pad, f16->f32)."""
+    """One-core time split: ranged read + tar parse + npy/json decode + checks; collate (pad); the batched
+    finiteness check; to_batch (float32 cast, masks)."""
     loader = build_loader(shard_dir, "train", cfg, rank=0, world_size=1, epoch=0, train=False)
     index = load_split_index(shard_dir, "train")
-    reader = ShardReader(shard_dir, index)
-    t_read = t_collate = 0.0
+    reader = ShardReader(shard_dir, index, reuse_buffers=True)
+    t = np.zeros(4)
     n = 0
     for b in loader.plan.batches:
         t0 = time.perf_counter()
         samples, _ = reader.read(b)
         t1 = time.perf_counter()
-        collate(samples, 1.0)
+        parts = collate(samples, 1.0)
         t2 = time.perf_counter()
-        t_read += t1 - t0
-        t_collate += t2 - t1
+        nonfinite_rows(parts)
+        t3 = time.perf_counter()
+        to_batch(parts)
+        t4 = time.perf_counter()
+        t += (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
         n += len(b)
     reader.close()
-    return (f"one-core stages per sample: read+parse+decode+checks {t_read / n * 1e6:.0f} us, "
-            f"collate {t_collate / n * 1e6:.0f} us")
+    us = t / n * 1e6
+    return (f"one-core stages per sample: read+parse+decode+checks {us[0]:.0f} us, collate (pad) {us[1]:.0f} us, "
+            f"finiteness check {us[2]:.0f} us, to_batch (float32 cast, masks) {us[3]:.0f} us")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats}, median CPU figures; default token_budget={cfg.token_budget}, "
           f"max_batch_size={cfg.max_batch_size}, prefetch_factor={cfg.prefetch_factor})")
     print("| storage | num_workers | transfer | Batch features | wall samples/s | wall frames/s | "
-          "samples per CPU-second | main CPU us/sample | workers CPU us/sample |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "samples per CPU-second | frames per CPU-second | main CPU us/sample | workers CPU us/sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     variants = [(0, True, "float32"), (0, True, "stored")]
     variants += [(w, reuse, out) for w in (1, 2) for reuse, out in ((False, "float32"), (True, "float32"),
                                                                       (True, "stored"))]
@@ -267,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
             transfer = "-" if workers == 0 else ("reused rings" if reuse else "fresh segments (torch)")
             shown = "float32" if out == "float32" else f"{dtype} (stored)"
             print(f"| {dtype} | {workers} | {transfer} | {shown} | {r['sps']:,.0f} | {r['fps'] / 1e6:.2f} M | "
-                  f"{r['sps_cpu']:,.0f} | {r['main_us']:.0f} | {r['workers_us']:.0f} |", flush=True)
+                  f"{r['sps_cpu']:,.0f} | {r['fps_cpu'] / 1e6:.2f} M | {r['main_us']:.0f} | {r['workers_us']:.0f} |",
+                  flush=True)
         print(stage_breakdown(shard_dir, LoaderConfig(num_workers=0)))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Decoding of stored samples (``.npy`` and ``.json`` only) and collation into padded tensors with masks.
 
-Workers return plain dicts (tensors and lists): the DataLoader can pin them in the main process, where
-:func:`to_batch` turns them into a :class:`~carat.data.batch.Batch`.
+Workers return plain dicts (feature tensors in the stored dtype, small numpy arrays, lists), with the feature
+tensors placed by an allocator (:data:`Alloc`: a slot of the loader's reused shared-memory ring, or a fresh
+shared segment); :func:`to_batch` turns them into a :class:`~carat.data.batch.Batch` in the consuming process.
 """
 
 from __future__ import annotations
