@@ -241,5 +241,9 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
 """The "tiny" preset of ModelConfig: ~5-9k parameters per encoder (most of the text one is its 300->16 input
 layer and 128x16 position table), 8 aligned slots, a 256-row queue."""
 
-TINY_LOSS_OVERRIDES: dict[str, object] = {}
-"""The "tiny" preset of LossConfig: the seed objective (nothing to shrink)."""
+TINY_LOSS_OVERRIDES: dict[str, object] = {"recon_mse_weight": 0.1, "aug_mse_weight": 0.1}
+"""The "tiny" preset of LossConfig: the seed objective with the two reconstruction MSE terms at 0.1. Measured on
+a strong-signal synthetic corpus (where pooled logistic regression reaches test micro-F1 0.98): at weight 1.0
+the MSE terms, reachable by making every label feature Z the same constant, win against the classifiers in a
+16-wide model, and it stays at the label prior (valid micro-F1 0.44) at lr 1e-3 and 3e-4 alike; at 0.1
+it learns (0.57 after 4 epochs). The seed keeps the published 1.0."""

@@ -80,8 +80,11 @@ def _check_positive_finite(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be a finite value > 0")
 
 
-TINY_OVERRIDES: dict[str, object] = {"lr": 1e-3, "warmup_fraction": 0.1}
-"""Tiny runs train a few epochs of a few steps: a larger lr and a short warmup so the loss visibly drops."""
+TINY_OVERRIDES: dict[str, object] = {"lr": 1e-3, "warmup_fraction": 0.1, "coef_lr": 1.0}
+"""Tiny runs train a few epochs of a few steps: a larger lr and a short warmup so the loss visibly drops, and
+the encoders at the full lr: measured on a strong-signal synthetic corpus (816 train clips, 6 epochs), with
+coef_lr 0.1 the randomly initialised tiny encoders never leave the label prior (valid micro-F1 0.44, the
+all-positive level); at 1.0 they reach 0.57. (The seed's 0.1 comes from encoders meant to start pre-trained.)"""
 
 
 # ------------------------------------------------------------------------------------------ parameter groups
