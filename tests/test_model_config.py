@@ -35,7 +35,9 @@ def test_tiny_preset_is_small():
     LossConfig(**TINY_LOSS_OVERRIDES)
     model = CARAT.from_config(ModelConfig(**TINY_MODEL_OVERRIDES))
     for m in ("text", "visual", "audio"):
-        assert sum(p.numel() for p in getattr(model, f"{m}_encoder").parameters()) < 10_000
+        # The text encoder also carries a 400-row position table so tiny runs take full-length MOSEI text.
+        limit = 15_000 if m == "text" else 10_000
+        assert sum(p.numel() for p in getattr(model, f"{m}_encoder").parameters()) < limit
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -182,12 +182,12 @@ def test_bf16_cast_model_keeps_float32_memory():
 def test_long_text_is_an_error_or_a_counted_truncation():
     batch = make_batch({"text": [130, 20, 5], "visual": [9, 9, 9], "audio": [30, 30, 30]})
     with pytest.raises(ValueError, match=r"text: batch index \[0\] has \[130\] real steps.*text_max_positions=128"):
-        tiny_model().eval()(**batch)
-    model = tiny_model(text_overflow="truncate").eval()
+        tiny_model(text_max_positions=128).eval()(**batch)
+    model = tiny_model(text_overflow="truncate", text_max_positions=128).eval()
     out = model(**batch)
     assert out.text_truncated == 1 and model.text_truncated_total == 1
     # Padding beyond the limit alone is no truncation.
     short = make_batch({"text": [20, 5], "visual": [9, 9], "audio": [30, 30]})
     short["text"] = torch.nn.functional.pad(short["text"], (0, 0, 0, 200))
     short["text_mask"] = torch.nn.functional.pad(short["text_mask"], (0, 200))
-    assert tiny_model().eval()(**short).text_truncated == 0
+    assert tiny_model(text_max_positions=128).eval()(**short).text_truncated == 0

@@ -230,7 +230,7 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
     "text_layers": 1,
     "visual_layers": 1,
     "audio_layers": 1,
-    "text_max_positions": 128,
+    "text_max_positions": 400,
     "visual_max_positions": 64,
     "audio_max_positions": 64,
     "ctc_target_length": 8,
@@ -239,7 +239,7 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
     "queue_size": 256,
 }
 """The "tiny" preset of ModelConfig: ~5-9k parameters per encoder (most of the text one is its 300->16 input
-layer and 128x16 position table), 8 aligned slots, a 256-row queue."""
+layer and 400x16 position table, long enough for any CMU-MOSEI text: 374 steps), 8 aligned slots, a 256-row queue."""
 
 TINY_LOSS_OVERRIDES: dict[str, object] = {"recon_mse_weight": 0.1, "aug_mse_weight": 0.1}
 """The "tiny" preset of LossConfig: the seed objective with the two reconstruction MSE terms at 0.1. Measured on
