@@ -238,7 +238,7 @@ TINY_MODEL_OVERRIDES: dict[str, object] = {
     "projection_size": 8,
     "queue_size": 256,
 }
-"""The "tiny" preset of ModelConfig: ~5-9k parameters per encoder (most of the text one is its 300->16 input
+"""The "tiny" preset of ModelConfig: ~5-14k parameters per encoder (most of the text one is its 300->16 input
 layer and 400x16 position table, long enough for any CMU-MOSEI text: 374 steps), 8 aligned slots, a 256-row queue."""
 
 TINY_LOSS_OVERRIDES: dict[str, object] = {"recon_mse_weight": 0.1, "aug_mse_weight": 0.1}
