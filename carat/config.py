@@ -62,6 +62,8 @@ class TrainConfig:
     """auto = bf16 on GPU, fp32 on CPU."""
     max_failures: int = 1
     """Ray FailureConfig: how many times crashed workers restart from the last checkpoint."""
+    keep_checkpoints: int = 2
+    """Epoch checkpoints kept (the newest ones; the best model is kept apart in best/)."""
     seed: int = 0
     """Seeds parameters, the batch plan shuffle and augmentation."""
     tune_thresholds: bool = True
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
         if self.offload and self.zero_stage != 3:
             raise ConfigError(f"offload=true needs zero_stage=3 (got zero_stage={self.zero_stage})")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 (resuming needs the newest)")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
         if self.log_every < 1:

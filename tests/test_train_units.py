@@ -73,3 +73,14 @@ def test_reference_floor_is_read_from_the_card(tmp_path):
     assert "micro-F1 0.5100" in line and "micro-F1 0.3600" in line
     card.write_text(json.dumps({"counts": {}}))  # a prepared (non-synthetic) corpus has no floor
     assert reference_floor(card) is None
+
+
+def test_old_epoch_checkpoints_are_pruned(tmp_path):
+    from carat.train.loop import prune_checkpoints
+
+    for epoch in range(1, 5):
+        (tmp_path / f"epoch-{epoch:03d}").mkdir()
+    (tmp_path / "latest").write_text("epoch-004")
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["epoch-001", "epoch-002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-003", "epoch-004", "latest"]

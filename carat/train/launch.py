@@ -128,7 +128,7 @@ def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, An
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
     result = trainer.fit()

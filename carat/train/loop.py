@@ -345,6 +345,8 @@ class Trainer:
         if self.ctx.checkpoint_root is not None:
             self.save_checkpoint(self.ctx.checkpoint_root, tag)
             self.ctx.report(record, self.ctx.checkpoint_root)
+            if self.is_main:
+                prune_checkpoints(self.ctx.checkpoint_root, self.cfg.train.keep_checkpoints)
             return
         with tempfile.TemporaryDirectory(prefix="carat-ckpt-") as tmp:
             self.save_checkpoint(Path(tmp), tag)
@@ -398,6 +400,17 @@ class Trainer:
         plot_training_curves(self.history, self.run.plots)
         plot_per_emotion_f1(results["test"], self.run.plots / "per_emotion_f1.png")
         plot_pr_curves(test["labels"], test["scores"], self.run.plots / "pr_curves.png")
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` epoch tags (names sort by epoch); returns what was removed."""
+    import shutil
+
+    tags = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+    removed = tags[:-keep] if keep > 0 else []
+    for tag in removed:
+        shutil.rmtree(tag, ignore_errors=True)
+    return removed
 
 
 def run_training(cfg: CaratConfig, ctx: WorkerContext) -> dict[str, Any]:
