@@ -30,8 +30,8 @@ def run_variant(shards: Path, storage: Path, name: str, extra: list[str], epochs
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     history = [json.loads(x) for x in (storage / name / "history.jsonl").read_text().splitlines()]
     last = history[-1]
-    return {"name": name, "wall_s": wall, "samples_per_s": last["train/samples_per_s"],
-            "frames_per_s": last["train/frames_per_s"], "epoch_s": last["train/epoch_seconds"]}
+    return {"name": name, "wall_s": wall, "samples_per_s": last["perf/samples_per_s"],
+            "frames_per_s": last["perf/frames_per_s"], "epoch_s": last["perf/epoch_seconds"]}
 
 
 def main() -> None:

@@ -44,14 +44,14 @@ def main() -> None:
     table = read_manifest(args.shards).to_pylist()
     train = [r for r in table if r["split"] == "train"]
     mean_lengths = {m: sum(r[f"len_{m}"] for r in train) / len(train) for m in ("text", "visual", "audio")}
-    samples = last["train/samples"]
+    samples = last["perf/samples"]
     # Planned batches cover the split uniformly over an epoch; a capped epoch sees a shuffled subset, so the
     # mean-length sample is the unbiased per-sample estimate.
     flops = train_flops(cfg.model, [{m: int(v) for m, v in mean_lengths.items()}]) * samples
-    seconds = last["train/epoch_seconds"]
+    seconds = last["perf/epoch_seconds"]
     print(json.dumps({
-        "samples": samples, "epoch_seconds": seconds, "samples_per_s": last["train/samples_per_s"],
-        "frames_per_s": last["train/frames_per_s"], "peak_memory_gib": last.get("train/peak_memory_gib"),
+        "samples": samples, "epoch_seconds": seconds, "samples_per_s": last["perf/samples_per_s"],
+        "frames_per_s": last["perf/frames_per_s"], "peak_memory_gib": last.get("perf/peak_memory_gib"),
         "model_tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / (args.peak_tflops * 1e12),
     }, indent=2))
 

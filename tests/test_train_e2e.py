@@ -66,10 +66,15 @@ def check_run_dir(run: Path, world: int) -> dict:
     assert results["world_size"] == world
     assert json.loads((run / "environment.json").read_text())["world_size"] == world
     assert ranks_in_checkpoint(run / "best") == set(range(world))
-    assert {p.name for p in (run / "plots").glob("*.png")} >= {"per_emotion_f1.png", "pr_curves.png"}
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {
+        "per_emotion_f1.png", "pr_curves.png", "training_loss.png", "validation_metrics.png"}
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(len(history)))
     assert all(np.isfinite(h["train/total"]) for h in history)
+    assert all(h["perf/samples_per_s"] > 0 and h["perf/frames_per_s"] > 0 for h in history)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and all({"lr", "loss/total", "loss/supcon", "samples_per_s"} <= set(s) for s in steps)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # every validation and test sample scored exactly once
     manifest_counts = results["valid"]["n_samples"], results["test"]["n_samples"]
     assert all(n > 0 for n in manifest_counts)

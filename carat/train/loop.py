@@ -252,13 +252,14 @@ class Trainer:
         totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
         n_total = dist.all_reduce_sum(seen, self.device)
         frames_total = dist.all_reduce_sum(frames_seen, self.device)
+        # Loss terms under train/ (plotted as losses), throughput under perf/.
         epoch_terms = {f"train/{k}": v / max(n_total, 1.0) for k, v in totals.items()}
         epoch_terms.update({
-            "train/samples": n_total, "train/samples_per_s": n_total / max(elapsed, 1e-9),
-            "train/frames_per_s": frames_total / max(elapsed, 1e-9), "train/epoch_seconds": elapsed,
+            "perf/samples": n_total, "perf/samples_per_s": n_total / max(elapsed, 1e-9),
+            "perf/frames_per_s": frames_total / max(elapsed, 1e-9), "perf/epoch_seconds": elapsed,
         })
         if self.device.type == "cuda":
-            epoch_terms["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            epoch_terms["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return epoch_terms
 
     def log_step(self, terms: dict[str, float], samples_per_s: float, frames_per_s: float) -> None:
