@@ -202,3 +202,21 @@ def test_resumed_run_ends_like_an_uninterrupted_one(shards, tmp_path):
     hb = [json.loads(x) for x in (storage / "resumed" / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hb] == [0, 1, 2]
     assert [h["train/total"] for h in hb] == pytest.approx([h["train/total"] for h in ha], rel=1e-5)
+
+
+def test_csd_files_to_a_trained_model(tmp_path):
+    """The path of a user holding CMU-MultimodalSDK files: prepare -> train -> evaluate, one process."""
+    from carat.data.__main__ import main as data_main
+    from carat.train.__main__ import main as train_main
+    from tests.data_fixtures import make_csd_fixture
+
+    fixture = make_csd_fixture(tmp_path / "csd", per_split={"train": 8, "valid": 3, "test": 3})
+    shards = tmp_path / "shards"
+    assert data_main(["prepare", "--source", "csd", "--input", str(fixture.directory), "--out", str(shards)]) == 0
+    storage = tmp_path / "runs"
+    assert train_main(common_args(shards, storage, "csd", epochs=1) + ["--launcher", "none"]) == 0
+    results = json.loads((storage / "csd" / "results.json").read_text())
+    expected_test = sum(1 for e in fixture.expected.values() if e["split"] == "test")
+    assert results["test"]["n_samples"] == expected_test
+    card = json.loads((storage / "csd" / "card.json").read_text())
+    assert card["counts"]["test"] == expected_test  # the run directory carries the prepared corpus' card
