@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def use_gpu(cfg: CaratConfig) -> bool:
 
 def prepare_worker_env(gpu: bool) -> None:
     """Per-process settings that must precede DeepSpeed's first import of its accelerator."""
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, once per step: keep logs readable.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*deprecated")
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
@@ -119,8 +122,9 @@ def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, An
 
     gpu = use_gpu(cfg)
     if not ray.is_initialized():
-        # Joins RAY_ADDRESS (set by `ray job submit` or the user) or starts a local Ray.
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # Joins RAY_ADDRESS (set by `ray job submit` or the user) or starts a local Ray, with its dashboard:
+        # Ray Train's placement-group cleaner polls the state API it serves (without it: warnings each second).
+        ray.init(log_to_driver=True, configure_logging=False)
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir)},
