@@ -143,6 +143,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _parse_text(value: Any, parse: Any) -> Any:
+    """``parse(value)`` for a command-line string, None when it is not one or does not parse."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        return None
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a TOML or command-line value to the field type ``tp``; ConfigError naming ``key`` if impossible."""
     origin = typing.get_origin(tp)
@@ -185,20 +195,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
+        parsed = _parse_text(value, lambda text: int(text.replace("_", "")))
+        if parsed is not None:
+            return parsed
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        parsed = _parse_text(value, float)
+        if parsed is not None:
+            return parsed
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

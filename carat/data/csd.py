@@ -15,6 +15,8 @@ time-sorted files).
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +252,6 @@ class CsdSource:
 
     def close(self) -> None:
         for handle in self._files.values():
-            try:
+            with contextlib.suppress(Exception):  # closing is best effort: a broken file is already reported
                 handle.close()
-            except Exception:
-                pass
         self._files.clear()
