@@ -16,7 +16,6 @@ time-sorted files).
 from __future__ import annotations
 
 import contextlib
-
 import sys
 from dataclasses import dataclass
 from pathlib import Path
