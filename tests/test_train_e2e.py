@@ -162,6 +162,11 @@ def test_deepspeed_launcher_two_ranks_zero3_checkpointing_and_export(shards, tmp
     single = next(iter(json.loads(out.read_text()).values()))
     assert single["micro_f1"] == pytest.approx(results["test"]["micro_f1"], abs=1e-9)
 
+    # ZeRO shards are per rank: resuming this run in a world of one is refused with the reason.
+    resumed = run_module([sys.executable, "-m", "carat.train", "--launcher", "none"]
+                         + common_args(shards, storage, "ds", epochs=2), cpu_env())
+    assert resumed.returncode == 2 and "was written by 2 ranks and this run has 1" in resumed.stderr
+
 
 def test_ray_two_workers_and_a_killed_worker_is_restarted(shards, tmp_path):
     storage = tmp_path / "runs"

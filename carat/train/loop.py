@@ -188,6 +188,7 @@ class Trainer:
         dist.barrier()
 
     def resume(self, directory: Path) -> None:
+        self.check_resumable(directory)
         path, state = self.engine.load_checkpoint(str(directory))
         if path is None:
             raise CaratError(f"no DeepSpeed checkpoint could be loaded from {directory}")
@@ -204,6 +205,17 @@ class Trainer:
             print(f"[carat] warning: {rng_file} missing; rank {self.rank} resumes with fresh RNG streams")
         if self.is_main:
             print(f"[carat] resumed from {directory} after epoch {self.epoch} (step {self.global_step})")
+
+    def check_resumable(self, directory: Path) -> None:
+        """ZeRO shards optimizer state by rank: a checkpoint only loads into the world size that wrote it."""
+        from carat.export import read_client_state
+
+        tag = (directory / "latest").read_text().strip()
+        saved = read_client_state(directory, tag).get("world_size")
+        if saved is not None and int(saved) != self.world:
+            raise CaratError(
+                f"{directory / tag} was written by {saved} ranks and this run has {self.world}: resume with "
+                f"{saved} workers (--train.num_workers={saved}) or start a new --run-name")
 
     # -- training ----------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
