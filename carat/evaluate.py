@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{args.split} @tuned({args.tune_on})"] = compute_metrics(pred["labels"], pred["scores"], thresholds)
     except CaratError as err:
         print(f"carat.evaluate: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     print(format_results_table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.checkpoint, args.out, args.tag)
     except CaratError as err:
         print(f"carat.export: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     print(f"[carat] wrote {out}")
     return 0
 

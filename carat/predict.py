@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         write_predictions(args.out, pred["keys"], pred["scores"], threshold)
     except CaratError as err:
         print(f"carat.predict: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     print(f"[carat] wrote {len(pred['keys'])} predictions to {args.out}")
     return 0
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except CaratError as err:
         print(f"carat.train: error: {err}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def ensure_once(cfg: CaratConfig, shard_dir: Path, launcher: str) -> None:
