@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import carat
+from carat.atomic import publish, temp_path
 from carat.config import config_from_dict
 from carat.errors import CaratError
 
@@ -98,9 +99,9 @@ def export(path: Path, out: Path, tag: str | None = None) -> Path:
             "source": {"checkpoint": str(save_dir), "tag": tag, "epoch": state.get("epoch"),
                        "world_size": state.get("world_size")}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     torch.save(blob, tmp)
-    tmp.replace(out)
+    publish(tmp, out)
     return out
 
 

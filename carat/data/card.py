@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from carat.atomic import write_text_atomic
 from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
 from carat.data.shards import sha256_file
 from carat.errors import DataError
@@ -293,9 +294,7 @@ def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: Is
 def write_card(out_dir: Path, card: dict[str, Any]) -> Path:
     """Write ``card.json`` atomically (temp file, then rename)."""
     path = Path(out_dir) / CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(card, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path
 
 

@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import sys
 import tarfile
@@ -45,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from carat.atomic import publish, temp_path, write_text_atomic
 from carat.errors import ConfigError, DataError
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
 
@@ -298,19 +298,12 @@ def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    """Atomic publish: flush the temp file to disk, then rename over the final name."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def _write_shard(out_dir: Path, rel: str, split: str, refs: list[SegmentRef],
                  load: Callable[[SegmentRef], Segment], storage_dtype: np.dtype,
                  on_sample: Callable[[], None]) -> tuple[ShardInfo, list[dict]]:
     """Stream ``refs`` (loaded one at a time) into shard ``rel`` atomically; returns the shard and its rows."""
     path = out_dir / rel
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     rows: list[dict] = []
     try:
         with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -324,7 +317,7 @@ def _write_shard(out_dir: Path, rel: str, split: str, refs: list[SegmentRef],
                 rows.append({"key": ref.key, "position": position, "offset": start,
                              "nbytes": tar.offset - start, "labels": meta["labels"]})
                 on_sample()
-        _fsync_replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -349,10 +342,7 @@ def _journal_path(out_dir: Path, rel: str) -> Path:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, sort_keys=True))
-    _fsync_replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, sort_keys=True))
 
 
 def _reusable_shard(out_dir: Path, rel: str, fingerprint: str, n: int) -> tuple[ShardInfo, list[dict]] | None:
@@ -430,9 +420,9 @@ def _tables(manifest_rows: list[dict], shards: list[ShardInfo], dtype: str) -> t
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd")
-    _fsync_replace(tmp, path)
+    publish(tmp, path)
 
 
 def write_corpus(refs_by_split: dict[str, list[SegmentRef]], load: Callable[[SegmentRef], Segment],

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from carat.atomic import write_text_atomic
+
 
 def new_run_name() -> str:
     return time.strftime("carat-%Y%m%d-%H%M%S")
@@ -102,9 +104,7 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -123,9 +123,7 @@ def truncate_history(path: Path, completed_epochs: int, key: str = "epoch") -> N
     if not path.is_file():
         return
     keep = [r for r in read_jsonl(path) if int(r.get(key, 0)) < completed_epochs]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def environment_report(launcher: str, world: int, device: torch.device) -> dict[str, Any]:
