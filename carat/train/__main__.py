@@ -70,20 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         shard_dir = Path(cfg.train.shard_dir).resolve()
         run_dir = (Path(cfg.train.storage_path) / (cfg.train.run_name or new_run_name())).resolve()
         launcher = cfg.train.launcher
+        ensure_once(cfg, shard_dir, launcher)
         if launcher == "ray":
             from carat.train.launch import launch_ray
 
-            ensure_shards(cfg, shard_dir)
             launch_ray(cfg, run_dir, shard_dir)
         else:
             from carat.train.launch import launch_in_process
             from carat.train import dist
 
-            ensure_once(cfg, shard_dir, launcher)
             results = launch_in_process(cfg, run_dir, shard_dir, launcher)
             if dist.rank() != 0:
                 return 0
-            run_dir = Path(results.get("run_dir", run_dir))
+            run_dir = Path(results["run_dir"])  # rank 0's name, broadcast to every rank
         print_summary(run_dir)
         return 0
     except CaratError as err:
@@ -92,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_once(cfg: CaratConfig, shard_dir: Path, launcher: str) -> None:
-    """Under the deepspeed launcher only local rank 0 may synthesize; the others wait for its manifest."""
+    """Under the deepspeed launcher only local rank 0 may synthesize; the others wait for its manifest.
+    A single process, or a Ray driver (no LOCAL_RANK), synthesizes itself."""
     import os
     import time
 
