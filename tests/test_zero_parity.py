@@ -82,6 +82,11 @@ def worker(rank: int, world: int, port: int, shards: str, storage: str, out: str
         losses[f"world{world}-stage{stage}"] = trajectory
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": losses, "world": dist.world_size()}))
+    # Both ranks are done and the result is on disk. Leave without interpreter teardown: about one run in five
+    # a communication thread of the CPU backend was still joinable there and the C++ runtime aborted the rank
+    # ("terminate called without an active exception") after all work had finished.
+    dist.barrier()
+    os._exit(0)
 
 
 def spawn(world: int, port: int, shards: Path, storage: Path, out: Path) -> dict:
