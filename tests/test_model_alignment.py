@@ -117,3 +117,72 @@ def test_model_wires_the_chunk_size_into_both_alignments():
     model = tiny_model(checkpoint_alignment=("audio",), alignment_chunk_frames=5)
     assert model.audio_align.checkpointed and model.audio_align.chunk_frames == 5
     assert not model.visual_align.checkpointed and model.visual_align.chunk_frames == 5
+
+
+# ------------------------------------------------------------------------------- alignment weights, pooling
+def test_lstm_alignment_weights_are_a_distribution_over_slots_for_real_frames_only():
+    """Each real frame's weights over (blank + its sample's slots) sum to 1; padded frames weigh nothing."""
+    plain, _ = _pair(None, None)
+    frames, mask = _frames(LENGTHS, total=57)
+    p = plain.assignment(frames, mask)  # [B, T, L]
+    assert torch.all(p >= 0)
+    assert torch.all(p.transpose(1, 2)[~mask] == 0)
+    per_frame = p.sum(dim=1)[mask]  # the blank takes the rest of each real frame's mass
+    assert torch.all(per_frame <= 1 + 1e-6) and torch.all(per_frame > 0)
+    # P @ x is what the module returns
+    out, _ = plain(frames, mask)
+    torch.testing.assert_close(out, torch.bmm(p, frames), rtol=1e-5, atol=1e-5)
+
+
+def test_lstm_alignment_entropy_is_recorded_in_training_and_normalised():
+    plain, ckpt = _pair(7, 8)
+    frames, mask = _frames(LENGTHS, total=57)
+    for module in (plain, ckpt):
+        module.train()
+        _run(module, frames, mask)
+        entropy = module.mean_entropy()
+        assert entropy is not None and 0.0 < entropy <= 1.0 + 1e-6
+    # the segmented path records the same mean as the unsegmented one (recomputation does not double count)
+    assert abs(plain.mean_entropy() - ckpt.mean_entropy()) < 1e-5
+
+
+@pytest.mark.parametrize("fixed_target", [8, 80, None])
+def test_segment_pooling_weights_are_a_distribution_over_real_frames(fixed_target):
+    from carat.model.alignment import SegmentPooling
+
+    pool = SegmentPooling(fixed_target or 12, fixed_target=fixed_target, compression_ratio=0.2, min_target_len=2)
+    frames, mask = _frames(LENGTHS, total=57)
+    out, slots = pool(frames, mask)
+    p = pool.assignment(mask)
+    assert torch.all(p.transpose(1, 2)[~mask] == 0)  # padding never weighs
+    rows = p.sum(dim=-1)
+    torch.testing.assert_close(rows[slots], torch.ones(int(slots.sum())))  # each real slot: a mean of frames
+    assert torch.all(rows[~slots] == 0) and torch.all(out[~slots] == 0)
+    torch.testing.assert_close(out, torch.bmm(p, frames * mask[..., None]), rtol=1e-5, atol=1e-5)
+
+
+def test_segment_pooling_equals_adaptive_average_pooling_per_sample():
+    from carat.model.alignment import SegmentPooling
+
+    pool = SegmentPooling(8, fixed_target=8, compression_ratio=0.1, min_target_len=2)
+    frames, mask = _frames(LENGTHS, total=57)
+    out, _ = pool(frames, mask)
+    for b, length in enumerate(LENGTHS):
+        own = torch.nn.functional.adaptive_avg_pool1d(frames[b:b + 1, :length].transpose(1, 2), 8).transpose(1, 2)
+        torch.testing.assert_close(out[b:b + 1], own, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_model_is_padding_invariant_and_has_no_alignment_parameters():
+    from tests.model_helpers import make_batch, perturb_parameters, stack_samples
+
+    model = tiny_model(aligner="pool")
+    assert not any(n.startswith(("visual_align", "audio_align")) for n, _ in model.named_parameters())
+    perturb_parameters(model)
+    model.eval()
+    lengths = {"text": [5, 30], "visual": [9, 40], "audio": [12, 61]}
+    alone = make_batch({m: [v[0]] for m, v in lengths.items()}, seed=3)
+    other = make_batch({m: [v[1]] for m, v in lengths.items()}, seed=4)
+    with torch.no_grad():
+        single = model.scores(model(**alone))
+        batched = model.scores(model(**stack_samples([alone, other])))
+    torch.testing.assert_close(batched[:1], single, rtol=1e-5, atol=1e-6)

@@ -55,6 +55,7 @@ class SoftAlignment(nn.Module):
     def __init__(self, input_dim: int, width: int, *, fixed_target: int | None, compression_ratio: float,
                  min_target_len: int, checkpointed: bool = False, chunk_frames: int | None = 512) -> None:
         super().__init__()
+        self._entropy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if chunk_frames is not None and chunk_frames < 1:
             raise ValueError(f"chunk_frames={chunk_frames} must be >= 1 or None")
         self.width = width
@@ -67,6 +68,7 @@ class SoftAlignment(nn.Module):
         self.lstm = nn.LSTM(input_dim, width + 1, num_layers=2, batch_first=True)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._entropy = {}
         lengths = mask.sum(dim=1)
         targets = target_lengths(lengths, self.fixed_target, self.compression_ratio, self.min_target_len,
                                  self.width)
@@ -93,19 +95,57 @@ class SoftAlignment(nn.Module):
         return self._assign(logits, frames, mask, targets, num_slots)
 
     def _assign(self, logits: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                num_slots: int) -> torch.Tensor:
+                num_slots: int, segment: int = 0) -> torch.Tensor:
         """LSTM outputs [B, L, width + 1] of frames [B, L, F] -> their share of P @ x, [B, num_slots, F]."""
+        assignment = self._frame_assignment(logits, mask, targets, num_slots, segment)
+        # P @ x with P = assignment^T: bmm reads the transposed view without copying it.
+        return torch.bmm(assignment.transpose(1, 2), frames.to(assignment.dtype))
+
+    def _frame_assignment(self, logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, num_slots: int,
+                          segment: int = 0) -> torch.Tensor:
+        """[B, L, num_slots]: each real frame's softmax over the blank and its sample's slots, blank dropped;
+        rows of padded frames are zero."""
         logits = logits[..., : num_slots + 1]
         if self.fixed_target is None:
             # Each sample distributes a frame over the blank and its own slots only (slot s <= target).
-            slots = torch.arange(num_slots + 1, device=frames.device)
+            slots = torch.arange(num_slots + 1, device=logits.device)
             outside = slots[None, None, :] > targets[:, None, None]
             logits = logits.masked_fill(outside, torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1)
+        if self.training and torch.is_grad_enabled():
+            self._record_entropy(probs, mask, targets, segment)
         # Drop the blank and zero the columns of P that belong to padded frames.
-        assignment = probs[..., 1:] * mask[..., None].to(probs.dtype)
-        # P @ x with P = assignment^T: bmm reads the transposed view without copying it.
-        return torch.bmm(assignment.transpose(1, 2), frames.to(assignment.dtype))
+        return probs[..., 1:] * mask[..., None].to(probs.dtype)
+
+    @torch.no_grad()
+    def assignment(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """P [B, T, L] for inspection and tests: the weight of each input frame in each aligned slot."""
+        lengths = mask.sum(dim=1)
+        targets = target_lengths(lengths, self.fixed_target, self.compression_ratio, self.min_target_len,
+                                 self.width)
+        num_slots = self.width if self.fixed_target is not None else int(targets.max())
+        packed = pack_padded_sequence(frames, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        logits, _ = pad_packed_sequence(output, batch_first=True, total_length=frames.shape[1])
+        return self._frame_assignment(logits, mask, targets, num_slots).transpose(1, 2)
+
+    @torch.no_grad()
+    def _record_entropy(self, probs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, segment: int) -> None:
+        """Sum over real frames of the slot distribution's entropy / log(own slots + 1), and the frame count
+        (device tensors, no host sync). Keyed by the time segment, so a recomputation under checkpointing
+        overwrites rather than adds. 1.0 = every frame spread uniformly (all slots are then the same sum)."""
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)  # [B, L]
+        entropy = entropy / torch.log(targets.to(entropy.dtype) + 1.0).clamp_min(1e-6)[:, None]
+        real = mask.to(entropy.dtype)
+        self._entropy[segment] = ((entropy * real).sum(), real.sum())
+
+    def mean_entropy(self) -> float | None:
+        """Normalised slot entropy averaged over the real frames of the last training batch (None if none)."""
+        if not self._entropy:
+            return None
+        total = sum(v[0] for v in self._entropy.values())
+        count = sum(v[1] for v in self._entropy.values())
+        return float(total / count.clamp_min(1.0))
 
     def _align_segmented(self, frames: torch.Tensor, mask: torch.Tensor, lengths_cpu: torch.Tensor,
                          targets: torch.Tensor, num_slots: int, chunk: int) -> torch.Tensor:
@@ -125,7 +165,7 @@ class SoftAlignment(nn.Module):
             stop = start + int(seg_lengths[0])
             hidden = None if state is None else (state[0][:, :alive], state[1][:, :alive])
             part, h, c = checkpoint(self._segment, frames_s[:alive, start:stop], mask_s[:alive, start:stop],
-                                    seg_lengths, targets_s[:alive], num_slots, hidden, use_reentrant=False)
+                                    seg_lengths, targets_s[:alive], num_slots, hidden, start, use_reentrant=False)
             state, out_dtype = (h, c), part.dtype
             # Accumulate in float32 (one bmm over all frames accumulates in float32 too, also under autocast).
             total = total + F.pad(part.float(), (0, 0, 0, 0, 0, batch - alive))
@@ -135,10 +175,67 @@ class SoftAlignment(nn.Module):
 
     def _segment(self, frames: torch.Tensor, mask: torch.Tensor, lengths_cpu: torch.Tensor,
                  targets: torch.Tensor, num_slots: int, hidden: tuple[torch.Tensor, torch.Tensor] | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One segment of samples sorted longest first: LSTM from ``hidden`` over each sample's frames in the
         segment, its share of P @ x, and the (h, c) after each sample's last frame in the segment."""
         packed = pack_padded_sequence(frames, lengths_cpu, batch_first=True, enforce_sorted=True)
         output, (h, c) = self.lstm(packed, hidden)
         logits, _ = pad_packed_sequence(output, batch_first=True, total_length=frames.shape[1])
-        return self._assign(logits, frames, mask, targets, num_slots), h, c
+        return self._assign(logits, frames, mask, targets, num_slots, start), h, c
+
+
+class SegmentPooling(nn.Module):
+    """Parameter-free alignment: each sample's own frames cut into its target number of contiguous segments,
+    slot s = mean of frames [floor(s L / T), ceil((s + 1) L / T)) (torch's adaptive average pooling, per
+    sample, so it never reads padding; with L < T a frame is repeated). Same interface and target lengths as
+    :class:`SoftAlignment`: forward(frames, mask) -> (aligned [B, T, F], slot_mask [B, T]).
+
+    Slot sums come from a float32 prefix sum over time: O(B x L x F) time and memory, no [B, T, L] matrix,
+    so the longest MOSEI audio (10,891 frames) costs what one pass over it costs.
+    """
+
+    def __init__(self, width: int, *, fixed_target: int | None, compression_ratio: float,
+                 min_target_len: int) -> None:
+        super().__init__()
+        self.width = width
+        self.fixed_target = fixed_target
+        self.compression_ratio = compression_ratio
+        self.min_target_len = min(min_target_len, width)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = mask.sum(dim=1)
+        targets = target_lengths(lengths, self.fixed_target, self.compression_ratio, self.min_target_len,
+                                 self.width)
+        num_slots = self.width if self.fixed_target is not None else int(targets.max())
+        start, stop, slot_mask = self.segments(lengths, targets, num_slots)
+        x = (frames.float() * mask[..., None])
+        prefix = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # [B, L + 1, F], prefix[:, t] = sum of frames < t
+        index = lambda pos: pos[..., None].expand(-1, -1, x.shape[-1])  # noqa: E731
+        sums = prefix.gather(1, index(stop)) - prefix.gather(1, index(start))
+        count = (stop - start).clamp_min(1).to(sums.dtype)[..., None]
+        aligned = (sums / count) * slot_mask[..., None]
+        return aligned.to(frames.dtype), slot_mask
+
+    @staticmethod
+    def segments(lengths: torch.Tensor, targets: torch.Tensor,
+                 num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, num_slots] first frame, end frame (exclusive) and validity of every slot of every sample."""
+        slots = torch.arange(num_slots, device=lengths.device)[None, :]
+        length, target = lengths[:, None].long(), targets[:, None].long().clamp_min(1)
+        valid = slots < target
+        start = torch.div(slots * length, target, rounding_mode="floor")
+        stop = -torch.div(-(slots + 1) * length, target, rounding_mode="floor")  # ceil
+        start = torch.where(valid, start, 0).clamp(max=length - 1)
+        stop = torch.where(valid, stop, 1).clamp(max=length)
+        return start, stop, valid
+
+    def assignment(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, L] the weight of each frame in each slot (rows of real slots sum to 1 over real frames)."""
+        lengths = mask.sum(dim=1)
+        targets = target_lengths(lengths, self.fixed_target, self.compression_ratio, self.min_target_len,
+                                 self.width)
+        num_slots = self.width if self.fixed_target is not None else int(targets.max())
+        start, stop, valid = self.segments(lengths, targets, num_slots)
+        frames = torch.arange(mask.shape[1], device=mask.device)[None, None, :]
+        inside = (frames >= start[..., None]) & (frames < stop[..., None]) & valid[..., None]
+        return inside.float() / inside.sum(dim=-1, keepdim=True).clamp_min(1)

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from carat.errors import DataError
-from carat.model.alignment import SoftAlignment
+from carat.model.alignment import SegmentPooling, SoftAlignment
 from carat.model.config import ModelConfig
 from carat.model.encoder import ModalityEncoder
 from carat.model.heads import CrossModalReconstruction, LabelAttention, LabelClassifiers, ProjectionMLP
 from carat.model.inputs import check_shapes, check_values
 from carat.model.losses import NUM_STAGES, contrastive_class_ids
-from carat.model.memory import ContrastiveQueue, LabelPrototypes
+from carat.model.memory import ContrastiveQueue, FeatureStandardizer, LabelPrototypes
 
 MODALITY_ORDER: tuple[str, ...] = ("text", "visual", "audio")
 """Order of the modality axis (size 3) of every stacked output."""
@@ -128,14 +128,14 @@ class CARAT(nn.Module):
         self.feature_dims = {"text": cfg.text_dim, "visual": cfg.visual_dim, "audio": cfg.audio_dim}
         self.text_truncated_total = 0
         d, z, c = cfg.hidden_size, cfg.projection_size, cfg.num_classes
+        self.standardize_features = cfg.standardize_features
         for m in MODALITY_ORDER:
+            if cfg.standardize_features:
+                self.add_module(f"{m}_standardize", FeatureStandardizer(self.feature_dims[m]))
             norm = nn.LayerNorm(self.feature_dims[m], eps=cfg.layer_norm_eps)
             self.add_module(f"{m}_norm", norm)
         for m in ("visual", "audio"):
-            self.add_module(f"{m}_align", SoftAlignment(
-                self.feature_dims[m], cfg.alignment_width(m), fixed_target=cfg.ctc_target_length,
-                compression_ratio=getattr(cfg, f"{m}_compression_ratio"), min_target_len=cfg.min_target_len,
-                checkpointed=m in cfg.checkpoint_alignment, chunk_frames=cfg.alignment_chunk_frames))
+            self.add_module(f"{m}_align", self._build_aligner(cfg, m))
         for m in MODALITY_ORDER:
             self.add_module(f"{m}_encoder", ModalityEncoder(
                 self.feature_dims[m], d, cfg.intermediate_size, cfg.num_heads, getattr(cfg, f"{m}_layers"),
@@ -146,7 +146,8 @@ class CARAT(nn.Module):
             self.add_module(f"{m}_attention", LabelAttention(d, c))
             self.add_module(f"{m}_proj", ProjectionMLP(d, d // 2, z))
             self.add_module(f"{m}_deproj", ProjectionMLP(z, d // 2, d))
-            self.add_module(f"{m}_protos", LabelPrototypes(c, z, cfg.prototype_momentum))
+            self.add_module(f"{m}_protos", LabelPrototypes(c, z, cfg.prototype_momentum,
+                                                           cfg.prototype_temperature))
         self.reconstruct = CrossModalReconstruction(d)
         self.classifiers = LabelClassifiers(d, c)
         self.agg = ProjectionMLP(c * d, d, c)
@@ -156,6 +157,40 @@ class CARAT(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> "CARAT":
         """Build the network from its config (the one place the config is unpacked)."""
         return cls(cfg)
+
+    def _build_aligner(self, cfg: ModelConfig, m: str) -> nn.Module:
+        common = dict(fixed_target=cfg.ctc_target_length, compression_ratio=getattr(cfg, f"{m}_compression_ratio"),
+                      min_target_len=cfg.min_target_len)
+        if cfg.aligner == "pool":
+            return SegmentPooling(cfg.alignment_width(m), **common)
+        return SoftAlignment(self.feature_dims[m], cfg.alignment_width(m), **common,
+                             checkpointed=m in cfg.checkpoint_alignment, chunk_frames=cfg.alignment_chunk_frames)
+
+    def set_feature_stats(self, stats: dict[str, tuple[object, object]]) -> None:
+        """Per-dimension (mean, std) of the train split for each modality (model.standardize_features)."""
+        if not self.standardize_features:
+            raise ValueError("set_feature_stats needs model.standardize_features=true")
+        for m in MODALITY_ORDER:
+            if m not in stats:
+                raise DataError(f"feature statistics lack the {m} modality")
+            mean, std = stats[m]
+            getattr(self, f"{m}_standardize").set_stats(mean, std, name=m)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Cheap numbers about the last training batch for the logs: the LSTM alignment's normalised slot
+        entropy per modality (1.0 = uniform: every aligned slot the same sum of the whole clip)."""
+        out = {}
+        for m in ("visual", "audio"):
+            aligner = getattr(self, f"{m}_align")
+            entropy = aligner.mean_entropy() if isinstance(aligner, SoftAlignment) else None
+            if entropy is not None:
+                out[f"align/{m}_entropy"] = entropy
+        return out
+
+    def _normalize_inputs(self, m: str, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.standardize_features:
+            frames = getattr(self, f"{m}_standardize")(frames, mask)
+        return getattr(self, f"{m}_norm")(frames)
 
     def _modules_of(self, kind: str) -> list[nn.Module]:
         return [getattr(self, f"{m}_{kind}") for m in MODALITY_ORDER]
@@ -168,9 +203,9 @@ class CARAT(nn.Module):
         (weight 0) out of the training-time shuffle augmentation."""
         self._validate(text, text_mask, visual, visual_mask, audio, audio_mask)
         text, text_mask, truncated = self._fit_text(text, text_mask)
-        visual, visual_slots = self.visual_align(self.visual_norm(visual), visual_mask)
-        audio, audio_slots = self.audio_align(self.audio_norm(audio), audio_mask)
-        frames = (self.text_norm(text), visual, audio)
+        visual, visual_slots = self.visual_align(self._normalize_inputs("visual", visual, visual_mask), visual_mask)
+        audio, audio_slots = self.audio_align(self._normalize_inputs("audio", audio, audio_mask), audio_mask)
+        frames = (self._normalize_inputs("text", text, text_mask), visual, audio)
         masks = (text_mask, visual_slots, audio_slots)
         encoded = [enc(x, mask) for enc, x, mask in zip(self._modules_of("encoder"), frames, masks)]
         label_features = [att(h, mask) for att, (h, _), mask in zip(self._modules_of("attention"), encoded, masks)]

@@ -111,6 +111,24 @@ class ModelConfig:
     alignment is one checkpointed block. Unused without checkpoint_alignment."""
     check_inputs: bool = True
     """Validate every batch (feature dims, empty samples, NaN/inf, mask layout): one host sync per batch."""
+    standardize_features: bool = False
+    """Standardise every raw feature dimension with the train split's mean and std (from the dataset card,
+    set by the training code through CARAT.set_feature_stats, saved with the model) before the per-frame
+    LayerNorm. The reference only LayerNorms each frame over its feature dimension: with COVAREP/FACET
+    magnitudes spanning 0.05-450 that normalisation is dominated by a few large dimensions. False = reference."""
+    aligner: Literal["lstm", "pool"] = "lstm"
+    """How visual and audio are brought to the aligned length. "lstm": the reference's soft alignment (a
+    2-layer LSTM predicts, per frame, a softmax over the slots; aligned = P @ x). Its LSTM outputs are bounded
+    to +-1, so the softmax over the slots can never be sharp: measured at init, per-frame slot entropy 0.999 of
+    the maximum and aligned slots with cosine 0.999 to each other, i.e. every slot is the same sum over the
+    whole clip (BENCHMARKS.md, Learning). "pool": each sample's own frames are cut into its target number of
+    contiguous, equal segments and each slot is the mean of one segment (adaptive average pooling per
+    sample, no parameters, O(frames)): a local cue stays local and the slot keeps the frames' scale."""
+    prototype_temperature: float = 1.0
+    """Temperature of the prototype similarity softmax over {positive, negative}: sim = softmax(<e, proto> / T).
+    The reference has none (T = 1): with unit-norm latents and prototypes the two logits differ by at most ~2
+    and, measured, positive-prototype probabilities stay in [0.48, 0.52], so the prototype stand-ins are
+    inert. A smaller T makes them choose."""
 
     def __post_init__(self) -> None:
         self.checkpoint_encoders = tuple(self.checkpoint_encoders)
@@ -138,6 +156,8 @@ class ModelConfig:
         _require(0.0 <= self.prototype_momentum < 1.0,
                  f"model.prototype_momentum={self.prototype_momentum} must be in [0, 1)")
         _require(0.0 < self.threshold < 1.0, f"model.threshold={self.threshold} must be in (0, 1)")
+        _require(math.isfinite(self.prototype_temperature) and self.prototype_temperature > 0,
+                 f"model.prototype_temperature={self.prototype_temperature} must be > 0 (1 = reference)")
         self._check_alignment()
         self._check_choices()
 
@@ -163,6 +183,7 @@ class ModelConfig:
         _require(self.text_overflow in ("error", "truncate"),
                  f"model.text_overflow={self.text_overflow!r}: use 'error' or 'truncate'")
         _require(self.attention in ("sdpa", "eager"), f"model.attention={self.attention!r}: use 'sdpa' or 'eager'")
+        _require(self.aligner in ("lstm", "pool"), f"model.aligner={self.aligner!r}: use 'lstm' or 'pool'")
         for m in self.checkpoint_encoders:
             _require(m in ENCODED_MODALITIES,
                      f"model.checkpoint_encoders has {m!r}; allowed: {', '.join(ENCODED_MODALITIES)}")
@@ -202,6 +223,11 @@ class LossConfig:
     """BCE of the aggregation head on the sample/modality-shuffled SRR rows."""
     recon_clf_weight: float = 0.0
     """BCE of the per-label classifiers on the reconstructions r_m (parsed but unused in the reference)."""
+    detach_recon_targets: bool = False
+    """Stop the gradient of the reconstruction MSE terms at their target Z_m. The reference does not, so
+    the MSE can also be lowered by moving Z_m towards its reconstructions, and the cheapest way to do that is
+    to make every label feature the same constant: measured, at weight 1.0 a small model then sits at the
+    label prior. Detached, the reconstructions learn to follow Z and Z is shaped by the classifiers only."""
     pos_weight: tuple[float, ...] = (1.0, 1.1, 1.2, 2.5, 1.3, 3.0)
     """BCE positive-class weight per label (happy, sad, anger, surprise, disgust, fear); all 1.0 = reference."""
     temperature: float = 0.07

@@ -123,8 +123,9 @@ class CaratLoss(nn.Module):
     """
 
     def __init__(self, *, pos_weight: Sequence[float], term_weights: dict[str, float], temperature: float,
-                 base_temperature: float) -> None:
+                 base_temperature: float, detach_recon_targets: bool = False) -> None:
         super().__init__()
+        self.detach_recon_targets = detach_recon_targets
         missing = set(TERMS) - set(term_weights)
         if missing:
             raise ValueError(f"term_weights lacks {sorted(missing)}")
@@ -142,7 +143,7 @@ class CaratLoss(nn.Module):
         weights = {term: getattr(loss_cfg, f"{term}_weight") for term in TERMS if term != "supcon"}
         weights["supcon"] = loss_cfg.cl_weight
         return cls(pos_weight=loss_cfg.pos_weight, term_weights=weights, temperature=loss_cfg.temperature,
-                   base_temperature=loss_cfg.base_temperature)
+                   base_temperature=loss_cfg.base_temperature, detach_recon_targets=loss_cfg.detach_recon_targets)
 
     def forward(self, model: nn.Module, out: "CaratOutput", labels: torch.Tensor,  # noqa: F821
                 sample_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -175,12 +176,12 @@ class CaratLoss(nn.Module):
                                                     weight[index], self.pos_weight)
         return terms
 
-    @staticmethod
-    def _reconstruction_terms(out, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _reconstruction_terms(self, out, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        target = out.label_features.detach() if self.detach_recon_targets else out.label_features
         return {
-            "recon_mse": _modality_mse_sum(out.recon, out.label_features, weight),
-            "aug_mse": _modality_mse_sum(out.frr, out.label_features, weight),
-            "beta_mse": _modality_mse_sum(out.srr, out.label_features, weight),
+            "recon_mse": _modality_mse_sum(out.recon, target, weight),
+            "aug_mse": _modality_mse_sum(out.frr, target, weight),
+            "beta_mse": _modality_mse_sum(out.srr, target, weight),
         }
 
     def _supcon_term(self, model: nn.Module, out, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

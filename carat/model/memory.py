@@ -55,19 +55,47 @@ class Float32State(nn.Module):
         return self
 
 
+class FeatureStandardizer(Float32State):
+    """(x - mean) / std per raw feature dimension with train-split statistics (buffers, saved with the model;
+    identity until :meth:`set_stats`). Padded frames stay exactly zero."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_stats(self, mean: object, std: object, name: str = "features") -> None:
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        dim = self.mean.numel()
+        if mean_t.numel() != dim or std_t.numel() != dim:
+            raise ValueError(f"{name}: feature statistics have {mean_t.numel()}/{std_t.numel()} values, "
+                             f"the model's {name} features have {dim}")
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
+            raise ValueError(f"{name}: feature statistics must be finite with std > 0")
+        self.mean.copy_(mean_t.to(self.mean.device))
+        self.inv_std.copy_(std_t.reciprocal().to(self.inv_std.device))
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scaled = (frames - self.mean.to(frames.dtype)) * self.inv_std.to(frames.dtype)
+        return scaled * mask[..., None].to(frames.dtype)
+
+
 class LabelPrototypes(Float32State):
     """Positive / negative prototypes [C, z] of one modality (buffers, zero at start as in the reference)."""
 
-    def __init__(self, num_classes: int, latent_size: int, momentum: float) -> None:
+    def __init__(self, num_classes: int, latent_size: int, momentum: float, temperature: float = 1.0) -> None:
         super().__init__()
         self.momentum = momentum
+        self.temperature = temperature
         self.register_buffer("pos_protos", torch.zeros(num_classes, latent_size))
         self.register_buffer("neg_protos", torch.zeros(num_classes, latent_size))
 
     def similarity(self, latent_normed: torch.Tensor) -> torch.Tensor:
-        """softmax over {pos, neg} of <latent, prototype>: [B, C, z] -> [B, C, 2] (index 0 = positive)."""
+        """softmax over {pos, neg} of <latent, prototype> / temperature: [B, C, z] -> [B, C, 2] (0 = positive)."""
         protos = torch.stack([self.pos_protos, self.neg_protos], dim=-2).to(latent_normed.dtype)  # [C, 2, z]
-        return torch.softmax(torch.einsum("bcz,cnz->bcn", latent_normed, protos), dim=-1)
+        return torch.softmax(torch.einsum("bcz,cnz->bcn", latent_normed, protos) / self.temperature, dim=-1)
 
     def stand_in(self, similarity: torch.Tensor, hard: bool) -> torch.Tensor:
         """The prototype standing in for the modality [B, C, z]: the similarity-weighted mix (training) or,
