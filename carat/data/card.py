@@ -3,7 +3,8 @@
 Following "Datasheets for Datasets" (Gebru et al., 2018) in spirit, ``out_dir/card.json`` records counts per
 split, length quantiles per modality, label prevalence per split, NaN/inf counts and the replacement policy,
 skipped or incomplete segments with reasons (counts and the first keys), sha256 of the source files, the carat
-version and the configuration used, and the reference scorer: a one-vs-rest logistic regression on mean- and
+version and the configuration used, the train split's per-dimension feature mean / std (``feature_stats``, see
+:mod:`carat.data.featstats`), and the reference scorer: a one-vs-rest logistic regression on mean- and
 std-pooled features (trained on train, thresholds 0.5 and tuned on valid, scored on test), per modality and
 fused. Counts, lengths and prevalences are computed from the written manifest, so the card describes exactly
 what the shards hold.
@@ -268,8 +269,10 @@ def manifest_summary(out_dir: Path) -> dict[str, Any]:
 def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: IssueLog,
                source_files: dict[str, Path | str], reference: dict[str, Any] | None = None,
                non_finite: dict[str, Any] | None = None, notes: list[str] | tuple[str, ...] = (),
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Assemble the card of the corpus written in ``out_dir`` (the manifest must exist)."""
+               feature_stats: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble the card of the corpus written in ``out_dir`` (the manifest must exist).
+
+    ``feature_stats``: the train split's per-dimension mean / std (:mod:`carat.data.featstats`)."""
     import carat
 
     card: dict[str, Any] = {
@@ -286,6 +289,8 @@ def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: Is
         "config": config,
         "reference_scorer": reference,
     }
+    if feature_stats is not None:
+        card["feature_stats"] = feature_stats
     if extra:
         card.update(extra)
     return card

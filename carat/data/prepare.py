@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Protocol
 import numpy as np
 
 from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
+from carat.data.featstats import FeatureStatsAccumulator
 from carat.data.segment import MODALITIES, SPLITS, Segment, SegmentRef
 from carat.errors import ConfigError, DataError
 
@@ -286,9 +287,11 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
 
         collector = (ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
                                         seed=cfg.seed) if cfg.reference else None)
-        tracked = collector.wrap(load) if collector else load
+        stats = FeatureStatsAccumulator(storage.dtype)
+        tracked = stats.wrap(collector.wrap(load) if collector else load)
         index = write_corpus(refs, tracked, out, storage, progress=progress)
         reloaded = _ensure_loaded(refs, loaded, tracked) if index.shards_reused else 0
+        stats.complete(refs, load)  # a no-op after _ensure_loaded; kept so the stats never depend on it
         reference = None
         if collector is not None:
             collector.complete(load)
@@ -296,7 +299,7 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
         card = build_card(
             out, source=source.name, config={"prepare": asdict(cfg), "storage": asdict(storage)},
             issues=issues, source_files=source.source_files, reference=reference, non_finite=log.to_dict(),
-            notes=source.notes, extra={"write": {"shards_reused": index.shards_reused,
+            notes=source.notes, feature_stats=stats.to_card(), extra={"write": {"shards_reused": index.shards_reused,
                                                   "segments_loaded_after_write": reloaded}})
         write_card(out, card)
     finally:

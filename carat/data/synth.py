@@ -366,9 +366,11 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
 
     ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
-    gets the mean/std-pooled logistic-regression floor (on bounded subsamples). Returns ``out_dir``.
+    gets the mean/std-pooled logistic-regression floor (on bounded subsamples); it always gets the train split's
+    per-dimension feature statistics. Returns ``out_dir``.
     """
     from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
+    from carat.data.featstats import FeatureStatsAccumulator
     from carat.data.shards import StorageConfig, write_corpus
 
     out = Path(out_dir)
@@ -377,15 +379,17 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     refs = corpus.refs()
     collector = ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
                                    seed=cfg.seed) if reference else None
-    load = collector.wrap(corpus.load) if collector else corpus.load
+    stats = FeatureStatsAccumulator(storage.dtype)
+    load = stats.wrap(collector.wrap(corpus.load) if collector else corpus.load)
     index = write_corpus(refs, load, out, storage, progress=progress)
+    stats.complete(refs, corpus.load)  # train segments of shards kept from an interrupted run
     scores = None
     if collector is not None:
         collector.complete(corpus.load)
         scores = collector.score(progress=progress)
     card = build_card(
         out, source="synth", config={"synth": asdict(cfg), "storage": asdict(storage)},
-        issues=IssueLog(), source_files={}, reference=scores,
+        issues=IssueLog(), source_files={}, reference=scores, feature_stats=stats.to_card(),
         notes=[
             "Synthetic CMU-MOSEI-like corpus (carat.data.synth); not real data.",
             f"length_scale={cfg.length_scale}: sequence lengths are "
