@@ -11,7 +11,7 @@ import pytest
 from carat.data.card import ReferenceCollector, read_card
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.data.synth import (
-    LENGTH_BOUNDS, TINY_OVERRIDES, SynthConfig, SyntheticCorpus, plan_corpus, split_sizes, synthesize_corpus,
+    LENGTH_BOUNDS, ORACLE_METHOD, TINY_OVERRIDES, SynthConfig, SyntheticCorpus, plan_corpus, split_sizes, synthesize_corpus,
 )
 from carat.errors import ConfigError
 
@@ -114,10 +114,11 @@ def test_cues_are_planted_at_different_times_per_modality():
     assert np.median(offsets) > 0.1, "cues should not be aligned across modalities"
 
 
-def test_reference_scorer_beats_chance_on_small_corpus():
+def test_reference_scorer_beats_chance_and_oracle_beats_floor_on_small_corpus():
     cfg = SynthConfig(scale=0.1, length_scale=0.1, seed=3)
     corpus = SyntheticCorpus(cfg)
-    collector = ReferenceCollector(corpus.refs(), max_train=2000, max_eval=600, seed=3)
+    collector = ReferenceCollector(corpus.refs(), max_train=2000, max_eval=600, seed=3,
+                                   oracle=corpus.oracle_features, oracle_method=ORACLE_METHOD)
     collector.complete(corpus.load)
     result = collector.score()
     assert result["subsample"]["valid"]["used"] == min(600, split_sizes(cfg)["valid"])
@@ -125,6 +126,29 @@ def test_reference_scorer_beats_chance_on_small_corpus():
     assert result["fused"]["tuned_on_valid"]["micro_f1"] > result["all_positive_baseline"]["micro_f1"]
     for m in MODALITIES:
         assert 0.0 <= result[m]["threshold_0.5"]["macro_f1"] <= 1.0
+    # The oracle knows where the cues are: clearly above the time-blind floor on every summary.
+    oracle, fused = result["oracle"], result["fused"]
+    assert oracle["method"] == ORACLE_METHOD
+    assert set(oracle) == {"method", "threshold_0.5", "tuned_on_valid", "macro_roc_auc"}
+    assert oracle["tuned_on_valid"]["micro_f1"] >= fused["tuned_on_valid"]["micro_f1"] + 0.05
+    assert oracle["tuned_on_valid"]["macro_f1"] >= fused["tuned_on_valid"]["macro_f1"] + 0.05
+    assert oracle["macro_roc_auc"] > 0.75 and oracle["macro_roc_auc"] > fused["macro_roc_auc"] + 0.1
+
+
+def test_oracle_features_follow_the_planted_cues():
+    """A cue-carrying modality gives a large matched-filter response on its emotion, pure noise a small one."""
+    cfg = SynthConfig(scale=0.01, length_scale=0.25, cue_strength=10.0, label_noise=0.0, modality_dropout=0.0)
+    corpus = SyntheticCorpus(cfg)
+    surprise, visual = EMOTIONS.index("surprise"), MODALITIES.index("visual")
+    column = visual * len(EMOTIONS) + surprise
+    with_cue, without = [], []
+    for ref in corpus.refs()["train"]:
+        f = corpus.oracle_features(corpus.load(ref))
+        assert f.shape == (len(MODALITIES) * len(EMOTIONS) + len(MODALITIES),) and np.isfinite(f).all()
+        (with_cue if ref.locator.labels[surprise] else without).append(f[column])
+    assert len(with_cue) >= 3 and min(with_cue) > np.percentile(without, 90)
+    seg = corpus.load(corpus.refs()["train"][0])
+    np.testing.assert_array_equal(corpus.oracle_features(seg), corpus.oracle_features(seg))
 
 
 def test_synthesize_corpus_writes_shards_manifest_card_deterministically(tmp_path):
@@ -143,6 +167,7 @@ def test_synthesize_corpus_writes_shards_manifest_card_deterministically(tmp_pat
     assert set(card["lengths"]["all"]) == set(MODALITIES)
     assert set(card["lengths"]["all"]["audio"]) == {"min", "p50", "p90", "p99", "max", "mean"}
     assert card["reference_scorer"]["fused"]["tuned_on_valid"]["micro_f1"] >= 0.0
+    assert card["reference_scorer"]["oracle"] == read_card(out2)["reference_scorer"]["oracle"]  # reproducible
     assert any("length_scale" in n for n in card["notes"])
     json.dumps(card)  # plain JSON all the way down
 
@@ -158,3 +183,14 @@ def test_tiny_overrides_and_validation():
         SynthConfig(cue_dims=(8, 40, 8))
     with pytest.raises(ConfigError, match="synth.label_noise"):
         SynthConfig(label_noise=1.5)
+
+
+def test_inspect_prints_the_oracle(tmp_path, capsys):
+    from carat.data.__main__ import main
+
+    out = tmp_path / "c"
+    assert main(["synth", "--out", str(out), "--scale", "0.004", "--length-scale", "0.05", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "reference oracle" in text and "\n  oracle " in text and "reference scorer" in text

@@ -76,11 +76,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from carat.data.card import oracle_lines, read_card
     from carat.data.inspect import inspect_corpus
 
     report = inspect_corpus(Path(args.dir), plots_dir=Path(args.plots) if args.plots else None,
                             plots=not args.no_plots, token_budget=args.token_budget)
     print(report)
+    for line in oracle_lines(read_card(Path(args.dir)).get("reference_scorer")):
+        print(line)
     return 0
 
 

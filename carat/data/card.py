@@ -6,7 +6,9 @@ skipped or incomplete segments with reasons (counts and the first keys), sha256 
 version and the configuration used, the train split's per-dimension feature mean / std (``feature_stats``, see
 :mod:`carat.data.featstats`), and the reference scorer: a one-vs-rest logistic regression on mean- and
 std-pooled features (trained on train, thresholds 0.5 and tuned on valid, scored on test), per modality and
-fused. Counts, lengths and prevalences are computed from the written manifest, so the card describes exactly
+fused, and for synthetic corpora an oracle that knows the planted cues (the same regression on matched-filter
+features, ``reference_scorer["oracle"]``), so a model's score can be placed between floor and ceiling. Counts,
+lengths and prevalences are computed from the written manifest, so the card describes exactly
 what the shards hold.
 """
 
@@ -95,7 +97,12 @@ class ReferenceCollector:
     """
 
     def __init__(self, refs_by_split: dict[str, list[SegmentRef]], *, max_train: int, max_eval: int,
-                 seed: int) -> None:
+                 seed: int, oracle: Callable[[Segment], np.ndarray] | None = None, oracle_method: str = "") -> None:
+        """``oracle``: optional features of a scorer that knows the planted signal (synthetic corpora only),
+        computed on the same subsample and fitted the same way; ``oracle_method`` describes them in the card."""
+        self.oracle = oracle
+        self.oracle_method = oracle_method
+        self.oracle_features: dict[str, np.ndarray] = {}
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA7D]))
         self.chosen: dict[str, SegmentRef] = {}
         self.sampled: dict[str, int] = {}
@@ -113,6 +120,8 @@ class ReferenceCollector:
     def record(self, seg: Segment) -> None:
         if seg.key in self.chosen:
             self.features[seg.key] = (seg.split, pooled_features(seg), np.asarray(seg.labels, dtype=np.uint8))
+            if self.oracle is not None:
+                self.oracle_features[seg.key] = np.asarray(self.oracle(seg), dtype=np.float64)
 
     def wrap(self, load: Callable[[SegmentRef], Segment]) -> Callable[[SegmentRef], Segment]:
         def recording_load(ref: SegmentRef) -> Segment:
@@ -134,11 +143,22 @@ class ReferenceCollector:
         y = np.stack([y for _, y in rows])
         return x, y
 
+    def _oracle_matrices(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        keys = [k for k in sorted(self.features) if self.features[k][0] == split]
+        if not keys:
+            return np.zeros((0, 0)), np.zeros((0, len(EMOTIONS)), dtype=np.uint8)
+        return np.stack([self.oracle_features[k] for k in keys]), np.stack([self.features[k][2] for k in keys])
+
     def score(self, *, progress: bool = False) -> dict[str, Any]:
-        """Reference results (see :func:`reference_scores`) plus the subsample sizes used."""
+        """Reference results (see :func:`reference_scores`), the oracle's if any, and the subsample sizes."""
         views = {"fused": MODALITIES, **{m: (m,) for m in MODALITIES}}
         data = {name: {s: self._matrices(s, mods) for s in SPLITS} for name, mods in views.items()}
         result = reference_scores(data, progress=progress)
+        if self.oracle is not None and "skipped" not in result:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scored = score_view({s: self._oracle_matrices(s) for s in SPLITS})
+            result["oracle"] = {"method": self.oracle_method, **scored}
         result["subsample"] = {s: {"used": self.sampled[s], "of": self.available[s]} for s in SPLITS}
         return result
 
@@ -197,7 +217,6 @@ def reference_scores(data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
     ``data[view][split] = (x, y)``. Reports F1 at threshold 0.5 and with per-emotion thresholds tuned on
     valid, plus macro ROC-AUC, and the trivial "predict every emotion" baseline for scale.
     """
-    from sklearn.metrics import roc_auc_score
     from tqdm.auto import tqdm
 
     out: dict[str, Any] = {
@@ -215,18 +234,41 @@ def reference_scores(data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny corpora
         for view, splits in views:
-            (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits["train"], splits["valid"], splits["test"]
-            p_va, p_te = _fit_predict(x_tr, y_tr, [x_va, x_te])
-            thresholds = tune_thresholds_f1(y_va, p_va) if len(y_va) else np.full(len(EMOTIONS), 0.5)
-            has_both = [e for e in range(len(EMOTIONS)) if 0 < y_te[:, e].sum() < len(y_te)]
-            auc = float(roc_auc_score(y_te[:, has_both], p_te[:, has_both], average="macro")) if has_both else None
-            out[view] = {
-                "threshold_0.5": _f1_summary(y_te, p_te >= 0.5),
-                "tuned_on_valid": {**_f1_summary(y_te, p_te >= thresholds),
-                                   "thresholds": [round(float(t), 3) for t in thresholds]},
-                "macro_roc_auc": auc,
-            }
+            out[view] = score_view(splits)
     return out
+
+
+def score_view(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """One view of the reference scorer: fit on train, thresholds 0.5 and tuned on valid, scored on test.
+
+    ``splits[split] = (x, y)``. Returns ``threshold_0.5`` and ``tuned_on_valid`` F1 summaries and the test
+    macro ROC-AUC (over the emotions with both classes in test)."""
+    from sklearn.metrics import roc_auc_score
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits["train"], splits["valid"], splits["test"]
+    p_va, p_te = _fit_predict(x_tr, y_tr, [x_va, x_te])
+    thresholds = tune_thresholds_f1(y_va, p_va) if len(y_va) else np.full(len(EMOTIONS), 0.5)
+    has_both = [e for e in range(len(EMOTIONS)) if 0 < y_te[:, e].sum() < len(y_te)]
+    auc = float(roc_auc_score(y_te[:, has_both], p_te[:, has_both], average="macro")) if has_both else None
+    return {
+        "threshold_0.5": _f1_summary(y_te, p_te >= 0.5),
+        "tuned_on_valid": {**_f1_summary(y_te, p_te >= thresholds),
+                           "thresholds": [round(float(t), 3) for t in thresholds]},
+        "macro_roc_auc": auc,
+    }
+
+
+def oracle_lines(reference: dict[str, Any] | None) -> list[str]:
+    """Readable lines of the reference scorer's oracle (synthetic corpora), empty when there is none."""
+    oracle = (reference or {}).get("oracle")
+    if not oracle:
+        return []
+    auc = oracle.get("macro_roc_auc")
+    return [f"reference oracle (ceiling to approach; {oracle.get('method', '')}):",
+            f"  {'view':<8} {'micro@0.5':>9} {'macro@0.5':>9} {'micro*':>8} {'macro*':>8} {'AUC':>6}",
+            f"  {'oracle':<8} {oracle['threshold_0.5']['micro_f1']:9.3f} {oracle['threshold_0.5']['macro_f1']:9.3f} "
+            f"{oracle['tuned_on_valid']['micro_f1']:8.3f} {oracle['tuned_on_valid']['macro_f1']:8.3f} "
+            f"{auc if auc is None else format(auc, '6.3f')}"]
 
 
 # ------------------------------------------------------------------------------------------------ the card

@@ -160,6 +160,12 @@ class SynthConfig:
             raise ConfigError("synth.reference_max_train and synth.reference_max_eval must be >= 2")
 
 
+ORACLE_METHOD = (
+    "the floor's one-vs-rest logistic regression on 18 matched-filter features that use the generator's "
+    "parameters (per modality and emotion: frames un-scaled to the standardised space, projected on the planted "
+    "cue direction, median-centred, correlated with the unit-norm Hann window of the cue's width, max over time) "
+    "plus the 3 log lengths; it knows where the signal is, so it shows roughly what a model can be expected to reach")
+
 TINY_OVERRIDES: dict[str, object] = {"scale": 0.02, "length_scale": 0.1}
 """The "tiny" preset: ~460 segments with sequences a tenth of the real length (CPU smoke runs)."""
 
@@ -327,6 +333,28 @@ class SyntheticCorpus:
     def refs(self) -> dict[str, list[SegmentRef]]:
         return self.refs_by_split
 
+    def oracle_features(self, seg: Segment) -> np.ndarray:
+        """[3 * 6 + 3]: matched-filter responses (MODALITIES-major, EMOTIONS-minor), then log lengths: what a
+        scorer that knows the planted signal sees. Per modality and emotion: undo ``x * scale + mean``, project the
+        frames on the emotion's cue direction, remove the median over time (the speaker offset and background
+        level), correlate with the unit-norm Hann window of the cue's width and take the max over time. The max of
+        pure noise grows with the number of windows, so the log length of each modality goes along (see
+        ORACLE_METHOD)."""
+        from scipy.signal import fftconvolve
+
+        out = np.empty((len(MODALITIES), len(EMOTIONS)))
+        for j, m in enumerate(MODALITIES):
+            p = self.params[m]
+            x = np.asarray(getattr(seg, m), dtype=np.float64)
+            proj = ((x - p.mean) / p.scale) @ p.directions.T.astype(np.float64)  # [T, 6]
+            proj -= np.median(proj, axis=0)
+            window = _hann(min(p.cue_frames, len(proj))).astype(np.float64)
+            window /= np.linalg.norm(window)
+            response = fftconvolve(proj, window[::-1, None], mode="valid", axes=0)  # [T - width + 1, 6]
+            out[j] = response.max(axis=0)
+        log_lengths = [math.log(len(getattr(seg, m))) for m in MODALITIES]
+        return np.concatenate([out.reshape(-1), log_lengths])
+
     def load(self, ref: SegmentRef) -> Segment:
         """Generate one segment's features from its own seeded stream (independent of any other segment)."""
         plan: SynthPlan = ref.locator
@@ -366,7 +394,8 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
 
     ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
-    gets the mean/std-pooled logistic-regression floor (on bounded subsamples); it always gets the train split's
+    gets the mean/std-pooled logistic-regression floor and the oracle that knows the planted cues (on bounded
+    subsamples, as ``reference_scorer["fused"]`` and ``["oracle"]``); it always gets the train split's
     per-dimension feature statistics. Returns ``out_dir``.
     """
     from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
@@ -378,7 +407,8 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     corpus = SyntheticCorpus(cfg)
     refs = corpus.refs()
     collector = ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
-                                   seed=cfg.seed) if reference else None
+                                   seed=cfg.seed, oracle=corpus.oracle_features,
+                                   oracle_method=ORACLE_METHOD) if reference else None
     stats = FeatureStatsAccumulator(storage.dtype)
     load = stats.wrap(collector.wrap(corpus.load) if collector else corpus.load)
     index = write_corpus(refs, load, out, storage, progress=progress)
