@@ -11,7 +11,8 @@ import pytest
 from carat.data.card import ReferenceCollector, read_card
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.data.synth import (
-    LENGTH_BOUNDS, ORACLE_METHOD, TINY_OVERRIDES, SynthConfig, SyntheticCorpus, plan_corpus, split_sizes, synthesize_corpus,
+    CUE_STRENGTH, LENGTH_BOUNDS, ORACLE_METHOD, TINY_OVERRIDES, SynthConfig, SyntheticCorpus, cue_strength_table,
+    plan_corpus, split_sizes, synthesize_corpus,
 )
 from carat.errors import ConfigError
 
@@ -183,6 +184,79 @@ def test_tiny_overrides_and_validation():
         SynthConfig(cue_dims=(8, 40, 8))
     with pytest.raises(ConfigError, match="synth.label_noise"):
         SynthConfig(label_noise=1.5)
+    with pytest.raises(ConfigError, match="synth.cue_layout='diagonal' must be one of"):
+        SynthConfig(cue_layout="diagonal")
+    with pytest.raises(ConfigError, match="synth.feature_scale_spread=-1.0"):
+        SynthConfig(feature_scale_spread=-1.0)
+    with pytest.raises(ConfigError, match="synth.feature_mean_spread"):
+        SynthConfig(feature_mean_spread=float("nan"))
+
+
+def test_structure_knobs_at_their_defaults_change_nothing():
+    explicit = SyntheticCorpus(SynthConfig(scale=0.005, length_scale=0.1, cue_layout="default",
+                                           feature_scale_spread=0.5, feature_mean_spread=0.5))
+    plain = SyntheticCorpus(TINY)
+    np.testing.assert_array_equal(explicit.cue_strength, np.asarray(CUE_STRENGTH, dtype=np.float32))
+    ref = plain.refs()["test"][2]
+    a, b = plain.load(ref), explicit.load(explicit.refs()["test"][2])
+    for m in MODALITIES:
+        np.testing.assert_array_equal(getattr(a, m), getattr(b, m))
+
+
+def test_shuffled_layout_permutes_each_emotions_row_from_the_seed():
+    tables = [cue_strength_table(SynthConfig(cue_layout="shuffled", seed=s)) for s in range(4)]
+    base = np.asarray(CUE_STRENGTH, dtype=np.float32)
+    for t in tables:
+        np.testing.assert_array_equal(np.sort(t, axis=1), np.sort(base, axis=1))  # same values per emotion
+    assert any(not np.array_equal(t, base) for t in tables)
+    assert not all(np.array_equal(tables[0], t) for t in tables[1:])
+    np.testing.assert_array_equal(tables[1], cue_strength_table(SynthConfig(cue_layout="shuffled", seed=1)))
+    # The generator plants with the shuffled table: an emotion whose strongest modality moved now shows its cue
+    # best in the new one (matched-filter responses of the oracle, averaged over segments carrying it).
+    cfg = SynthConfig(scale=0.02, length_scale=0.25, cue_layout="shuffled", seed=2, label_noise=0.0,
+                      modality_dropout=0.0)
+    corpus = SyntheticCorpus(cfg)
+    table = corpus.cue_strength
+    moved = [e for e in range(len(EMOTIONS)) if table[e].argmax() != base[e].argmax()]
+    assert moved, "seed 2 should move some emotion's strongest modality"
+    e = moved[0]
+    refs = [r for r in corpus.refs()["train"] if r.locator.labels[e]][:30]
+    response = np.mean([corpus.oracle_features(corpus.load(r))[:18].reshape(3, 6)[:, e] for r in refs], axis=0)
+    assert response[table[e].argmax()] > response[base[e].argmax()]
+
+
+def test_feature_spreads_scale_the_same_draws():
+    """scale = exp(spread * z), mean = spread * z' with the same z, z': spreads change magnitudes, not structure."""
+    a = SyntheticCorpus(SynthConfig(scale=0.005))
+    b = SyntheticCorpus(SynthConfig(scale=0.005, feature_scale_spread=2.0, feature_mean_spread=1.5))
+    for m in MODALITIES:
+        np.testing.assert_allclose(np.log(b.params[m].scale), 4.0 * np.log(a.params[m].scale), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.params[m].mean, 3.0 * a.params[m].mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(b.params[m].directions, a.params[m].directions)
+    spans = np.concatenate([b.params[m].scale for m in MODALITIES])
+    assert spans.max() / spans.min() > 1000  # real-feature-like magnitudes
+
+
+def test_synth_cli_structure_flags_reach_config_and_card(tmp_path):
+    from carat.data.__main__ import main
+
+    out = tmp_path / "c"
+    assert main(["synth", "--out", str(out), "--scale", "0.003", "--length-scale", "0.05", "--no-reference",
+                 "--cue-strength", "4", "--cue-layout", "shuffled", "--feature-scale-spread", "2.0",
+                 "--feature-mean-spread", "1.0", "--label-noise", "0.2", "--seed", "4", "--no-progress"]) == 0
+    card = read_card(out)
+    synth = card["config"]["synth"]
+    assert (synth["cue_strength"], synth["cue_layout"], synth["feature_scale_spread"], synth["feature_mean_spread"],
+            synth["label_noise"]) == (4.0, "shuffled", 2.0, 1.0, 0.2)
+    planted = card["planted_signal"]
+    table = cue_strength_table(SynthConfig(cue_layout="shuffled", seed=4))
+    assert planted["cue_layout"] == "shuffled"
+    np.testing.assert_allclose([[planted["cue_strength"][e][m] for m in MODALITIES] for e in EMOTIONS], table,
+                               rtol=1e-4)
+    lo, hi = planted["feature_scale_range"]["text"]
+    assert hi / lo > 1000
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "d"), "--cue-layout", "diagonal"])
 
 
 def test_inspect_prints_the_oracle(tmp_path, capsys):

@@ -46,10 +46,34 @@ def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
+SYNTH_KNOBS = ("cue_strength", "cue_layout", "feature_scale_spread", "feature_mean_spread", "label_noise")
+"""SynthConfig fields the synth command exposes (unset flags keep SynthConfig's defaults)."""
+
+
+def _add_structure_args(p: argparse.ArgumentParser) -> None:
+    from carat.data.synth import CUE_LAYOUTS, SynthConfig
+
+    d = SynthConfig()
+    g = p.add_argument_group("planted structure (defaults: the standard synthetic corpus)")
+    g.add_argument("--cue-strength", type=float, default=None,
+                   help=f"amplitude of a planted cue in background-noise units (default {d.cue_strength})")
+    g.add_argument("--cue-layout", choices=CUE_LAYOUTS, default=None,
+                   help="which modality carries which emotion: the default table, or each emotion's row permuted "
+                        "across modalities from the seed (default default)")
+    g.add_argument("--feature-scale-spread", type=float, default=None,
+                   help=f"log-std of the per-dimension feature scale (default {d.feature_scale_spread}; ~2.0 "
+                        "mimics real COVAREP/FACET magnitudes)")
+    g.add_argument("--feature-mean-spread", type=float, default=None,
+                   help=f"std of the per-dimension feature mean, in feature units (default {d.feature_mean_spread})")
+    g.add_argument("--label-noise", type=float, default=None,
+                   help=f"probability that a present emotion leaves no cue at all (default {d.label_noise})")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from carat.data.synth import SynthConfig, split_sizes, synthesize_corpus
 
-    cfg = SynthConfig(seed=args.seed, scale=args.scale, length_scale=args.length_scale)
+    knobs = {name: getattr(args, name) for name in SYNTH_KNOBS if getattr(args, name) is not None}
+    cfg = SynthConfig(seed=args.seed, scale=args.scale, length_scale=args.length_scale, **knobs)
     storage = _storage_from_args(args)
     sizes = split_sizes(cfg)
     print(f"synthesising {sum(sizes.values())} segments {sizes} into {args.out} "
@@ -102,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-scale", type=float, default=1.0,
                    help="shrink all sequence lengths by this factor, for fast CPU tests only (default 1.0)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference scorer in the card")
+    _add_structure_args(p)
     _add_storage_args(p)
     p.set_defaults(func=_cmd_synth)
 

@@ -11,7 +11,9 @@ modality, shaped by a Hann window) at an independent random time in each modalit
 unaligned. Cue strength differs by modality (surprise lives mostly in the face, anger in the voice, disgust in
 the words), a cue can be missing from one modality, background is smooth AR(1) noise with per-dimension
 scales, every video has its own constant offset ("speaker style"), and a fraction of labels disagree with
-the evidence (label noise). A short, local cue in a long sequence is diluted by mean pooling and a missing cue
+the evidence (label noise). Knobs change that structure for checks on corpora nothing was tuned to: which
+modality carries which emotion (``cue_layout``), how far the per-dimension scales and means spread
+(``feature_scale_spread``, ``feature_mean_spread``), cue strength and label noise. A short, local cue in a long sequence is diluted by mean pooling and a missing cue
 in one modality is recovered from another, so fusing modalities and attending over time beats any single
 modality or a mean-pooled linear model (the reference scorer in the dataset card is that floor).
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,8 +59,11 @@ CUE_STRENGTH: tuple[tuple[float, float, float], ...] = (
     (0.4, 0.7, 0.7),  # fear: face and voice
 )
 
+CUE_LAYOUTS: tuple[str, ...] = ("default", "shuffled")
+MAX_SPREAD = 4.0  # feature_scale_spread = 4 already gives scales of exp(+-16) at 4 sigma
+
 # Independent random streams derived from the seed (SeedSequence entropy), one per purpose.
-_STREAM_PLAN, _STREAM_SEGMENT, _STREAM_VIDEO, _STREAM_GLOBAL = 1, 2, 3, 4
+_STREAM_PLAN, _STREAM_SEGMENT, _STREAM_VIDEO, _STREAM_GLOBAL, _STREAM_LAYOUT = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -117,6 +122,18 @@ class SynthConfig:
     a few features (a facial action unit, a pitch statistic), which is what makes them learnable."""
     speaker_offset: float = 0.3
     """Std of a constant per-video offset added to every frame: it hides cues from mean pooling."""
+    cue_layout: Literal["default", "shuffled"] = "default"
+    """Which modality carries which emotion. "default": the CUE_STRENGTH table (surprise in the face, anger in the
+    voice, ...). "shuffled": each emotion's row of that table is permuted across the three modalities by a draw
+    from the seed, so a corpus can be made whose structure nothing was tuned to. The table used is in the card."""
+    feature_scale_spread: float = 0.5
+    """Log-space std of the per-dimension feature scale: frames are ``x * scale + mean`` with ``scale =
+    exp(N(0, spread))``. 0.5 spans ~0.4-2.7 over a modality; ~2.0 mimics real COVAREP / FACET magnitudes
+    (~0.05-450), which models must standardise away. Above ~2.5 the largest values can pass float16's +-65504:
+    the shard writer then stops with a DataError naming the segment (store float32)."""
+    feature_mean_spread: float = 0.5
+    """Std of the per-dimension feature mean ``mean ~ N(0, spread)``, in feature units (independent of the
+    dimension's scale, so a small-scale dimension can sit far from 0, as real features do)."""
     reference_max_train: int = 4000
     """Reference scorer: at most this many train segments (a seeded subsample), to keep it fast."""
     reference_max_eval: int = 3000
@@ -158,6 +175,13 @@ class SynthConfig:
             raise ConfigError(f"synth.cue_dims={self.cue_dims} must be 3 ints, each in 1..{dims} (text, visual, audio)")
         if self.reference_max_train < 2 or self.reference_max_eval < 2:
             raise ConfigError("synth.reference_max_train and synth.reference_max_eval must be >= 2")
+        if self.cue_layout not in CUE_LAYOUTS:
+            raise ConfigError(f"synth.cue_layout={self.cue_layout!r} must be one of {CUE_LAYOUTS}")
+        for name in ("feature_scale_spread", "feature_mean_spread"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= MAX_SPREAD:
+                raise ConfigError(f"synth.{name}={value} must be in [0, {MAX_SPREAD}] (log-space / feature-unit "
+                                  "std; 0.5 is the default, ~2.0 mimics real feature magnitudes)")
 
 
 ORACLE_METHOD = (
@@ -191,6 +215,17 @@ def split_sizes(cfg: SynthConfig) -> dict[str, int]:
 
 def _rng(cfg: SynthConfig, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, *stream]))
+
+
+def cue_strength_table(cfg: SynthConfig) -> np.ndarray:
+    """[6, 3] relative cue strength per emotion (EMOTIONS) and modality (MODALITIES) under ``cfg.cue_layout``.
+
+    "shuffled" permutes each emotion's row with its own stream, so the default layout's bytes never change."""
+    table = np.asarray(CUE_STRENGTH, dtype=np.float32)
+    if cfg.cue_layout == "shuffled":
+        rng = _rng(cfg, _STREAM_LAYOUT)
+        table = np.stack([row[rng.permutation(len(MODALITIES))] for row in table])
+    return table
 
 
 # ----------------------------------------------------------------------------------------------- plan (cheap)
@@ -302,7 +337,8 @@ class SyntheticCorpus:
         self.cfg = cfg
         self.refs_by_split = plan_corpus(cfg)
         self.params = self._draw_params()
-        self._strength = np.asarray(CUE_STRENGTH, dtype=np.float32) * cfg.cue_strength
+        self.cue_strength = cue_strength_table(cfg)
+        self._strength = self.cue_strength * cfg.cue_strength
 
     def _draw_params(self) -> dict[str, _ModalityParams]:
         rng = _rng(self.cfg, _STREAM_GLOBAL)
@@ -323,8 +359,8 @@ class SyntheticCorpus:
             directions /= np.linalg.norm(directions, axis=1, keepdims=True)
             params[m] = _ModalityParams(
                 directions=directions.astype(np.float32),
-                scale=np.exp(rng.normal(0.0, 0.5, size=d)).astype(np.float32),
-                mean=rng.normal(0.0, 0.5, size=d).astype(np.float32),
+                scale=np.exp(rng.normal(0.0, self.cfg.feature_scale_spread, size=d)).astype(np.float32),
+                mean=rng.normal(0.0, self.cfg.feature_mean_spread, size=d).astype(np.float32),
                 ar=self.cfg.ar_coefficients[j],
                 cue_frames=max(1, int(round(cue_frames[m] * self.cfg.length_scale))),
             )
@@ -389,6 +425,20 @@ class SyntheticCorpus:
         )
 
 
+def planted_signal(corpus: SyntheticCorpus) -> dict[str, Any]:
+    """What the card says about the planted structure: the cue layout actually used (relative strength per
+    emotion and modality, times ``cue_strength``) and the spread of the per-dimension scales and means."""
+    return {
+        "cue_layout": corpus.cfg.cue_layout,
+        "cue_strength": {e: dict(zip(MODALITIES, (round(float(v), 4) for v in row)))
+                         for e, row in zip(EMOTIONS, corpus.cue_strength)},
+        "feature_scale_range": {m: [round(float(p.scale.min()), 6), round(float(p.scale.max()), 6)]
+                                for m, p in corpus.params.items()},
+        "feature_mean_range": {m: [round(float(p.mean.min()), 6), round(float(p.mean.max()), 6)]
+                               for m, p in corpus.params.items()},
+    }
+
+
 def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None, *, progress: bool = False,
                       reference: bool = True) -> Path:
     """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
@@ -426,7 +476,7 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
             + ("the realistic ones." if cfg.length_scale == 1.0 else
                "shrunk for fast CPU runs; do not compare timings or scores with full-length data."),
         ],
-        extra={"write": {"shards_reused": index.shards_reused}},
+        extra={"write": {"shards_reused": index.shards_reused}, "planted_signal": planted_signal(corpus)},
     )
     write_card(out, card)
     return out
@@ -434,5 +484,6 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
 
 __all__ = [
     "SynthConfig", "TINY_OVERRIDES", "SyntheticCorpus", "SynthPlan", "synthesize_corpus", "plan_corpus",
-    "split_sizes", "draw_lengths", "draw_labels", "ar1_noise", "LENGTH_BOUNDS",
+    "split_sizes", "draw_lengths", "draw_labels", "ar1_noise", "LENGTH_BOUNDS", "ORACLE_METHOD", "CUE_LAYOUTS",
+    "cue_strength_table", "planted_signal",
 ]
