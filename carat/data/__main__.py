@@ -74,8 +74,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     knobs = {name: getattr(args, name) for name in SYNTH_KNOBS if getattr(args, name) is not None}
     cfg = SynthConfig(seed=args.seed, scale=args.scale, length_scale=args.length_scale, **knobs)
-    storage = _storage_from_args(args)
     sizes = split_sizes(cfg)
+    if args.format == "csd":
+        from carat.data.synth_csd import write_synthetic_csd
+
+        print(f"exporting {sum(sizes.values())} synthetic segments {sizes} as CMU-MultimodalSDK .csd files into "
+              f"{args.out} (seed {cfg.seed}, length_scale {cfg.length_scale})", file=sys.stderr)
+        out = write_synthetic_csd(Path(args.out), cfg)
+        print(f"wrote {out}; convert with: python -m carat.data prepare --source csd --input {out} --out SHARDS")
+        return 0
+    storage = _storage_from_args(args)
     print(f"synthesising {sum(sizes.values())} segments {sizes} into {args.out} "
           f"(seed {cfg.seed}, length_scale {cfg.length_scale}, {storage.dtype})", file=sys.stderr)
     out = synthesize_corpus(Path(args.out), cfg, storage, progress=_show_progress(args),
@@ -121,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unaligned lengths, test-split label prevalences, a planted multimodal signal, "
                                    "and a dataset card with a logistic-regression reference floor.")
     p.add_argument("--out", required=True, help="output directory (shards, manifest.parquet, card.json)")
+    p.add_argument("--format", choices=("shards", "csd"), default="shards",
+                   help="shards: carat's sorted WebDataset shards + card (default); csd: the four CMU-MultimodalSDK "
+                        ".csd files of CMU-MOSEI (standard-fold video ids), to run `prepare --source csd` on; "
+                        "storage and reference options apply to shards only")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the real split sizes (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same bytes")
     p.add_argument("--length-scale", type=float, default=1.0,

@@ -194,10 +194,8 @@ def _scan_non_finite(source: Source, refs_by_split: dict[str, list[SegmentRef]],
 
 # ---------------------------------------------------------------------------------------------- folds
 
-def load_folds(path: Path | None = None) -> dict[str, str]:
-    """video id -> split from a folds JSON ({"train": [...], "valid": [...], "test": [...]}).
-
-    Default: the standard CMU-MOSEI folds shipped with carat (CMU-MultimodalSDK ``cmu_mosei_std_folds``)."""
+def load_fold_lists(path: Path | None = None) -> tuple[dict[str, list[str]], str]:
+    """(split -> video ids in file order, where they came from) of a folds JSON; see :func:`load_folds`."""
     try:
         if path is None:
             text = resources.files("carat.data").joinpath("mosei_std_folds.json").read_text()
@@ -209,12 +207,20 @@ def load_folds(path: Path | None = None) -> dict[str, str]:
         raise DataError(f"{path}: folds file not found") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"{path or 'mosei_std_folds.json'}: unreadable folds JSON ({exc})") from exc
-    missing = [s for s in SPLITS if not isinstance(doc.get(s), list)]
+    missing = [s for s in SPLITS if not isinstance(doc.get(s) if isinstance(doc, dict) else None, list)]
     if missing:
         raise DataError(f"{origin}: folds JSON needs lists {list(SPLITS)}; missing or not a list: {missing}")
+    return {split: [str(v) for v in doc[split]] for split in SPLITS}, origin
+
+
+def load_folds(path: Path | None = None) -> dict[str, str]:
+    """video id -> split from a folds JSON ({"train": [...], "valid": [...], "test": [...]}).
+
+    Default: the standard CMU-MOSEI folds shipped with carat (CMU-MultimodalSDK ``cmu_mosei_std_folds``)."""
+    lists, origin = load_fold_lists(path)
     video_split: dict[str, str] = {}
     for split in SPLITS:
-        for vid in doc[split]:
+        for vid in lists[split]:
             if video_split.get(str(vid), split) != split:
                 raise DataError(f"{origin}: video {vid!r} is in both {video_split[str(vid)]!r} and {split!r}")
             video_split[str(vid)] = split
