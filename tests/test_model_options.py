@@ -111,4 +111,61 @@ def test_diagnostics_report_the_lstm_alignment_entropy_only_for_the_lstm():
 def test_reference_defaults_are_unchanged():
     cfg, loss = tiny_config(), LossConfig()
     assert cfg.aligner == "lstm" and cfg.prototype_temperature == 1.0 and not cfg.standardize_features
+    assert cfg.modality_fusion == "max" and cfg.score_rule == "reference" and cfg.input_dropout == 0.0
     assert not loss.detach_recon_targets
+
+
+def test_sum_fusion_adds_the_modality_logits_and_max_takes_the_largest():
+    batch = make_batch(LENGTHS)
+    outs = {}
+    for fusion in ("max", "sum"):
+        model = tiny_model(seed=2, modality_fusion=fusion).eval()
+        perturb_parameters(model)
+        with torch.no_grad():
+            out = model(**batch)
+            outs[fusion] = (out, model.classifiers(out.label_features))
+    (out_max, per_mod), (out_sum, _) = outs["max"], outs["sum"]
+    torch.testing.assert_close(out_max.lsr_logits, per_mod.amax(dim=1))
+    torch.testing.assert_close(out_sum.lsr_logits, per_mod.sum(dim=1))
+
+
+def test_with_lsr_score_rule_averages_in_the_label_feature_classifiers():
+    batch = make_batch(LENGTHS)
+    model = tiny_model(seed=3, score_rule="with_lsr").eval()
+    perturb_parameters(model)
+    with torch.no_grad():
+        out = model(**batch)
+        score = model.scores(out)
+    expected = (torch.sigmoid(out.agg_logits).mean(1) + torch.sigmoid(out.srr_logits)
+                + torch.sigmoid(out.lsr_logits)) / 3
+    torch.testing.assert_close(score, expected)
+
+
+def test_input_dropout_acts_in_training_only_and_keeps_padding_invariance():
+    from tests.model_helpers import stack_samples
+
+    model = tiny_model(seed=4, input_dropout=0.5)
+    perturb_parameters(model)
+    batch = make_batch(LENGTHS)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.scores(model(**batch)), model.scores(model(**batch))
+        torch.testing.assert_close(a, b)
+        alone = {k: v[:1] for k, v in batch.items()}
+        torch.testing.assert_close(model.scores(model(**stack_samples([alone, {k: v[1:2] for k, v in batch.items()}])))[:1],
+                                   model.scores(model(**alone)), rtol=1e-5, atol=1e-6)
+    model.train()
+    torch.manual_seed(0)
+    t1 = model(**batch).lsr_logits
+    torch.manual_seed(1)
+    t2 = model(**batch).lsr_logits
+    assert not torch.allclose(t1, t2)
+
+
+@pytest.mark.parametrize("key,value", [("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0),
+                                       ("aligner", "conv"), ("prototype_temperature", 0.0)])
+def test_bad_option_values_are_config_errors(key, value):
+    from carat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(**{key: value})

@@ -129,6 +129,9 @@ class CARAT(nn.Module):
         self.text_truncated_total = 0
         d, z, c = cfg.hidden_size, cfg.projection_size, cfg.num_classes
         self.standardize_features = cfg.standardize_features
+        self.input_dropout = cfg.input_dropout
+        self.modality_fusion = cfg.modality_fusion
+        self.score_rule = cfg.score_rule
         for m in MODALITY_ORDER:
             if cfg.standardize_features:
                 self.add_module(f"{m}_standardize", FeatureStandardizer(self.feature_dims[m]))
@@ -206,6 +209,8 @@ class CARAT(nn.Module):
         visual, visual_slots = self.visual_align(self._normalize_inputs("visual", visual, visual_mask), visual_mask)
         audio, audio_slots = self.audio_align(self._normalize_inputs("audio", audio, audio_mask), audio_mask)
         frames = (self._normalize_inputs("text", text, text_mask), visual, audio)
+        if self.input_dropout > 0:  # zero stays zero, so padding is unaffected
+            frames = tuple(F.dropout(x, self.input_dropout, self.training) for x in frames)
         masks = (text_mask, visual_slots, audio_slots)
         encoded = [enc(x, mask) for enc, x, mask in zip(self._modules_of("encoder"), frames, masks)]
         label_features = [att(h, mask) for att, (h, _), mask in zip(self._modules_of("attention"), encoded, masks)]
@@ -229,9 +234,13 @@ class CARAT(nn.Module):
         stacks = {name: torch.stack(list(x), dim=1) for name, x in
                   (("label_features", label_features), ("latent", latent), ("recon", recon), ("frr", frr),
                    ("srr", srr), ("prototype_similarity", similarity))}
-        logits = {f"{name}_logits": self.classifiers(stacks[key]).amax(dim=1) for name, key in
+        logits = {f"{name}_logits": self._fuse(self.classifiers(stacks[key])) for name, key in
                   (("lsr", "label_features"), ("frr", "frr"), ("srr", "srr"), ("recon", "recon"))}
         return {**stacks, **logits, "agg_logits": self._aggregate(stacks["srr"])}
+
+    def _fuse(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, 3, C] per-modality classifier logits -> [B, C] (model.modality_fusion)."""
+        return logits.amax(dim=1) if self.modality_fusion == "max" else logits.sum(dim=1)
 
     def _aggregate(self, stack: torch.Tensor) -> torch.Tensor:
         """agg over [B, 3, C, d] -> [B, 3, C]: each slot's C label vectors concatenated (C*d) -> d -> C."""
@@ -279,7 +288,10 @@ class CARAT(nn.Module):
     def scores(self, out: CaratOutput) -> torch.Tensor:
         """[B, C] probabilities: (mean over the 3 aggregation rows of sigmoid + sigmoid(out_4)) / 2.
         In eval mode ``out`` was computed with the hard prototype choice."""
-        return (torch.sigmoid(out.agg_logits.float()).mean(dim=1) + torch.sigmoid(out.srr_logits.float())) / 2
+        heads = [torch.sigmoid(out.agg_logits.float()).mean(dim=1), torch.sigmoid(out.srr_logits.float())]
+        if self.score_rule == "with_lsr":
+            heads.append(torch.sigmoid(out.lsr_logits.float()))
+        return sum(heads) / len(heads)
 
     def predict(self, out: CaratOutput) -> torch.Tensor:
         """[B, C] bool: scores above ``ModelConfig.threshold``."""
