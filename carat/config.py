@@ -68,8 +68,14 @@ class TrainConfig:
     """Seeds parameters, the batch plan shuffle and augmentation."""
     tune_thresholds: bool = True
     """Also report test metrics at per-class thresholds tuned on validation."""
+    select_metric: Literal["micro_f1", "macro_f1", "macro_auc", "tuned_micro_f1", "tuned_macro_f1"] = "micro_f1"
+    """Validation metric that picks the best epoch (the model kept in best/ and scored on test). The seed
+    selects on micro-F1 at the fixed threshold (micro_f1); on a small validation split that swings between
+    epochs, while macro_auc (threshold-free ROC-AUC) and tuned_* (F1 at per-class thresholds tuned on the
+    validation split itself) move smoothly."""
     log_every: int = 10
-    """Steps between JSONL/TensorBoard log lines."""
+    """Steps between JSONL/TensorBoard log lines; each also logs per-module gradient norms (grad/*, gathered
+    from every rank under ZeRO, so it costs a little) and the model's diagnostics."""
     max_steps_per_epoch: int | None = None
     """Cap on steps per epoch (smoke tests); None = the whole epoch."""
     use_gpu: bool | None = None

@@ -11,9 +11,17 @@ Emotion Recognition via Adversarial Masking and Perturbation", and its predecess
 - micro / macro precision, recall, F1 and per-emotion precision, recall, F1, support, with sklearn's
   ``zero_division=0`` semantics: a ratio whose denominator is 0 is 0.
 
+- macro_auc: ROC-AUC per emotion, averaged over the emotions that have both classes in the split (sklearn's
+  ``roc_auc_score(..., average="macro")`` on those columns; None when no emotion has both). It does not
+  depend on a threshold, so it moves smoothly between epochs where F1 at a fixed threshold jumps.
+
 A prediction is positive when its score is ``> threshold`` (the design note's rule) (seed threshold 0.2); thresholds may differ per
 emotion. Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError)
 naming the problem.
+
+The end of the module judges a run against its dataset card: :func:`verdict` (the model's test scores next to
+the card's pooled-feature floor, the predict-every-emotion baseline and, when the card has one, the oracle)
+and :func:`result_warnings`.
 """
 
 from __future__ import annotations
@@ -135,9 +143,10 @@ def jaccard_accuracy(y_true: np.ndarray, y_pred: np.ndarray, *, empty_score: flo
 def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray) -> dict:
     """All evaluation metrics of one split at one threshold (a float or one per emotion).
 
-    Returns a JSON-serialisable dict: the scalars named in :data:`SUMMARY_METRICS`, ``per_emotion``
-    (emotion -> precision, recall, f1, support), ``n_samples``, ``n_positive`` (true labels) and
-    ``threshold`` (a float, or a list of 6 when per-emotion thresholds were given).
+    Returns a JSON-serialisable dict: the scalars named in :data:`SUMMARY_METRICS`, ``macro_auc`` (a float,
+    or None when no emotion has both classes), ``per_emotion`` (emotion -> precision, recall, f1, support,
+    auc; auc None for a one-class emotion), ``n_samples``, ``n_positive`` (true labels) and ``threshold`` (a
+    float, or a list of 6 when per-emotion thresholds were given).
     """
     y, s = validate_inputs(y_true, scores)
     t = _check_threshold(threshold)
@@ -149,6 +158,7 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | n
     precision, recall, f1 = _prf(tp, fp, fn)
     micro_p, micro_r, micro_f1 = _prf(tp.sum(), fp.sum(), fn.sum())
     support = y.sum(axis=0)
+    auc = [roc_auc(y[:, c], s[:, c]) for c in range(NUM_CLASSES)]
 
     scalar_threshold = np.ndim(threshold) == 0
     return {
@@ -161,15 +171,64 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | n
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
+        "macro_auc": _mean_defined(auc),
         "per_emotion": {
             name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                   "support": int(support[c])}
+                   "support": int(support[c]), "auc": auc[c]}
             for c, name in enumerate(EMOTIONS)
         },
         "n_samples": int(y.shape[0]),
         "n_positive": int(support.sum()),
         "threshold": float(t[0]) if scalar_threshold else [float(v) for v in t],
     }
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` with ties sharing their average rank (the Mann-Whitney convention)."""
+    order = np.argsort(values, kind="mergesort")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(values.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve of one emotion (1-d labels and scores), None when only one class is present.
+
+    Computed as the Mann-Whitney statistic: the probability that a random positive scores above a random
+    negative, ties counting one half (equal to sklearn's ``roc_auc_score``).
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = _average_ranks(s)[y].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def macro_roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean ROC-AUC over the emotions that have both classes in ``y_true`` (None if none has)."""
+    y, s = validate_inputs(y_true, scores)
+    return _mean_defined([roc_auc(y[:, c], s[:, c]) for c in range(NUM_CLASSES)])
+
+
+def constant_prediction(scores: np.ndarray, threshold: float | np.ndarray) -> tuple[str, ...] | None:
+    """The emotions every sample is given at ``threshold`` when all samples get the same label set, else None.
+
+    A model whose predictions do not vary over a split has learned only the label prior (all six emotions
+    at the seed threshold 0.2 is the usual case). Needs two or more samples: one sample is trivially constant.
+    """
+    pred = binarize(scores, threshold)
+    if pred.shape[0] < 2 or not (pred == pred[0]).all():
+        return None
+    return tuple(name for name, on in zip(EMOTIONS, pred[0]) if on)
 
 
 # ------------------------------------------------------------------------------------ threshold selection
@@ -202,6 +261,15 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | S
         # Rounded distance so equidistant grid points really tie (then argmin takes the smaller).
         tuned[c] = g[best[np.argmin(np.round(np.abs(g[best] - default), 9))]]
     return tuned
+
+
+def tuned_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict:
+    """:func:`compute_metrics` at per-emotion thresholds tuned (:func:`tune_thresholds`) on the same data.
+
+    Optimistic as an estimate (the thresholds saw the labels they are scored on), but far less jumpy between
+    epochs than F1 at one fixed threshold: it measures how well the scores rank, threshold aside.
+    """
+    return compute_metrics(y_true, scores, tune_thresholds(y_true, scores))
 
 
 # ----------------------------------------------------------------------------------- precision vs recall
@@ -268,6 +336,8 @@ def format_results_table(results: Mapping[str, Mapping], *, metrics: Sequence[st
 def _cell(result: Mapping, metric: str, digits: int, column: str) -> str:
     if metric not in result:
         raise DataError(f"column {column!r} has no metric {metric!r}; it has {sorted(result)}")
+    if result[metric] is None:  # undefined on this split (macro_auc with no two-class emotion)
+        return "-"
     return f"{float(result[metric]):.{digits}f}"
 
 
@@ -276,3 +346,119 @@ def _emotion_cell(result: Mapping, emotion: str, digits: int, column: str) -> st
         return f"{float(result['per_emotion'][emotion]['f1']):.{digits}f}"
     except (KeyError, TypeError):
         raise DataError(f"column {column!r} has no per_emotion F1 for {emotion!r}") from None
+
+
+# ------------------------------------------------------------------------------------- a run vs its card
+def _f1_pair(scores: Mapping | None) -> dict[str, float] | None:
+    if not isinstance(scores, Mapping) or "micro_f1" not in scores or "macro_f1" not in scores:
+        return None
+    return {"micro_f1": float(scores["micro_f1"]), "macro_f1": float(scores["macro_f1"])}
+
+
+def card_references(card: Mapping) -> dict[str, dict[str, float] | None]:
+    """The test-split reference scores of a dataset card (``card.json``), each {micro_f1, macro_f1} or None.
+
+    ``floor``: logistic regression on mean+std pooled features, thresholds tuned on valid (the synthetic
+    corpus' ``reference_scorer.fused.tuned_on_valid``): what a model that uses time and modalities must beat.
+    ``all_positive``: predicting every emotion for every clip. ``oracle``: the scorer that knows the planted
+    cues, thresholds tuned on valid (``reference_scorer.oracle.tuned_on_valid``), the ceiling; None when the
+    card predates it. A prepared (real) corpus' card has no reference scorer: all three are None.
+    """
+    reference = card.get("reference_scorer") if isinstance(card, Mapping) else None
+    reference = reference if isinstance(reference, Mapping) else {}
+    return {
+        "floor": _f1_pair((reference.get("fused") or {}).get("tuned_on_valid")),
+        "all_positive": _f1_pair(reference.get("all_positive_baseline")),
+        "oracle": _f1_pair((reference.get("oracle") or {}).get("tuned_on_valid")),
+    }
+
+
+def verdict(results: Mapping, card: Mapping) -> dict | None:
+    """Does a run beat its card's floor? Like with like: the floor's thresholds were tuned on valid, so the
+    model's test scores at thresholds tuned on valid (``results["test_tuned"]``) are compared, and its scores
+    at the model threshold (``results["test"]``) are shown beside them. Without ``test_tuned``
+    (train.tune_thresholds=false) the threshold scores are compared and ``compared`` says so.
+
+    ``results`` is a run's results.json, ``card`` its card.json. Returns None when the card has no floor.
+    ``beats_floor`` needs both micro- and macro-F1 strictly above the floor's: a model that wins micro-F1 on
+    the frequent emotions while losing the rare ones has not beaten a linear model.
+    """
+    refs = card_references(card)
+    at_threshold = _f1_pair(results.get("test"))
+    tuned = _f1_pair(results.get("test_tuned"))
+    model = tuned or at_threshold
+    if refs["floor"] is None or model is None:
+        return None
+    floor = refs["floor"]
+    margin = {k: model[k] - floor[k] for k in ("micro_f1", "macro_f1")}
+    return {
+        "compared": "tuned_on_valid" if tuned else "threshold",
+        "model": model,
+        "model_at_threshold": {**(at_threshold or {}), "threshold": results.get("test", {}).get("threshold")},
+        "floor": floor,
+        "margin": margin,
+        "all_positive": refs["all_positive"],
+        "oracle": refs["oracle"],
+        "beats_floor_micro": margin["micro_f1"] > 0,
+        "beats_floor_macro": margin["macro_f1"] > 0,
+        "beats_floor": margin["micro_f1"] > 0 and margin["macro_f1"] > 0,
+    }
+
+
+def _pair_text(pair: Mapping, digits: int = 3) -> str:
+    return f"{pair['micro_f1']:.{digits}f} / {pair['macro_f1']:.{digits}f}"
+
+
+def _threshold_text(threshold: object) -> str:
+    if isinstance(threshold, (int, float)):
+        return f"threshold {threshold:g}"
+    return "the model thresholds"
+
+
+def format_verdict(v: Mapping) -> str:
+    """One line: the model's test micro / macro-F1 against the floor, the baseline and the oracle."""
+    at = v["model_at_threshold"]
+    where = _threshold_text(at.get("threshold"))
+    if v["compared"] == "tuned_on_valid":
+        shown = f"(thresholds tuned on valid; {_pair_text(at)} at {where})"
+    else:
+        shown = f"(at {where}; the floor's thresholds are tuned on valid)"
+    parts = [f"model test micro-F1 {v['model']['micro_f1']:.3f} / macro-F1 {v['model']['macro_f1']:.3f} {shown}",
+             f"vs pooled floor {_pair_text(v['floor'])} ({v['margin']['micro_f1']:+.3f} / "
+             f"{v['margin']['macro_f1']:+.3f})"]
+    if v.get("all_positive"):
+        parts.append(f"predict-every-emotion {_pair_text(v['all_positive'])}")
+    if v.get("oracle"):
+        parts.append(f"oracle {_pair_text(v['oracle'])}")
+    if v["beats_floor"]:
+        outcome = "beats the floor"
+    elif v["beats_floor_micro"] or v["beats_floor_macro"]:
+        outcome = f"beats the floor on {'micro' if v['beats_floor_micro'] else 'macro'}-F1 only"
+    else:
+        outcome = "at or below the floor"
+    return f"[carat] verdict: {', '.join(parts)}: {outcome}"
+
+
+def result_warnings(results: Mapping, card: Mapping) -> list[str]:
+    """What a practitioner must hear about a finished run, one line per threshold setting (the model
+    threshold, thresholds tuned on valid): a test micro-F1 not above predicting every emotion, or below the
+    pooled-feature floor. Nothing when the card has neither reference."""
+    refs = card_references(card)
+    baseline, floor = refs["all_positive"], refs["floor"]
+    warnings: list[str] = []
+    for key in ("test", "test_tuned"):
+        scores = results.get(key)
+        if not isinstance(scores, Mapping) or "micro_f1" not in scores:
+            continue
+        micro = float(scores["micro_f1"])
+        problems = []
+        if baseline is not None and micro <= baseline["micro_f1"]:
+            problems.append(f"not above predicting every emotion ({baseline['micro_f1']:.4f})")
+        if floor is not None and micro < floor["micro_f1"]:
+            problems.append(f"below the pooled-feature floor {floor['micro_f1']:.4f} (logistic regression on "
+                            "mean+std pooled features, thresholds tuned on valid)")
+        if problems:
+            where = ("at thresholds tuned on valid" if key == "test_tuned"
+                     else f"at {_threshold_text(scores.get('threshold'))}")
+            warnings.append(f"test micro-F1 {micro:.4f} {where} is {' and '.join(problems)}")
+    return warnings

@@ -22,6 +22,9 @@ LOSS_PLOT = "training_loss.png"
 NOT_PLOTTED: tuple[str, ...] = ("valid/n_samples", "valid/n_positive", "valid/threshold")
 """History bookkeeping values that are neither losses nor metrics."""
 METRICS_PLOT = "validation_metrics.png"
+DIAGNOSTICS_PLOT = "diagnostics.png"
+NOT_DIAGNOSTICS: tuple[str, ...] = ("train/", "valid/", "perf/", "lr")
+"""History key prefixes that are not diagnostics (everything else in a history line is: grad/*, align/* ...)."""
 
 
 def _new_figure(width: float = 7.0, height: float = 4.5) -> Any:
@@ -109,6 +112,43 @@ def _plot_lines(epochs: np.ndarray, series: dict[str, np.ndarray], path: Path, t
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def plot_diagnostics(history: Sequence[Mapping[str, Any]], out_path: Path | str) -> Path | None:
+    """Epoch means of a run's step diagnostics: gradient norm per module (``grad/*``, log scale: a module
+    whose norm sits orders of magnitude below the others is not learning) and the model's own diagnostics
+    (e.g. ``align/*_entropy``: 1.0 means the alignment averages the whole clip into every slot).
+    Returns None, writing nothing, when the history has no diagnostics (a run from before they existed).
+    """
+    _check_history(history)
+    epochs = np.array([float(row["epoch"]) for row in history])
+    keys = sorted({k for row in history for k in row if k != "epoch" and not k.startswith(NOT_DIAGNOSTICS)})
+    keys = [k for k in keys if all(isinstance(row.get(k, math.nan), (int, float)) for row in history)]
+    grads = [k for k in keys if k.startswith("grad/")]
+    others = [k for k in keys if k not in grads]
+    if not keys:
+        return None
+    from matplotlib import colormaps
+
+    fig = _new_figure(9.0, 4.5 if not (grads and others) else 7.5)
+    panels = [(grads, "gradient norm (log)", True), (others, "value", False)]
+    panels = [panel for panel in panels if panel[0]]
+    colours = colormaps["tab20"]  # ~20 modules: the default 10-colour cycle would repeat
+    for i, (names, ylabel, log) in enumerate(panels, start=1):
+        ax = fig.add_subplot(len(panels), 1, i)
+        for j, key in enumerate(names):
+            values = np.array([float(row.get(key, math.nan)) for row in history])
+            width = 2.4 if key == "grad/total" else 1.2
+            ax.plot(epochs, values, ("-", "--", ":")[j // 20 % 3], color=colours(j % 20), marker="o",
+                    markersize=3, linewidth=width, label=key)
+        if log and all(float(row.get(k, 1.0)) > 0 for row in history for k in names):
+            ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        if i == 1:
+            ax.set_title("diagnostics per epoch (means over the log steps)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines stay visible
+    return _save(fig, out_path)
 
 
 # --------------------------------------------------------------------------------------- per-emotion scores

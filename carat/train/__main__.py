@@ -15,6 +15,7 @@ from pathlib import Path
 
 from carat.config import PRESETS, CaratConfig, describe_config, load_config
 from carat.errors import CaratError
+from carat.metrics import format_verdict, verdict
 from carat.train.rundir import new_run_name
 
 
@@ -113,7 +114,19 @@ def print_summary(run_dir: Path) -> None:
     floor = reference_floor(run_dir / "card.json")
     if floor:
         print(floor)
+    results = _read_json(run_dir / "results.json")
+    judged = results.get("verdict") or verdict(results, _read_json(run_dir / "card.json"))
+    if judged:
+        print(format_verdict(judged))
+    for message in results.get("warnings", []):  # repeated here: under Ray they scroll by in worker logs
+        print(f"[carat] warning: {message}")
     print(f"[carat] run directory: {run_dir}")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def reference_floor(card_path: Path) -> str | None:

@@ -4,10 +4,17 @@ A launcher only sets up processes and calls :func:`run_training` with a :class:`
 the run lives and how to report a checkpoint. Everything else, the DeepSpeed engine, the loss normalised by
 the global sample count, the cross-rank queue and prototype updates, evaluation on every sample exactly once,
 checkpoints and resume, happens here, identically for all of them.
+
+What a practitioner reads to see whether a run learns is produced here too: per-module gradient norms and the
+model's own diagnostics at every log step (metrics.jsonl, TensorBoard; their epoch means in history.jsonl),
+the best epoch chosen on ``train.select_metric``, ``[carat] warning:`` lines (constant predictions, a test
+score not above the card's baselines) that results.json keeps under "warnings", and the verdict against the
+dataset card's floor in results.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -26,7 +33,10 @@ from carat.data.batch import Batch
 from carat.data.loader import build_loader
 from carat.errors import CaratError, DataError
 from carat.evaluate import collect_scores
-from carat.metrics import compute_metrics, format_results_table, tune_thresholds
+from carat.metrics import (
+    NUM_CLASSES, SUMMARY_METRICS, compute_metrics, constant_prediction, format_results_table, result_warnings,
+    tune_thresholds, tuned_metrics, verdict,
+)
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
 from carat.train.deepspeed_config import build_ds_config, default_ds_config_path, read_ds_config
@@ -96,6 +106,99 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def module_gradient_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each top-level submodule (``grad/<name>``) and of all (``grad/total``).
+
+    Call between ``engine.backward()`` and ``engine.step()``, on every rank: there the gradient is the
+    all-rank mean, before clipping. Under ZeRO-1/2 ``p.grad`` is None by then (each rank keeps only its
+    partition of the flat gradient) and under ZeRO-3 the parameter itself is partitioned, so DeepSpeed's
+    ``safe_get_full_grad`` rebuilds the full gradient: an all-reduce (ZeRO-1/2) or all-gather (ZeRO-3) per
+    parameter. Every rank must therefore call this on the same steps, and parameters are visited in
+    ``named_parameters`` order, the same everywhere. Without ZeRO it returns ``p.grad`` and costs nothing.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    squares: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_full_grad(param)
+        if grad is None:  # a parameter no loss term reached this step
+            continue
+        group = name.split(".", 1)[0]
+        square = grad.detach().float().square().sum()
+        squares[group] = squares[group] + square if group in squares else square
+    if not squares:
+        return {}
+    values = torch.stack(list(squares.values())).double().cpu()  # one device sync for all modules
+    norms = {f"grad/{group}": float(v.sqrt()) for group, v in zip(squares, values)}
+    norms["grad/total"] = float(values.sum().sqrt())
+    return norms
+
+
+def model_diagnostics(model: nn.Module) -> dict[str, float]:
+    """``model.diagnostics()`` (numbers about the last training batch, e.g. alignment entropies) when the
+    model has such a method, else nothing."""
+    probe = getattr(model, "diagnostics", None)
+    if not callable(probe):
+        return {}
+    return {str(key): float(value) for key, value in probe().items() if value is not None}
+
+
+class MeanMeter:
+    """Running means of named scalars: the diagnostics of an epoch's log steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.counts[key] for key, total in self.sums.items()}
+
+
+def fresh_best(metric: str) -> dict[str, Any]:
+    """The best-epoch record before any epoch: ``value`` None, ``epoch`` -1."""
+    return {"metric": metric, "value": None, "epoch": -1}
+
+
+def restore_best(saved: dict[str, Any], metric: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A checkpoint's best-epoch record, stated in this run's selection metric.
+
+    Checkpoints written before ``train.select_metric`` existed hold ``{"micro_f1": v, "epoch": e}``: they
+    selected on micro_f1. A resume that changes the metric keeps the saved best epoch (its weights are in
+    best/) and judges it by that epoch's history line in the new metric.
+    """
+    epoch = int(saved.get("epoch", -1))
+    if epoch < 0:
+        return fresh_best(metric)
+    saved_metric = saved.get("metric", "micro_f1")
+    if saved_metric == metric:
+        value = saved.get("value", saved.get(metric))
+    else:
+        row = next((h for h in history if h.get("epoch") == epoch), {})
+        value = row.get(f"valid/{metric}")
+    return {"metric": metric, "value": None if value is None else float(value), "epoch": epoch}
+
+
+def improves(value: float | None, best: dict[str, Any]) -> bool:
+    """Whether an epoch scoring ``value`` replaces ``best``. The first epoch always does, so best/ exists even
+    when the metric is undefined (macro_auc on a split where no emotion has both classes)."""
+    if best["epoch"] < 0:
+        return True
+    if value is None:
+        return False
+    return best["value"] is None or value > best["value"]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -141,8 +244,13 @@ class Trainer:
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.epoch = 0
         self.global_step = 0
-        self.best = {"micro_f1": -1.0, "epoch": -1}
+        self.best = fresh_best(cfg.train.select_metric)
         self.history: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        """Every ``[carat] warning:`` of the run, in order; checkpointed, and written to results.json."""
+        self.step_diagnostics: dict[str, float] = {}
+        """Gradient norms and model diagnostics of the last train_step run with diagnose=True."""
+        self.epoch_diagnostics = MeanMeter()
         self.tb = None  # TensorBoard writer, rank 0 only, opened in fit()
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -179,6 +287,7 @@ class Trainer:
         return {
             "epoch": self.epoch, "global_step": self.global_step, "best": dict(self.best),
             "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
+            "warnings": list(self.warnings),
         }
 
     def save_checkpoint(self, root: Path, tag: str) -> None:
@@ -194,8 +303,9 @@ class Trainer:
             raise CaratError(f"no DeepSpeed checkpoint could be loaded from {directory}")
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
-        self.best = dict(state["best"])
         self.history = list(state["history"])
+        self.best = restore_best(dict(state["best"]), self.cfg.train.select_metric, self.history)
+        self.warnings = list(state.get("warnings", []))
         rng_file = Path(path).parent / f"rng_rank{self.rank}.pt"
         if not rng_file.is_file():  # path points at a file inside the tag folder
             rng_file = Path(path) / f"rng_rank{self.rank}.pt"
@@ -218,7 +328,9 @@ class Trainer:
                 f"{saved} workers (--train.num_workers={saved}) or start a new --run-name")
 
     # -- training ----------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
+    def train_step(self, batch: Batch, diagnose: bool = False) -> tuple[dict[str, float], int]:
+        """One optimizer step; returns the loss terms and the real frames seen. With ``diagnose`` (on the
+        same steps on every rank: it gathers gradients) it also fills :attr:`step_diagnostics`."""
         batch = batch.to(self.device, non_blocking=True)
         n_local = float(batch.weight.sum().item())
         n_global = dist.all_reduce_sum(n_local, self.device)
@@ -227,16 +339,24 @@ class Trainer:
         # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
         scale = n_local * self.world / max(n_global, 1.0)
         self.engine.backward(terms["total"] * scale)
+        if diagnose:  # the gradients exist only between backward and step
+            self.step_diagnostics = {**module_gradient_norms(self.model), **model_diagnostics(self.model)}
         self.engine.step()
         with torch.no_grad():
             self.model.update_memory(out, batch.labels, gather=dist.gather_rows, sample_weight=batch.weight)
         frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
         return {name: float(value.detach().float().item()) for name, value in terms.items()}, frames
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether the step about to run (``step`` of this epoch) is logged: a function of counters every rank
+        shares, since logging gathers gradients on all ranks."""
+        return (self.global_step + 1) % self.cfg.train.log_every == 0 or step == self.steps_per_epoch - 1
+
     def train_epoch(self) -> dict[str, float]:
         self.engine.train()
         loader = self._loader("train", self.epoch, True)
         steps = self.steps_per_epoch
+        self.epoch_diagnostics = MeanMeter()
         sums: dict[str, float] = {}
         seen = frames_seen = 0
         start = time.perf_counter()
@@ -244,7 +364,8 @@ class Trainer:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
-            terms, frames = self.train_step(batch)
+            log_now = self.is_log_step(step)
+            terms, frames = self.train_step(batch, diagnose=log_now)
             self.global_step += 1
             n = int(batch.weight.sum().item())  # filler samples (weight 0) are not seen
             seen += n
@@ -257,8 +378,10 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(step=self.global_step, loss=f"{terms['total']:.4f}", sps=f"{rate:.1f}",
                             fps=f"{frame_rate:.0f}")
-            if self.is_main and (self.global_step % self.cfg.train.log_every == 0 or step == steps - 1):
-                self.log_step(terms, rate, frame_rate)
+            if log_now:
+                self.epoch_diagnostics.add(self.step_diagnostics)
+                if self.is_main:
+                    self.log_step(terms, rate, frame_rate)
         bar.close()
         elapsed = time.perf_counter() - start
         totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
@@ -272,12 +395,15 @@ class Trainer:
         })
         if self.device.type == "cuda":
             epoch_terms["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        # Means over the epoch's log steps, under the same keys as in metrics.jsonl (grad/*, align/* ...).
+        epoch_terms.update(self.epoch_diagnostics.means())
         return epoch_terms
 
     def log_step(self, terms: dict[str, float], samples_per_s: float, frames_per_s: float) -> None:
         record = {"epoch": self.epoch, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
                   "samples_per_s": samples_per_s, "frames_per_s": frames_per_s}
         record.update({f"loss/{k}": v for k, v in terms.items()})
+        record.update(self.step_diagnostics)
         append_jsonl(self.run.metrics, record)
         if self.tb is not None:
             for key, value in record.items():
@@ -306,8 +432,33 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, Any]:
+        """Validation metrics at the model threshold plus F1 at thresholds tuned on valid itself
+        (``tuned_micro_f1``, ``tuned_macro_f1``); warns when every clip gets the same labels."""
         pred = self.predict_split("valid")
-        return compute_metrics(pred["labels"], pred["scores"], self.cfg.model.threshold)
+        threshold = self.cfg.model.threshold
+        metrics = compute_metrics(pred["labels"], pred["scores"], threshold)
+        tuned = tuned_metrics(pred["labels"], pred["scores"])
+        metrics.update(tuned_micro_f1=tuned["micro_f1"], tuned_macro_f1=tuned["macro_f1"])
+        self.check_constant_predictions(pred["scores"], threshold)
+        return metrics
+
+    def check_constant_predictions(self, scores: np.ndarray, threshold: float) -> None:
+        labels = constant_prediction(scores, threshold)
+        if labels is None:
+            return
+        if len(labels) == NUM_CLASSES:
+            said = f"every emotion ({', '.join(labels)})"
+        else:
+            said = ", ".join(labels) or "no emotion"
+        self.warn(f"epoch {self.epoch + 1}: all {len(scores)} validation clips get the same labels at threshold "
+                  f"{threshold:g}: {said}; the model's predictions do not depend on its input")
+
+    def warn(self, message: str) -> None:
+        """Record a warning for results.json (every rank, so the checkpointed list is rank 0's) and print it
+        on rank 0."""
+        self.warnings.append(message)
+        if self.is_main:
+            print(f"[carat] warning: {message}", flush=True)
 
     # -- the run -----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -335,9 +486,11 @@ class Trainer:
         metrics = self.validate()
         record.update({f"valid/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         record["lr"] = self.scheduler.get_last_lr()[0]
-        improved = metrics["micro_f1"] > self.best["micro_f1"]
+        metric = self.cfg.train.select_metric
+        value = metrics.get(metric)
+        improved = improves(value, self.best)
         if improved:
-            self.best = {"micro_f1": metrics["micro_f1"], "epoch": self.epoch}
+            self.best = {"metric": metric, "value": value, "epoch": self.epoch}
         self.epoch += 1
         self.history.append(record)
         if improved:
@@ -346,12 +499,20 @@ class Trainer:
         self.checkpoint_and_report(record)
         if self.is_main:
             append_jsonl(self.run.history, record)
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, self.epoch)
+            self.log_epoch_scalars(record)
             print(f"[carat] epoch {self.epoch}/{self.cfg.train.epochs} loss {record['train/total']:.4f} "
-                  f"valid micro-F1 {metrics['micro_f1']:.4f} macro-F1 {metrics['macro_f1']:.4f}"
+                  f"valid micro-F1 {metrics['micro_f1']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
+                  f"macro-AUC {_number(metrics['macro_auc'])} | {metric} {_number(value)}"
                   f"{' (best)' if improved else ''}", flush=True)
+
+    def log_epoch_scalars(self, record: dict[str, Any]) -> None:
+        """The epoch's history line to TensorBoard, at step = epochs done. The epoch means of the step
+        diagnostics go under epoch/ so their tags do not mix the step axis of the per-step ones."""
+        for key, value in record.items():
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tag = f"epoch/{key}" if key in self.epoch_diagnostics.sums else key
+            self.tb.add_scalar(tag, value, self.epoch)
 
     def checkpoint_and_report(self, record: dict[str, Any]) -> None:
         tag = f"epoch-{self.epoch:03d}"
@@ -396,21 +557,38 @@ class Trainer:
             tuned = tune_thresholds(valid["labels"], valid["scores"])
             results["tuned_thresholds"] = tuned.tolist()
             results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
+        results["select_metric"] = self.best["metric"]
+        results["best_value"] = self.best["value"]
         if self.is_main:
+            self.judge(results)
             self.write_results(results, test)
         return results
 
+    def judge(self, results: dict[str, Any]) -> None:
+        """Rank 0: the verdict against the run's dataset card, the end-of-run warnings, all warnings."""
+        card = json.loads(self.run.card.read_text()) if self.run.card.is_file() else {}
+        judged = verdict(results, card)
+        if judged is not None:
+            results["verdict"] = judged
+        for message in result_warnings(results, card):
+            self.warn(message)
+        results["warnings"] = list(self.warnings)
+
     def write_results(self, results: dict[str, Any], test: dict[str, np.ndarray]) -> None:
-        from carat.plots import plot_per_emotion_f1, plot_pr_curves, plot_training_curves
+        from carat.plots import (
+            DIAGNOSTICS_PLOT, plot_diagnostics, plot_per_emotion_f1, plot_pr_curves, plot_training_curves,
+        )
 
         write_json_atomic(self.run.results, results)
         columns = {f"valid @{self.cfg.model.threshold:g}": results["valid"],
                    f"test @{self.cfg.model.threshold:g}": results["test"]}
         if "test_tuned" in results:
             columns["test @tuned"] = results["test_tuned"]
-        self.run.results_table.write_text(format_results_table(columns) + "\n")
+        table = format_results_table(columns, metrics=(*SUMMARY_METRICS, "macro_auc"))
+        self.run.results_table.write_text(table + "\n")
         self.run.plots.mkdir(exist_ok=True)
         plot_training_curves(self.history, self.run.plots)
+        plot_diagnostics(self.history, self.run.plots / DIAGNOSTICS_PLOT)
         plot_per_emotion_f1(results["test"], self.run.plots / "per_emotion_f1.png")
         plot_pr_curves(test["labels"], test["scores"], self.run.plots / "pr_curves.png")
 
