@@ -27,11 +27,13 @@ from carat.data.shards import StorageConfig
 from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
 from carat.data.synth import SynthConfig
 from carat.errors import ConfigError
-from carat.model.config import TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig
+from carat.model.config import (
+    SMALL_MODEL_OVERRIDES, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig,
+)
 from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
 from carat.train.optim import OptimConfig
 
-PRESETS: tuple[str, ...] = ("seed", "tiny")
+PRESETS: tuple[str, ...] = ("seed", "tiny", "small")
 
 
 @dataclass
@@ -126,16 +128,29 @@ _TINY: dict[str, dict[str, Any]] = {
     "model": TINY_MODEL_OVERRIDES,
     "loss": TINY_LOSS_OVERRIDES,
     "optim": TINY_OPTIM,
-    "train": {"epochs": 4, "zero_stage": 2},
+    "train": {"epochs": 8, "zero_stage": 2, "select_metric": "macro_auc"},
 }
+"""The quickstart: a tiny CARAT with carat's learning fixes on a small, short synthetic corpus; the best epoch
+is chosen on validation macro ROC-AUC (a 94-clip validation split makes fixed-threshold F1 jump between
+epochs)."""
+
+_SMALL: dict[str, dict[str, Any]] = {
+    **_TINY,
+    "synth": {"scale": 0.1, "length_scale": 0.25},
+    "loader": {"token_budget": 16384, "max_batch_size": 32, "num_workers": 0},
+    "model": SMALL_MODEL_OVERRIDES,
+    "train": {"epochs": 20, "zero_stage": 2, "select_metric": "macro_auc"},
+}
+"""A CPU-sized model (64 wide) with the learning fixes, for the scale-0.1 synthetic corpus or a real one."""
 
 
 def preset_values(name: str) -> dict[str, dict[str, Any]]:
     """The overrides a preset applies on top of the seed defaults."""
     if name == "seed":
         return {}
-    if name == "tiny":
-        return {section: dict(values) for section, values in _TINY.items()}
+    if name in ("tiny", "small"):
+        table = _TINY if name == "tiny" else _SMALL
+        return {section: dict(values) for section, values in table.items()}
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 

@@ -223,6 +223,10 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         model = CARAT.from_config(cfg.model)
+        if cfg.model.standardize_features:  # train-split statistics from the card; saved with the model
+            from carat.data.featstats import load_feature_stats
+
+            model.set_feature_stats(load_feature_stats(ctx.shard_dir))
         loss_fn = CaratLoss.from_config(cfg.loss, cfg.model)
         module = TrainModule(model, loss_fn)
         self.steps_per_epoch = self._steps_per_epoch()
