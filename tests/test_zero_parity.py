@@ -29,7 +29,7 @@ def overrides(shards: Path, storage: Path, stage: int) -> list[str]:
     return [
         f"--train.shard_dir={shards}", f"--train.storage_path={storage}", "--train.run_name=parity",
         f"--train.zero_stage={stage}", f"--train.max_steps_per_epoch={STEPS}", "--loader.num_workers=0",
-        "--model.text_dropout=0", "--model.visual_dropout=0", "--model.audio_dropout=0",
+        "--model.text_dropout=0", "--model.visual_dropout=0", "--model.audio_dropout=0", "--model.input_dropout=0",
         "--loss.cl_weight=0", "--loss.shuffle_aug_clf_weight=0",
     ]
 

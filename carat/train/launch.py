@@ -38,7 +38,10 @@ def prepare_worker_env(gpu: bool) -> None:
     # DeepSpeed's CPU accelerator counts local ranks from LOCAL_SIZE (else NUMA nodes: its CI once ran
     # every "multi-rank" test on one rank because of that).
     os.environ.setdefault("LOCAL_SIZE", str(local_world))
-    if not gpu:
+    if not gpu and not os.environ.get("OMP_NUM_THREADS"):
+        # The user's (or Ray's: it sets OMP_NUM_THREADS to the CPUs a worker reserved) thread count wins;
+        # otherwise share the cores between the local ranks. Oversubscribed OpenMP threads spin-wait: measured,
+        # a run beside two other jobs on 2 cores fell from ~30 to ~1 sample/s.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
