@@ -11,8 +11,8 @@ Imports only torch, numpy and the standard library (plus carat.errors); a test e
 """
 
 from carat.model.carat import CARAT, CaratOutput
-from carat.model.config import LossConfig, ModelConfig, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES
+from carat.model.config import LossConfig, ModelConfig, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, TINY_MODEL_SIZE
 from carat.model.losses import TERMS, CaratLoss
 
 __all__ = ["CARAT", "CaratOutput", "CaratLoss", "LossConfig", "ModelConfig", "TERMS", "TINY_LOSS_OVERRIDES",
-           "TINY_MODEL_OVERRIDES"]
+           "TINY_MODEL_OVERRIDES", "TINY_MODEL_SIZE"]
