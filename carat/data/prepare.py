@@ -271,6 +271,9 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
     from carat.data.shards import StorageConfig, write_corpus
 
     out = Path(out_dir)
+    # Real data goes here now: an interrupted train-time synthesis' marker must not make carat.train treat
+    # these shards as its own leftovers (carat.train.__main__.SYNTH_IN_PROGRESS).
+    (out / ".synth-in-progress").unlink(missing_ok=True)
     storage = storage if storage is not None else StorageConfig()
     issues = IssueLog(max_keys=cfg.max_reported_keys)
     log = NonFiniteLog(cfg.nan_policy, cfg.inf_policy)

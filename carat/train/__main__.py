@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from carat.config import PRESETS, CaratConfig, describe_config, load_config
-from carat.errors import CaratError
+from carat.config import PRESETS, CaratConfig, TrainConfig, describe_config, load_config
+from carat.errors import CaratError, DataError
 from carat.metrics import format_verdict, verdict
 from carat.train.rundir import new_run_name
 
@@ -49,17 +49,78 @@ def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namesp
     return load_config(preset=preset, file=args.config, overrides=overrides), args
 
 
+CORPUS_MARKERS: tuple[str, ...] = ("manifest.parquet", "shards.parquet", "card.json", ".journal")
+"""Files whose presence says a corpus is (or was being) written in a directory."""
+SYNTH_IN_PROGRESS = ".synth-in-progress"
+"""Written by train-time synthesis before it starts and removed when it is done: leftovers of an interrupted
+quickstart synthesis may be resumed, a prepared (or completed synthetic) corpus never gets overwritten."""
+SYNTH_LOCK = ".synth.lock"
+
+
+def default_shard_dir() -> str:
+    """The quickstart's shard directory: the only one train-time synthesis may write into."""
+    return TrainConfig().shard_dir
+
+
+def corpus_leftovers(shard_dir: Path) -> list[str]:
+    """What of a corpus sits in ``shard_dir`` (manifest, shard table, card, journal, any split's tar files)."""
+    found = [name for name in CORPUS_MARKERS if (shard_dir / name).exists()]
+    tars = sorted(p.relative_to(shard_dir).as_posix() for p in shard_dir.glob("*/*.tar"))
+    if tars:
+        found.append(f"{len(tars)} shard file(s) such as {tars[0]}")
+    return found
+
+
+def how_to_make_a_corpus(shard_dir: Path) -> str:
+    return (f"make one with `python -m carat.data prepare --source csd --input CSD_DIR --out {shard_dir}` "
+            f"(CMU-MOSEI you hold) or `python -m carat.data synth --out {shard_dir}` (synthetic), then check it "
+            f"with `python -m carat.data verify {shard_dir}`")
+
+
 def ensure_shards(cfg: CaratConfig, shard_dir: Path) -> None:
-    """Synthesize the corpus the config describes when shard_dir has none (and that is allowed)."""
+    """Make sure ``shard_dir`` holds a corpus, synthesizing the quickstart's only where that cannot replace data.
+
+    Synthesis happens only into the default shard directory (``train.shard_dir`` unset), with
+    ``train.synth_if_missing``, and only while that directory holds nothing of a corpus (or only the
+    leftovers of an interrupted train-time synthesis). A named directory without a manifest, or one with a
+    card, shard table or shards but no manifest (an interrupted ``prepare``, a deleted manifest), is an
+    error naming what is missing: real data is never replaced by synthetic data.
+    """
     if (shard_dir / "manifest.parquet").is_file():
         return
-    if not cfg.train.synth_if_missing:
-        raise CaratError(f"no manifest.parquet in {shard_dir}: run `python -m carat.data synth|prepare "
-                         f"--out {shard_dir}` or set --train.synth_if_missing=true")
-    from carat.data.synth import synthesize_corpus
+    named = Path(cfg.train.shard_dir) != Path(default_shard_dir())
+    leftovers = corpus_leftovers(shard_dir)
+    # Our own interrupted synthesis left its marker and never got to its card (written last): resumable.
+    ours = (shard_dir / SYNTH_IN_PROGRESS).is_file() and not (shard_dir / "card.json").exists()
+    if leftovers and not ours:
+        raise DataError(
+            f"{shard_dir} holds {', '.join(leftovers)} but no manifest.parquet: an incomplete or damaged "
+            f"corpus (an interrupted `prepare`, or a deleted manifest). carat does not synthesize over it. "
+            f"Rerun the command that made it (prepare reuses every shard it can verify), or "
+            f"{how_to_make_a_corpus(shard_dir)}")
+    if named or not cfg.train.synth_if_missing:
+        why = ("train-time synthesis only fills the default shard_dir "
+               f"{default_shard_dir()!r}" if named else "train.synth_if_missing is false")
+        raise DataError(f"no corpus in {shard_dir} (no manifest.parquet; {why}): {how_to_make_a_corpus(shard_dir)}")
+    synthesize_default_corpus(cfg, shard_dir)
 
-    print(f"[carat] no shards in {shard_dir}: synthesizing a corpus (scale {cfg.synth.scale})", flush=True)
-    synthesize_corpus(shard_dir, cfg.synth, cfg.storage)
+
+def synthesize_default_corpus(cfg: CaratConfig, shard_dir: Path) -> None:
+    """Synthesize the quickstart corpus under a lock: processes starting together (Ray Tune trials) wait for
+    the first one and then use its corpus."""
+    from carat.data.synth import synthesize_corpus
+    from carat.locks import FileLock
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(shard_dir / SYNTH_LOCK, what=f"synthesis into {shard_dir}", blocking=True):
+        if (shard_dir / "manifest.parquet").is_file():  # another process finished while we waited
+            return
+        print(f"[carat] no corpus in the default {shard_dir}: synthesizing the quickstart corpus "
+              f"(scale {cfg.synth.scale}); for real data see `python -m carat.data prepare --help`", flush=True)
+        marker = shard_dir / SYNTH_IN_PROGRESS
+        marker.write_text("train-time synthesis in progress; removed when it completes\n")
+        synthesize_corpus(shard_dir, cfg.synth, cfg.storage)
+        marker.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +162,7 @@ def ensure_once(cfg: CaratConfig, shard_dir: Path, launcher: str) -> None:
         ensure_shards(cfg, shard_dir)
         return
     deadline = time.monotonic() + 3600
-    while not (shard_dir / "manifest.parquet").is_file():
+    while not (shard_dir / "manifest.parquet").is_file() or (shard_dir / SYNTH_IN_PROGRESS).exists():
         if time.monotonic() > deadline:
             raise CaratError(f"timed out waiting for rank 0 to write {shard_dir / 'manifest.parquet'}")
         time.sleep(1.0)
