@@ -141,6 +141,15 @@ def test_with_lsr_score_rule_averages_in_the_label_feature_classifiers():
     torch.testing.assert_close(score, expected)
 
 
+def test_lsr_score_rule_scores_with_the_label_feature_classifiers_alone():
+    batch = make_batch(LENGTHS)
+    model = tiny_model(seed=3, score_rule="lsr").eval()
+    perturb_parameters(model)
+    with torch.no_grad():
+        out = model(**batch)
+        torch.testing.assert_close(model.scores(out), torch.sigmoid(out.lsr_logits))
+
+
 def test_input_dropout_acts_in_training_only_and_keeps_padding_invariance():
     from tests.model_helpers import stack_samples
 

@@ -288,6 +288,8 @@ class CARAT(nn.Module):
     def scores(self, out: CaratOutput) -> torch.Tensor:
         """[B, C] probabilities: (mean over the 3 aggregation rows of sigmoid + sigmoid(out_4)) / 2.
         In eval mode ``out`` was computed with the hard prototype choice."""
+        if self.score_rule == "lsr":
+            return torch.sigmoid(out.lsr_logits.float())
         heads = [torch.sigmoid(out.agg_logits.float()).mean(dim=1), torch.sigmoid(out.srr_logits.float())]
         if self.score_rule == "with_lsr":
             heads.append(torch.sigmoid(out.lsr_logits.float()))

@@ -124,11 +124,13 @@ class ModelConfig:
     whole clip (BENCHMARKS.md, Learning). "pool": each sample's own frames are cut into its target number of
     contiguous, equal segments and each slot is the mean of one segment (adaptive average pooling per
     sample, no parameters, O(frames)): a local cue stays local and the slot keeps the frames' scale."""
-    score_rule: Literal["reference", "with_lsr"] = "reference"
+    score_rule: Literal["reference", "with_lsr", "lsr"] = "reference"
     """CARAT.scores: "reference" = (mean over the 3 aggregation rows of sigmoid + sigmoid(out_4)) / 2;
     "with_lsr" also averages in sigmoid(out_1), the classifiers on the label-specific representations Z
-    themselves (train it with loss.lsr_clf_weight ~ 1; the reference weighs it 0.01). Measured: trained alone,
-    out_1 reaches validation AUC 0.63-0.68 where out_4 and the aggregation head stay at 0.58-0.60."""
+    themselves (train it with loss.lsr_clf_weight ~ 1; the reference weighs it 0.01); "lsr" scores with
+    sigmoid(out_1) alone (the other heads are still trained by their loss terms; they only leave the decision).
+    Measured: trained alone, out_1 reaches validation AUC 0.63-0.68 where out_4 and the aggregation head stay
+    at 0.58-0.60."""
     modality_fusion: Literal["max", "sum"] = "max"
     """How the per-label classifiers' three modality logits become one (out_1, out_3, out_4): "max" over
     modalities (reference) sends each (sample, label) gradient to one modality only, so a modality that starts
@@ -198,8 +200,8 @@ class ModelConfig:
         _require(self.text_overflow in ("error", "truncate"),
                  f"model.text_overflow={self.text_overflow!r}: use 'error' or 'truncate'")
         _require(self.attention in ("sdpa", "eager"), f"model.attention={self.attention!r}: use 'sdpa' or 'eager'")
-        _require(self.score_rule in ("reference", "with_lsr"),
-                 f"model.score_rule={self.score_rule!r}: use 'reference' or 'with_lsr'")
+        _require(self.score_rule in ("reference", "with_lsr", "lsr"),
+                 f"model.score_rule={self.score_rule!r}: use 'reference', 'with_lsr' or 'lsr'")
         _require(self.modality_fusion in ("max", "sum"),
                  f"model.modality_fusion={self.modality_fusion!r}: use 'max' or 'sum'")
         _require(self.aligner in ("lstm", "pool"), f"model.aligner={self.aligner!r}: use 'lstm' or 'pool'")
