@@ -32,6 +32,7 @@ from carat.model.config import (
 )
 from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
 from carat.train.optim import OptimConfig
+from carat.tune.config import TuneConfig
 
 PRESETS: tuple[str, ...] = ("seed", "tiny", "small")
 
@@ -117,6 +118,8 @@ class CaratConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Only read by ``python -m carat.tune``; a training run ignores it."""
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(CaratConfig) if f.name != "preset")
@@ -311,6 +314,8 @@ def config_to_dict(cfg: CaratConfig) -> dict[str, Any]:
 
 
 def _toml_value(value: Any) -> str:
+    if value is None:  # TOML has no null; coerce() reads "none" back as None (also inside lists)
+        return '"none"'
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""DeepSpeed configuration: the shipped ``ds_configs/*.json`` plus the values carat owns, set in one place.
+"""DeepSpeed configuration: the shipped ``carat/ds_configs/*.json`` plus the values carat owns, set in one place.
 
 The JSON files hold only DeepSpeed's own business (ZeRO stage, buckets, offload). Batch sizes, gradient
 clipping, precision, optimizer and scheduler are carat's: they come from carat's config, and a file that
@@ -13,7 +13,8 @@ from typing import Any
 
 from carat.errors import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+"""The shipped DeepSpeed files: package data (carat/ds_configs/), so a non-editable install finds them."""
 
 # Keys carat fills from its own config; a shipped file must not contain them.
 OWNED_KEYS: tuple[str, ...] = (

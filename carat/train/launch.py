@@ -118,30 +118,63 @@ def ray_worker_count(cfg: CaratConfig, gpu: bool) -> int:
     return max(1, torch.cuda.device_count()) if gpu else 2
 
 
-def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
+def cpus_per_worker(cfg: CaratConfig, num_workers: int, cluster_cpus: float | None) -> float:
+    """CPUs each Ray worker reserves: its own process plus the loader's worker processes, never more than the
+    cluster can give every worker (Ray then sets OMP_NUM_THREADS to what it reserved, which the worker's
+    thread count follows: :func:`prepare_worker_env`)."""
+    wanted = 1.0 + cfg.loader.num_workers
+    if cluster_cpus is None:
+        return wanted
+    return max(1.0, min(wanted, float(int(cluster_cpus // max(1, num_workers)))))
+
+
+def ensure_ray() -> None:
+    """Join RAY_ADDRESS (set by `ray job submit` or the user) or start a local Ray, with its dashboard: Ray
+    Train's placement-group cleaner polls the state API it serves (without it: warnings each second)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+
+
+def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: list | None = None,
+                  num_workers: int | None = None, cpus_per_rank: float | None = None):
+    """The one TorchTrainer of carat: ``python -m carat.train`` fits it, each ``carat.tune`` trial builds it
+    with its own config, run directory (the Ray run name is the directory name: rerunning resumes it) and
+    Tune's report callback."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     gpu = use_gpu(cfg)
-    if not ray.is_initialized():
-        # Joins RAY_ADDRESS (set by `ray job submit` or the user) or starts a local Ray, with its dashboard:
-        # Ray Train's placement-group cleaner polls the state API it serves (without it: warnings each second).
-        ray.init(log_to_driver=True, configure_logging=False)
-    trainer = TorchTrainer(
+    workers = num_workers or ray_worker_count(cfg, gpu)
+    if cpus_per_rank is None:
+        cpus_per_rank = cpus_per_worker(cfg, workers, ray.cluster_resources().get("CPU") if ray.is_initialized()
+                                        else None)
+    resources = {"CPU": cpus_per_rank, **({"GPU": 1} if gpu else {})}
+    return TorchTrainer(
         ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir)},
-        scaling_config=ScalingConfig(num_workers=ray_worker_count(cfg, gpu), use_gpu=gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise CaratError(f"the Ray run finished without writing {results_path}")
     return json.loads(results_path.read_text())
+
+
+def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
+    ensure_ray()
+    result = build_trainer(cfg, run_dir, shard_dir).fit()
+    if result.error is not None:
+        raise result.error
+    return read_results(run_dir)

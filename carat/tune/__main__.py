@@ -1,0 +1,103 @@
+"""``python -m carat.tune``: a Ray Tune sweep of carat training runs (Train-in-Tune, ASHA, Optuna TPE).
+
+    python -m carat.tune                                     # tiny preset, 16 trials, on the local Ray
+    python -m carat.tune --config configs/seed.toml --train.shard_dir=/data/mosei_shards \\
+        --tune.metric=macro_f1 --tune.num_samples=64 --tune.workers_per_trial=2 --tune.time_budget_s=86400
+    RAY_ADDRESS=auto python -m carat.tune --config run.toml --tune.sweep_name=mosei-sweep-1
+
+The search space lives in the [tune] section (`--show-config` documents every key). The sweep directory
+(<tune.storage_path or train.storage_path>/<sweep name>) receives trials.csv / trials.parquet, plots/ and
+best.toml (train it with `python -m carat.train --config best.toml`). Rerunning the same command resumes an
+interrupted sweep; a finished one is only summarised again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from carat.config import PRESETS, CaratConfig, describe_config, load_config
+from carat.errors import CaratError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m carat.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config value: --section.key=value (sections: synth storage prepare loader model loss "
+               "optim train tune). Precedence: preset < --config file < overrides.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with [section] tables, [tune] included")
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
+    parser.add_argument("--sweep-name", help="same as --tune.sweep_name; reusing a name resumes that sweep")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved configuration, every key documented, and exit")
+    return parser
+
+
+def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namespace]:
+    args, overrides = build_parser().parse_known_args(argv)
+    if args.sweep_name:
+        overrides.append(f"--tune.sweep_name={args.sweep_name}")
+    if args.config is not None and args.preset is None:
+        return load_config(file=args.config, overrides=overrides), args
+    return load_config(preset=args.preset or "tiny", file=args.config, overrides=overrides), args
+
+
+def run_sweep(cfg: CaratConfig) -> Path:
+    """Make the shards once, run (or resume) the sweep, write its table, plots and best.toml."""
+    import ray
+
+    from carat.train.__main__ import ensure_shards
+    from carat.train.launch import ensure_ray
+    from carat.tune.report import best_config, best_row, plot_sweep, trial_rows, write_best, write_table
+    from carat.tune.sweep import build_tuner, metric_key, plan_resources, sweep_name, trial_base
+
+    shard_dir = Path(cfg.train.shard_dir).resolve()
+    # Once, here, before any trial starts: trials only read the corpus (they run with synth_if_missing=false).
+    ensure_shards(cfg, shard_dir)
+    storage = Path(cfg.tune.storage_path or cfg.train.storage_path).resolve()
+    sweep_dir = storage / sweep_name(cfg)
+    ensure_ray()
+    resources = plan_resources(cfg, ray.cluster_resources())
+    base = trial_base(cfg, shard_dir, resources)
+    print(f"[carat] sweep {sweep_dir}: {cfg.tune.num_samples} trials, {cfg.tune.search} search, "
+          f"{cfg.tune.scheduler} scheduler on {metric_key(cfg)}; {resources.workers} worker(s) per trial "
+          f"({'GPU' if resources.gpu else 'CPU'}, {resources.cpus_per_worker:g} CPUs each), up to "
+          f"{resources.max_concurrent} at once", flush=True)
+    grid = build_tuner(cfg, base, sweep_dir, resources).fit()
+    results = [grid[i] for i in range(len(grid))]
+    rows = trial_rows(results, metric_key(cfg), cfg.train.epochs, sweep_dir / "runs")
+    write_table(rows, sweep_dir)
+    plot_sweep(rows, cfg, cfg.tune.metric, sweep_dir / "plots")
+    best = best_row(rows)
+    for row in rows:
+        print(f"[carat] trial {row['trial_id']}: {row['status']} after {row['epochs']} epoch(s), best "
+              f"{cfg.tune.metric} {row['best_metric'] if row['best_metric'] is not None else 'n/a'}", flush=True)
+    if best is None:
+        raise CaratError(f"no trial of the sweep in {sweep_dir} reported {metric_key(cfg)}; see the trial logs there")
+    path = write_best(best, best_config(cfg, base, best["params"]), cfg.tune.metric, sweep_dir)
+    errors = [row["trial_id"] for row in rows if row["status"] == "error"]
+    if errors:
+        print(f"[carat] warning: {len(errors)} trial(s) failed: {', '.join(errors)}", flush=True)
+    print(f"[carat] best trial {best['trial_id']}: {cfg.tune.metric} {best['best_metric']:.4f}; "
+          f"table {sweep_dir / 'trials.csv'}; train it: python -m carat.train --config {path}", flush=True)
+    return sweep_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = resolve_config(argv)
+        if args.show_config:
+            print(describe_config(cfg), end="")
+            return 0
+        run_sweep(cfg)
+        return 0
+    except CaratError as err:
+        print(f"carat.tune: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""What a finished (or interrupted) sweep leaves a researcher: the trials table, plots, and the best config.
+
+    <sweep>/trials.csv, trials.parquet   one row per trial: its parameters, status, epochs, final and best
+                                         validation metrics, run directory
+    <sweep>/plots/metric_vs_hyperparameters.png   the tuned metric against each searched parameter
+    <sweep>/plots/learning_curves.png             the tuned metric per epoch, one line per trial
+    <sweep>/best.toml                    the best trial's configuration: ``python -m carat.train --config best.toml``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carat.atomic import write_text_atomic
+from carat.config import CaratConfig, config_to_toml
+from carat.tune.space import apply_params, search_ranges
+
+SUMMARY_KEYS: tuple[str, ...] = ("micro_f1", "macro_f1", "macro_auc", "tuned_micro_f1", "tuned_macro_f1")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per Tune result (``ray.tune.Result``): parameters, status, metric history summaries."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        frame = result.metrics_dataframe
+        curve = [] if frame is None or metric not in frame else [_number(v) for v in frame[metric].tolist()]
+        values = [v for v in curve if v is not None]
+        epochs = int(metrics.get("training_iteration", len(curve)) or 0)
+        if result.error is not None:
+            status = "error"
+        elif epochs >= max_epochs:
+            status = "completed"
+        else:
+            status = "stopped_early"
+        row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epochs}
+        row.update({f"param/{k}": v for k, v in sorted((result.config or {}).items())})
+        row["final_metric"] = values[-1] if values else None
+        row["best_metric"] = max(values) if values else None
+        row["best_epoch"] = (int(np.nanargmax(np.array(values))) + 1) if values else None
+        for key in SUMMARY_KEYS:
+            row[f"final/valid/{key}"] = _number(metrics.get(f"valid/{key}"))
+        row["run_dir"] = str(runs_dir / f"trial-{trial_id}")
+        row["curve"] = curve
+        row["params"] = dict(result.config or {})
+        rows.append(row)
+    return rows
+
+
+def _table_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Columns for Arrow: a column mixing None with values (adaptive ctc_target_length) is written as text."""
+    names = list(dict.fromkeys(k for row in rows for k in row if k not in ("curve", "params")))
+    columns: dict[str, list[Any]] = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name.startswith("param/") and any(v is None for v in values):
+            values = ["none" if v is None else str(v) for v in values]
+        columns[name] = values
+    return columns
+
+
+def write_table(rows: list[dict[str, Any]], sweep_dir: Path) -> tuple[Path, Path]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.table(_table_columns(rows)) if rows else pa.table({"trial_id": pa.array([], pa.string())})
+    csv_path, parquet_path = sweep_dir / "trials.csv", sweep_dir / "trials.parquet"
+    pacsv.write_csv(table, csv_path)
+    pq.write_table(table, parquet_path)
+    return csv_path, parquet_path
+
+
+def plot_sweep(rows: list[dict[str, Any]], cfg: CaratConfig, metric: str, out_dir: Path) -> list[Path]:
+    """The tuned metric against every searched parameter (one panel each) and the trials' learning curves."""
+    from carat.plots import _new_figure, _save
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranges = search_ranges(cfg)
+    names = list(ranges)
+    cols = min(3, max(1, len(names)))
+    lines = math.ceil(len(names) / cols) if names else 1
+    fig = _new_figure(4.2 * cols, 3.4 * lines)
+    best = [row["best_metric"] for row in rows]
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(lines, cols, i + 1)
+        kind, values = ranges[name]
+        xs = [row.get(f"param/{name}") for row in rows]
+        points = [(x, y) for x, y in zip(xs, best) if y is not None]
+        if kind == "choice":
+            labels = ["none" if v is None else str(v) for v in values]
+            ax.scatter([labels.index("none" if x is None else str(x)) for x, _ in points],
+                       [y for _, y in points], alpha=0.8)
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            ax.scatter([float(x) for x, _ in points], [y for _, y in points], alpha=0.8)
+            if kind == "log":
+                from matplotlib.ticker import LogFormatter, NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(rows)} trials: best {metric} per trial")
+    fig.tight_layout()
+    paths = [_save(fig, out_dir / "metric_vs_hyperparameters.png")]
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for row in rows:
+        curve = row["curve"]
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"{row['trial_id']} ({row['status']})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("learning curves")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize="small")
+    paths.append(_save(fig, out_dir / "learning_curves.png"))
+    return paths
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    scored = [row for row in rows if row["best_metric"] is not None]
+    return max(scored, key=lambda row: row["best_metric"]) if scored else None
+
+
+def best_config(user_cfg: CaratConfig, base: CaratConfig, params: dict[str, Any]) -> CaratConfig:
+    """The best trial's configuration as a training run: the trial's values, the user's own run settings."""
+    cfg = apply_params(base, params)
+    train = replace(cfg.train, run_name=None, storage_path=user_cfg.train.storage_path,
+                    use_gpu=user_cfg.train.use_gpu, synth_if_missing=user_cfg.train.synth_if_missing)
+    return replace(cfg, train=train)
+
+
+def write_best(row: dict[str, Any], cfg: CaratConfig, metric: str, sweep_dir: Path) -> Path:
+    header = (f"# Best trial {row['trial_id']} of sweep {sweep_dir.name}: {metric} {row['best_metric']:.4f} at "
+              f"epoch {row['best_epoch']} ({row['status']}, {row['epochs']} epochs).\n"
+              f"# Train it: python -m carat.train --config {sweep_dir / 'best.toml'}\n")
+    path = sweep_dir / "best.toml"
+    write_text_atomic(path, header + config_to_toml(cfg))
+    return path

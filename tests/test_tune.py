@@ -1,0 +1,217 @@
+"""``python -m carat.tune``: the search space and resources (fast), and a real two-trial sweep on CPU (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carat.config import config_to_toml, load_config
+from carat.data.segment import EMOTIONS
+from carat.errors import ConfigError
+from carat.tune.space import apply_params, ctc_choices, grid_points, param_space, search_ranges
+from carat.tune.sweep import plan_resources, sweep_name, trial_base
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- fast: configuration, search space, resources ------------------------------------------------------------
+def test_tune_section_defaults_and_overrides():
+    cfg = load_config("tiny", overrides=["--tune.metric=macro_f1", "--tune.search=random",
+                                         "--tune.ctc_target_lengths=none,4,8", "--tune.lr_range=1e-4,1e-2"])
+    assert cfg.tune.metric == "macro_f1" and cfg.tune.search == "random"
+    assert cfg.tune.ctc_target_lengths == (None, 4, 8)
+    assert load_config("tiny").tune.search == "optuna" and load_config("tiny").tune.scheduler == "asha"
+
+
+def test_tune_section_round_trips_through_toml_with_adaptive_length(tmp_path):
+    cfg = load_config("tiny", overrides=["--tune.ctc_target_lengths=none,8"])
+    path = tmp_path / "sweep.toml"
+    path.write_text(config_to_toml(cfg))
+    assert load_config(file=path).tune == cfg.tune
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--tune.temperature_range=0.3,0.03", "temperature_range"),
+    ("--tune.pos_weight_spread=1", "pos_weight_spread"),
+    ("--tune.threshold_range=0.1,1.5", "threshold_range"),
+    ("--tune.driver_cpus=0", "driver_cpus"),
+    ("--tune.search=grid", "pos_weight_mode"),
+    ("--tune.metric=accuracy", "tune.metric"),
+])
+def test_bad_tune_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides=[override])
+
+
+def test_default_space_searches_six_weights_temperature_and_ctc_length():
+    cfg = load_config("tiny")
+    ranges = search_ranges(cfg)
+    for name, seed_weight in zip(EMOTIONS, cfg.loss.pos_weight):
+        kind, (low, high) = ranges[f"loss.pos_weight.{name}"]
+        assert kind == "log" and low == pytest.approx(seed_weight / 2) and high == pytest.approx(seed_weight * 2)
+    assert ranges["loss.temperature"] == ("log", (0.03, 0.3))
+    kind, choices = ranges["model.ctc_target_length"]
+    assert kind == "choice" and None in choices and cfg.model.ctc_target_length in choices
+    assert "optim.lr" not in ranges and "model.threshold" not in ranges
+    space = param_space(cfg)
+    assert set(space) == set(ranges)
+
+
+def test_shared_scale_grid_and_optional_ranges():
+    cfg = load_config("tiny", overrides=["--tune.pos_weight_mode=shared", "--tune.search=grid",
+                                         "--tune.lr_range=1e-4,1e-2", "--tune.threshold_range=0.1,0.5"])
+    ranges = search_ranges(cfg)
+    assert ranges["loss.pos_weight_scale"] == ("log", (0.5, 2.0))
+    assert not any(k.startswith("loss.pos_weight.") for k in ranges)
+    assert grid_points(*ranges["optim.lr"]) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert grid_points(*ranges["model.threshold"]) == pytest.approx([0.1, 0.3, 0.5])
+    assert all(isinstance(v, dict) and "grid_search" in v for v in param_space(cfg).values())
+
+
+def test_ctc_choices_must_fit_the_position_tables():
+    with pytest.raises(ConfigError, match="position tables"):
+        ctc_choices(load_config("tiny", overrides=["--tune.ctc_target_lengths=none,1000"]))
+
+
+def test_apply_params_sets_weights_scale_and_adaptive_length():
+    cfg = load_config("tiny")
+    params = {f"loss.pos_weight.{name}": float(i + 1) for i, name in enumerate(EMOTIONS)}
+    params.update({"loss.temperature": 0.05, "model.ctc_target_length": None})
+    trial = apply_params(cfg, params)
+    assert trial.loss.pos_weight == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    assert trial.loss.temperature == 0.05 and trial.model.ctc_target_length is None
+    scaled = apply_params(cfg, {"loss.pos_weight_scale": 2.0})
+    assert scaled.loss.pos_weight == pytest.approx(tuple(2 * w for w in cfg.loss.pos_weight))
+    with pytest.raises(ConfigError, match="names no config key"):
+        apply_params(cfg, {"model.no_such_key": 1})
+
+
+def test_resources_follow_the_cluster():
+    cfg = load_config("tiny", overrides=["--tune.workers_per_trial=2", "--loader.num_workers=3"])
+    gpu = plan_resources(cfg, {"CPU": 64.0, "GPU": 8.0})
+    assert gpu.gpu and gpu.workers == 2 and gpu.cpus_per_worker == 4.0 and gpu.max_concurrent == 4
+    cpu = plan_resources(cfg, {"CPU": 16.0})
+    assert not cpu.gpu and cpu.max_concurrent == 1  # 2 workers x 4 CPUs + the driver's share: one trial of 16 CPUs
+    tiny = plan_resources(load_config("tiny", overrides=["--loader.num_workers=0", "--tune.num_samples=3"]),
+                          {"CPU": 32.0})
+    assert tiny.max_concurrent == 3  # capped by num_samples
+    with pytest.raises(Exception, match="GPUs"):
+        plan_resources(load_config("tiny", overrides=["--tune.workers_per_trial=4", "--train.use_gpu=true"]),
+                       {"CPU": 8.0, "GPU": 2.0})
+
+
+def test_trial_base_never_synthesizes_and_selects_on_the_tuned_metric(tmp_path):
+    cfg = load_config("tiny", overrides=["--tune.metric=macro_f1"])
+    base = trial_base(cfg, tmp_path, plan_resources(cfg, {"CPU": 4.0}))
+    assert base.train.synth_if_missing is False and base.train.select_metric == "macro_f1"
+    assert base.train.launcher == "ray" and base.train.shard_dir == str(tmp_path) and base.train.use_gpu is False
+
+
+def test_sweep_name_is_deterministic_never_a_timestamp():
+    a, b = load_config("tiny"), load_config("tiny")
+    assert sweep_name(a) == sweep_name(b)
+    assert sweep_name(load_config("tiny", overrides=["--tune.metric=macro_f1"])) != sweep_name(a)
+    assert sweep_name(load_config("tiny", overrides=["--tune.sweep_name=mine"])) == "mine"
+
+
+def test_help_and_show_config_document_the_tune_section():
+    from carat.tune.__main__ import main
+
+    out = subprocess.run([sys.executable, "-m", "carat.tune", "--show-config"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[tune]" in out.stdout and "pos_weight_mode" in out.stdout
+    assert main(["--tune.metric=nope"]) == 1
+
+
+# -- slow: a real sweep on the local Ray ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two one-epoch trials, one worker each, side by side on a tiny corpus synthesized once beforehand."""
+    import ray
+
+    from carat.data.shards import StorageConfig
+    from carat.data.synth import SynthConfig, synthesize_corpus
+
+    root = tmp_path_factory.mktemp("sweep")
+    shards = root / "shards"
+    synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    saved = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    args = ["--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={root / 'runs'}",
+            "--train.epochs=1", "--train.synth_if_missing=false", "--loader.num_workers=0",
+            "--tune.num_samples=2", "--tune.sweep_name=s", "--train.log_every=1000"]
+    # Logical CPUs beyond the 2 cores of a small CI machine, so both trials (1 worker + a driver share) run at once.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        from carat.tune.__main__ import main
+
+        rc = main(args)
+        yield {"rc": rc, "root": root, "dir": root / "runs" / "s", "args": args, "main": main}
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "trials.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_sweep_runs_both_trials_in_their_own_run_dirs(sweep):
+    assert sweep["rc"] == 0
+    rows = _rows(sweep["dir"])
+    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
+    assert len({r["run_dir"] for r in rows}) == 2
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == "1"
+        assert 0.0 <= float(row["best_metric"]) <= 1.0
+        run = Path(row["run_dir"])
+        assert run.name == f"trial-{row['trial_id']}"
+        results = json.loads((run / "results.json").read_text())
+        assert results["launcher"] == "ray" and results["world_size"] == 1
+        history = (run / "history.jsonl").read_text().splitlines()
+        assert len(history) == 1  # one epoch, reported to Tune once
+        assert (sweep["dir"] / f"tune-{row['trial_id']}" / "progress.csv").is_file()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sweep["dir"] / "trials.parquet")
+    assert table.num_rows == 2 and "param/loss.temperature" in table.column_names
+
+
+@pytest.mark.slow
+def test_sweep_writes_plots_and_a_best_config_carat_train_accepts(sweep):
+    for name in ("metric_vs_hyperparameters.png", "learning_curves.png"):
+        assert (sweep["dir"] / "plots" / name).stat().st_size > 1000
+    rows = _rows(sweep["dir"])
+    best = max(rows, key=lambda r: float(r["best_metric"]))
+    cfg = load_config(file=sweep["dir"] / "best.toml")
+    assert cfg.preset == "tiny" and cfg.train.run_name is None and cfg.train.num_workers == 1
+    assert cfg.loss.temperature == pytest.approx(float(best["param/loss.temperature"]))
+    assert cfg.loss.pos_weight[EMOTIONS.index("fear")] == pytest.approx(float(best["param/loss.pos_weight.fear"]))
+    ctc = best["param/model.ctc_target_length"]
+    assert cfg.model.ctc_target_length == (None if ctc == "none" else int(ctc))
+    assert cfg.train.select_metric == "micro_f1"
+    from carat.train.__main__ import build_parser
+
+    build_parser().parse_known_args(["--config", str(sweep["dir"] / "best.toml")])
+
+
+@pytest.mark.slow
+def test_rerunning_the_sweep_restores_it(sweep, capsys):
+    capsys.readouterr()
+    assert sweep["main"](sweep["args"]) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    assert len(_rows(sweep["dir"])) == 2
