@@ -83,8 +83,19 @@ class TrainConfig:
     """Cap on steps per epoch (smoke tests); None = the whole epoch."""
     use_gpu: bool | None = None
     """None = use CUDA when available."""
+    max_nonfinite_steps: int = 20
+    """Steps in a row with a non-finite loss or gradient norm (each one is skipped: no update) before the run
+    stops with an error naming the step, the loss terms and the batch's samples. 0 = stop at the first."""
+    loss_explosion_factor: float = 20.0
+    """Warn (once per epoch) when a step's loss exceeds this many times the median of the last 50 steps'
+    losses: the usual sign of a learning rate too high, before the loss turns NaN. 0 = never warn."""
 
     def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0 (0 = stop at the "
+                              "first non-finite step)")
+        if self.loss_explosion_factor < 0 or (0 < self.loss_explosion_factor <= 1):
+            raise ConfigError(f"loss_explosion_factor={self.loss_explosion_factor} must be 0 (off) or > 1")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} must be >= 0 (0 = automatic)")
         if self.epochs < 1:
@@ -101,8 +112,11 @@ class TrainConfig:
             raise ConfigError(f"log_every={self.log_every} must be >= 1")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ConfigError(f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 or unset")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
-            raise ConfigError(f"run_name={self.run_name!r} must be a non-empty name without '/'")
+        if self.run_name is not None and (not self.run_name or self.run_name in (".", "..")
+                                          or any(c in self.run_name for c in "/\\\0")):
+            # the run directory is storage_path/run_name: a name must not point outside storage_path
+            raise ConfigError(f"run_name={self.run_name!r} must be a plain directory name (not '.' or '..', "
+                              "no '/', '\\' or NUL)")
 
 
 @dataclass

@@ -29,10 +29,16 @@ def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, str]:
     """Accept a run directory (its best model), a DeepSpeed save dir (its `latest` tag), or a tag folder."""
     if (path / "best" / "best").is_dir() and tag is None:
         return path / "best", "best"
-    if (path / "checkpoints" / "latest").is_file() and tag is None and not (path / "best").is_dir():
+    if (path / "checkpoints").is_dir() and tag is None and not (path / "best").is_dir():
         path = path / "checkpoints"
-    if tag is None and (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
+    if tag is None and ((path / "latest").is_file() or any(path.glob("*/carat_complete.json"))):
+        from carat.train.checkpoint import find_resume_point
+
+        point = find_resume_point(path)  # the newest complete tag; `latest` may be missing or torn
+        if point is not None and point.tag is not None:
+            return path, point.tag
+        if (path / "latest").is_file():
+            return path, (path / "latest").read_text().strip()
     if tag is not None and (path / tag).is_dir():
         return path, tag
     if list(path.glob("*model_states.pt")):
@@ -42,19 +48,49 @@ def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, str]:
 
 
 def read_client_state(save_dir: Path, tag: str) -> dict[str, Any]:
+    """The model-states file of rank 0 (DeepSpeed's state plus carat's client state), loaded with
+    ``weights_only=True``: a crafted checkpoint cannot run code."""
+    from carat.train.checkpoint import load_checkpoint_file
+
     files = sorted((save_dir / tag).glob("*model_states.pt"))
     if not files:
         raise CaratError(f"{save_dir / tag} has no *model_states.pt file")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(files[0])
+    if not isinstance(state, dict):
+        raise CaratError(f"{files[0]} is not a DeepSpeed model-states file (it holds a {type(state).__name__})")
+    return state
+
+
+def check_complete(save_dir: Path, tag: str) -> None:
+    """A torn tag (a save that a kill interrupted, a truncated file) is an error naming what is wrong.
+    Checkpoints from before completion markers (no tag in ``save_dir`` has one) are taken as they are."""
+    from carat.train.checkpoint import COMPLETE_FILE, incomplete_reason
+
+    tag_dir = save_dir / tag
+    has_markers = (tag_dir / COMPLETE_FILE).exists() or any(save_dir.glob(f"*/{COMPLETE_FILE}"))
+    reason = incomplete_reason(tag_dir) if has_markers else None
+    if reason is not None:
+        raise CaratError(f"{tag_dir} is an incomplete checkpoint ({reason}); pick a complete tag with --tag "
+                         f"(tags: {', '.join(sorted(p.name for p in save_dir.iterdir() if p.is_dir()))})")
 
 
 def consolidate(save_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(CARAT state dict in fp32, the checkpoint's client state) from a sharded DeepSpeed checkpoint."""
+    from carat.train.checkpoint import CheckpointError, safe_torch_load
+
+    check_complete(save_dir, tag)
     state = read_client_state(save_dir, tag)
     if list((save_dir / tag).glob("*optim_states.pt")) and not _is_stage0(state):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+        try:
+            with safe_torch_load():
+                full = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+        except CaratError:
+            raise
+        except Exception as err:  # a damaged shard file: DeepSpeed raises whatever torch.load raised
+            raise CheckpointError(f"{save_dir / tag}: cannot merge the ZeRO shards ({type(err).__name__}: "
+                                  f"{str(err)[:300]})") from None
     else:  # ZeRO stage 0 keeps the whole module in the model-states file
         full = state["module"]
     weights = {k[len(MODULE_PREFIX):]: v.float() if v.is_floating_point() else v

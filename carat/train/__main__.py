@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from carat.config import PRESETS, CaratConfig, TrainConfig, describe_config, load_config
-from carat.errors import CaratError, DataError
+from carat.errors import CaratError, ConfigError, DataError
 from carat.metrics import format_verdict, verdict
 from carat.train.rundir import new_run_name
 
@@ -130,26 +130,52 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_config(cfg), end="")
             return 0
         shard_dir = Path(cfg.train.shard_dir).resolve()
-        run_dir = (Path(cfg.train.storage_path) / (cfg.train.run_name or new_run_name())).resolve()
+        run_dir = resolve_run_dir(Path(cfg.train.storage_path), cfg.train.run_name or new_run_name())
         launcher = cfg.train.launcher
         ensure_once(cfg, shard_dir, launcher)
-        if launcher == "ray":
-            from carat.train.launch import launch_ray
+        with run_dir_lock(run_dir):
+            if launcher == "ray":
+                from carat.train.launch import launch_ray
 
-            launch_ray(cfg, run_dir, shard_dir)
-        else:
-            from carat.train.launch import launch_in_process
-            from carat.train import dist
+                launch_ray(cfg, run_dir, shard_dir)
+            else:
+                from carat.train.launch import launch_in_process
+                from carat.train import dist
 
-            results = launch_in_process(cfg, run_dir, shard_dir, launcher)
-            if dist.rank() != 0:
-                return 0
-            run_dir = Path(results["run_dir"])  # rank 0's name, broadcast to every rank
+                results = launch_in_process(cfg, run_dir, shard_dir, launcher)
+                if dist.rank() != 0:
+                    return 0
+                run_dir = Path(results["run_dir"])  # rank 0's name, broadcast to every rank
         print_summary(run_dir)
         return 0
     except CaratError as err:
         print(f"carat.train: error: {err}", file=sys.stderr)
         return 1
+
+
+RUN_LOCK = ".carat-run.lock"
+
+
+def resolve_run_dir(storage_path: Path, name: str) -> Path:
+    """storage_path/name as an absolute path, refused when the name leads outside storage_path."""
+    storage = storage_path.resolve()
+    run_dir = (storage / name).resolve()
+    if run_dir.parent != storage:
+        raise ConfigError(f"train.run_name={name!r} leads outside train.storage_path {storage}: use a plain name")
+    return run_dir
+
+
+def run_dir_lock(run_dir: Path):
+    """The run directory's lock, held by the process that owns the run (rank 0, or the Ray driver): a second
+    `carat.train` with the same run name gets an error instead of mixing its checkpoints into this run's."""
+    import contextlib
+    import os
+
+    from carat.locks import FileLock
+
+    if os.environ.get("RANK", "0") != "0":  # the other ranks of a deepspeed launch share rank 0's lock
+        return contextlib.nullcontext()
+    return FileLock(run_dir / RUN_LOCK, what=f"run directory {run_dir}")
 
 
 def ensure_once(cfg: CaratConfig, shard_dir: Path, launcher: str) -> None:

@@ -62,8 +62,11 @@ def init_process_group(gpu: bool) -> None:
 
 
 def checkpoint_to_resume(root: Path) -> Path | None:
-    """A run directory's checkpoints folder, if an earlier attempt of this run left a complete one."""
-    return root if (root / "latest").is_file() else None
+    """A run directory's checkpoints folder, if an earlier attempt of this run left any checkpoint there (the
+    loop picks the newest complete tag; a deleted `latest` must not mean a silent fresh start)."""
+    from carat.train.checkpoint import candidate_tags
+
+    return root if (root / "latest").is_file() or candidate_tags(root) else None
 
 
 # -- deepspeed launcher and single process -----------------------------------------------------------------

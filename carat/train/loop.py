@@ -14,7 +14,9 @@ dataset card's floor in results.json.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import random
 import sys
@@ -39,10 +41,15 @@ from carat.metrics import (
 )
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
+from carat.train.checkpoint import (
+    CheckpointError, ResumePoint, checkpoint_write_errors, clear_tag, config_mismatches, corpus_fingerprint,
+    find_resume_point, fsync_files, list_tag_files, load_checkpoint_file, recover_dir, replace_dir,
+    safe_torch_load, save_torch_atomic, write_completion_marker, write_latest,
+)
 from carat.train.deepspeed_config import build_ds_config, default_ds_config_path, read_ds_config
 from carat.train.optim import build_optimizer, build_scheduler
 from carat.train.rundir import (
-    RunDir, append_jsonl, copy_card, environment_report, truncate_history, write_json_atomic,
+    RunDir, append_jsonl, copy_card, environment_report, rewrite_history, truncate_history, write_json_atomic,
 )
 
 FAULT_ENV = "CARAT_FAIL_AFTER_EPOCH"
@@ -92,15 +99,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream of this process, as tensors and plain numbers only: loadable with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -256,6 +273,14 @@ class Trainer:
         """Gradient norms and model diagnostics of the last train_step run with diagnose=True."""
         self.epoch_diagnostics = MeanMeter()
         self.tb = None  # TensorBoard writer, rank 0 only, opened in fit()
+        self.corpus = corpus_fingerprint(ctx.shard_dir)
+        """Hash of the shard table trained on: a resume on other shards is refused."""
+        self.nonfinite_total = 0
+        """Steps skipped for a non-finite loss or gradient norm, over the whole run (checkpointed)."""
+        self.nonfinite_epoch = 0
+        self.nonfinite_in_a_row = 0
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=50)
+        self.explosion_warned = False
 
     # -- setup -------------------------------------------------------------------------------------------
     def _use_bf16(self) -> bool:
@@ -287,58 +312,118 @@ class Trainer:
         copy_card(self.ctx.shard_dir, self.run)
 
     # -- checkpoints -------------------------------------------------------------------------------------
-    def client_state(self) -> dict[str, Any]:
+    def client_state(self, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """carat's state in every checkpoint; ``history`` (with this epoch's ``record``) makes history.jsonl
+        reconstructible from the checkpoint alone."""
         return {
             "epoch": self.epoch, "global_step": self.global_step, "best": dict(self.best),
             "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "corpus": self.corpus, "record": record,
+            "nonfinite_total": self.nonfinite_total,
         }
 
-    def save_checkpoint(self, root: Path, tag: str) -> None:
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state())
-        # DeepSpeed keeps rank 0's client state only; RNG streams differ per rank, so each rank saves its own.
-        torch.save(rng_state(), root / tag / f"rng_rank{self.rank}.pt")
+    def save_checkpoint(self, root: Path, tag: str, record: dict[str, Any] | None = None) -> None:
+        """A complete-or-absent checkpoint (see :mod:`carat.train.checkpoint`): DeepSpeed's files and each
+        rank's RNG file, fsync'ed, then rank 0's completion marker, then ``latest``."""
+        tag_dir = root / tag
+        with checkpoint_write_errors(root, tag):
+            if self.is_main:
+                clear_tag(tag_dir)  # a torn tag of an earlier attempt, or the tag being replaced
+            dist.barrier()
+            self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(record),
+                                        save_latest=False)
+            # DeepSpeed keeps rank 0's client state only; RNG streams differ per rank, so each rank saves its own.
+            save_torch_atomic(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
+            mine = list_tag_files(tag_dir)
+            fsync_files(tag_dir, list(mine))
+            # Under Ray every rank saves into its own folder: the marker lists the files of all of them.
+            files: dict[str, int] = {}
+            for part in dist.gather_objects(mine):
+                files.update(part)
+            if self.is_main:
+                write_completion_marker(tag_dir, files, {
+                    "epoch": self.epoch, "global_step": self.global_step, "world_size": self.world,
+                    "corpus": self.corpus, "record": record})
+                write_latest(root, tag)
         dist.barrier()
 
-    def resume(self, directory: Path) -> None:
-        self.check_resumable(directory)
-        path, state = self.engine.load_checkpoint(str(directory))
+    def save_best(self) -> None:
+        """best/ is replaced whole: written beside it, then swapped in, so a crash keeps the old best model."""
+        staging = self.run.best.with_name(self.run.best.name + ".staging")
+        self.save_checkpoint(staging, "best")
+        if self.is_main:
+            replace_dir(staging, self.run.best)
+        dist.barrier()
+
+    def find_resume(self) -> ResumePoint | None:
+        """The newest complete checkpoint of ``ctx.resume_dir`` (None: start fresh), warning about newer
+        incomplete ones that are skipped."""
+        if self.ctx.resume_dir is None:
+            return None
+        point = find_resume_point(self.ctx.resume_dir)
+        if point is not None and point.warning():
+            self.warn(point.warning())
+        return point if point is not None and point.tag is not None else None
+
+    def resume(self, point: ResumePoint) -> None:
+        directory, tag = point.root, point.tag
+        with safe_torch_load():
+            path, state = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
-            raise CaratError(f"no DeepSpeed checkpoint could be loaded from {directory}")
+            raise CheckpointError(f"no DeepSpeed checkpoint could be loaded from {directory / tag}")
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         self.best = restore_best(dict(state["best"]), self.cfg.train.select_metric, self.history)
-        self.warnings = list(state.get("warnings", []))
-        rng_file = Path(path).parent / f"rng_rank{self.rank}.pt"
-        if not rng_file.is_file():  # path points at a file inside the tag folder
-            rng_file = Path(path) / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # still a valid resume, only not bit-identical to an uninterrupted run
-            print(f"[carat] warning: {rng_file} missing; rank {self.rank} resumes with fresh RNG streams")
+        self.warnings = list(state.get("warnings", [])) + [w for w in self.warnings if w not in state.get("warnings", [])]
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        rng_file = directory / tag / f"rng_rank{self.rank}.pt"
+        try:
+            set_rng_state(load_checkpoint_file(rng_file))
+        except (CheckpointError, KeyError, TypeError) as err:  # still a valid resume, only not bit-identical
+            print(f"[carat] warning: {rng_file}: {err}; rank {self.rank} resumes with fresh RNG streams")
         if self.is_main:
-            print(f"[carat] resumed from {directory} after epoch {self.epoch} (step {self.global_step})")
+            print(f"[carat] resumed from {directory / tag} after epoch {self.epoch} (step {self.global_step})")
 
-    def check_resumable(self, directory: Path) -> None:
-        """ZeRO shards optimizer state by rank: a checkpoint only loads into the world size that wrote it."""
+    def check_resumable(self, point: ResumePoint) -> None:
+        """Refuse, before anything is written, a resume whose saved state means something else: another
+        world size (ZeRO shards optimizer state by rank), another corpus, or changed config keys that
+        shape the model, loss, schedule or batch plan (:data:`carat.train.checkpoint.RESUMABLE_CHANGES`)."""
         from carat.export import read_client_state
 
-        tag = (directory / "latest").read_text().strip()
-        saved = read_client_state(directory, tag).get("world_size")
-        if saved is not None and int(saved) != self.world:
-            raise CaratError(
-                f"{directory / tag} was written by {saved} ranks and this run has {self.world}: resume with "
-                f"{saved} workers (--train.num_workers={saved}) or start a new --run-name")
+        where = point.root / point.tag
+        saved = read_client_state(point.root, point.tag)
+        world = saved.get("world_size")
+        if world is not None and int(world) != self.world:
+            raise CheckpointError(
+                f"{where} was written by {world} ranks and this run has {self.world}: resume with "
+                f"{world} workers (--train.num_workers={world}) or start a new --run-name")
+        problems = config_mismatches(saved.get("config", {}), config_to_dict(self.cfg))
+        if saved.get("corpus") and self.corpus and saved["corpus"] != self.corpus:
+            problems.insert(0, f"corpus: shards {saved['corpus']} -> {self.corpus} ({self.ctx.shard_dir} holds "
+                               "other shards than the run trained on)")
+        if problems:
+            raise CheckpointError(
+                f"cannot resume {where} with this configuration; these differ from the saved run: "
+                f"{'; '.join(problems)}. Rerun with the saved values (see {self.run.config}) or start a new "
+                "--run-name")
 
     # -- training ----------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, diagnose: bool = False) -> tuple[dict[str, float], int]:
-        """One optimizer step; returns the loss terms and the real frames seen. With ``diagnose`` (on the
-        same steps on every rank: it gathers gradients) it also fills :attr:`step_diagnostics`."""
+    def train_step(self, batch: Batch, diagnose: bool = False) -> tuple[dict[str, float] | None, int]:
+        """One optimizer step; returns the loss terms (None when the step was skipped as non-finite) and the
+        real frames seen. With ``diagnose`` (on the same steps on every rank: it gathers gradients) it also
+        fills :attr:`step_diagnostics`."""
         batch = batch.to(self.device, non_blocking=True)
         n_local = float(batch.weight.sum().item())
         n_global = dist.all_reduce_sum(n_local, self.device)
+        frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
         out, terms = self.engine(self._cast(batch), labels=batch.labels, sample_weight=batch.weight)
+        values = {name: float(value.detach().float().item()) for name, value in terms.items()}
+        bad_terms = sorted(name for name, value in values.items() if not math.isfinite(value))
+        # Every rank skips together (a rank alone skipping backward would hang the others' all-reduce).
+        if dist.all_reduce_sum(float(bool(bad_terms)), self.device) > 0:
+            self.skip_nonfinite_step(batch, "loss", bad_terms, values)
+            return None, frames
         # DeepSpeed averages gradients over ranks; scaling each rank's mean by its share of the global batch
         # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
         scale = n_local * self.world / max(n_global, 1.0)
@@ -346,10 +431,64 @@ class Trainer:
         if diagnose:  # the gradients exist only between backward and step
             self.step_diagnostics = {**module_gradient_norms(self.model), **model_diagnostics(self.model)}
         self.engine.step()
+        if not self.step_was_finite():  # DeepSpeed saw inf/NaN gradients and did not update (or should not have)
+            self.skip_nonfinite_step(batch, "gradient norm", [], values)
+            return None, frames
+        self.nonfinite_in_a_row = 0
+        self.watch_loss(values["total"])
         with torch.no_grad():
             self.model.update_memory(out, batch.labels, gather=dist.gather_rows, sample_weight=batch.weight)
-        frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
-        return {name: float(value.detach().float().item()) for name, value in terms.items()}, frames
+        return values, frames
+
+    # -- divergence --------------------------------------------------------------------------------------
+    def step_was_finite(self) -> bool:
+        """Whether the step just taken had a finite gradient: DeepSpeed's ZeRO optimizers skip the update on
+        inf/NaN gradients (``was_step_applied`` False); its global gradient norm, where computed, must be
+        finite too."""
+        if not self.engine.was_step_applied():
+            return False
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return True
+        norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+        return math.isfinite(norm)
+
+    def skip_nonfinite_step(self, batch: Batch, what: str, bad_terms: list[str], values: dict[str, float]) -> None:
+        """Count a skipped step (no update, no memory update); stop the run after too many in a row. All ranks
+        call this on the same steps."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_epoch += 1
+        self.nonfinite_total += 1
+        step = self.global_step + 1
+        # Which rank saw what: gathered so rank 0's message names the samples wherever they were.
+        seen = dist.gather_objects((self.rank, bad_terms, list(batch.keys[:8]), len(batch.keys)))
+        where = "; ".join(
+            f"rank {r}: {'non-finite ' + ', '.join(terms) if terms else 'terms finite'}, samples "
+            f"{', '.join(keys)}{' ...' if n > len(keys) else ''}" for r, terms, keys, n in seen)
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.is_main:
+            print(f"[carat] warning: step {step} (epoch {self.epoch + 1}) skipped: non-finite {what} ({where}); "
+                  f"{self.nonfinite_in_a_row} in a row (limit train.max_nonfinite_steps={limit})", flush=True)
+        if self.nonfinite_in_a_row > limit:
+            lr = self.scheduler.get_last_lr()[0]
+            raise CaratError(
+                f"training diverged: step {step} (epoch {self.epoch + 1}): {self.nonfinite_in_a_row} steps in a "
+                f"row with a non-finite {what} (train.max_nonfinite_steps={limit}); {where}. "
+                f"Lower optim.lr (now {lr:g}) or optim.grad_clip, and check those samples with "
+                f"`python -m carat.data verify {self.ctx.shard_dir}`; the last checkpoint is unaffected")
+
+    def watch_loss(self, total: float) -> None:
+        """Warn, once per epoch, about a loss many times its recent median: an lr too high shows here first."""
+        factor = self.cfg.train.loss_explosion_factor
+        recent = self.recent_losses
+        if factor and len(recent) >= 10 and not self.explosion_warned:
+            median = float(np.median(recent))
+            if median > 0 and total > factor * median:
+                self.explosion_warned = True
+                self.warn(f"step {self.global_step + 1} (epoch {self.epoch + 1}): loss {total:.4g} is "
+                          f"{total / median:.0f}x the median {median:.4g} of the last {len(recent)} steps "
+                          f"(train.loss_explosion_factor={factor:g}); the run may be diverging: lower optim.lr")
+        recent.append(total)
 
     def is_log_step(self, step: int) -> bool:
         """Whether the step about to run (``step`` of this epoch) is logged: a function of counters every rank
@@ -361,8 +500,10 @@ class Trainer:
         loader = self._loader("train", self.epoch, True)
         steps = self.steps_per_epoch
         self.epoch_diagnostics = MeanMeter()
+        self.nonfinite_epoch = 0
+        self.explosion_warned = False
         sums: dict[str, float] = {}
-        seen = frames_seen = 0
+        seen = frames_seen = skipped_n = 0
         start = time.perf_counter()
         bar = _progress(steps, f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", self.is_main)
         for step, batch in enumerate(loader):
@@ -374,12 +515,15 @@ class Trainer:
             n = int(batch.weight.sum().item())  # filler samples (weight 0) are not seen
             seen += n
             frames_seen += frames
+            bar.update(1)
+            if terms is None:  # skipped as non-finite: its loss is no part of the epoch's means
+                skipped_n += n
+                continue
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value * n
             elapsed = time.perf_counter() - start
             rate = seen * self.world / max(elapsed, 1e-9)
             frame_rate = frames_seen * self.world / max(elapsed, 1e-9)
-            bar.update(1)
             bar.set_postfix(step=self.global_step, loss=f"{terms['total']:.4f}", sps=f"{rate:.1f}",
                             fps=f"{frame_rate:.0f}")
             if log_now:
@@ -390,9 +534,11 @@ class Trainer:
         elapsed = time.perf_counter() - start
         totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
         n_total = dist.all_reduce_sum(seen, self.device)
+        n_scored = n_total - dist.all_reduce_sum(skipped_n, self.device)
         frames_total = dist.all_reduce_sum(frames_seen, self.device)
         # Loss terms under train/ (plotted as losses), throughput under perf/.
-        epoch_terms = {f"train/{k}": v / max(n_total, 1.0) for k, v in totals.items()}
+        epoch_terms = {f"train/{k}": v / max(n_scored, 1.0) for k, v in totals.items()}
+        epoch_terms["train/nonfinite_steps"] = self.nonfinite_epoch
         epoch_terms.update({
             "perf/samples": n_total, "perf/samples_per_s": n_total / max(elapsed, 1e-9),
             "perf/frames_per_s": frames_total / max(elapsed, 1e-9), "perf/epoch_seconds": elapsed,
@@ -466,11 +612,18 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        if self.is_main:
+            recover_dir(self.run.best)  # a crash while best/ was being replaced
+        point = self.find_resume()
+        if point is not None:
+            self.check_resumable(point)  # before anything is written: a refused resume changes nothing
         self.write_run_files()
-        if self.ctx.resume_dir is not None:
-            self.resume(self.ctx.resume_dir)
-        if self.is_main:  # logs past the starting epoch belong to an attempt that did not checkpoint
-            truncate_history(self.run.history, self.epoch)
+        if point is not None:
+            self.resume(point)
+        if self.is_main:
+            # history.jsonl from the checkpoint (a kill after the save but before the append lost its line);
+            # metrics past the starting epoch belong to an attempt that did not checkpoint
+            rewrite_history(self.run.history, self.history)
             truncate_history(self.run.metrics, self.epoch)
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -499,12 +652,12 @@ class Trainer:
         self.history.append(record)
         if improved:
             # `latest` in best/ too: under ZeRO-3 a module-only load ignores the tag and reads `latest`.
-            self.save_checkpoint(self.run.best, "best")
+            self.save_best()
         self.checkpoint_and_report(record)
         if self.is_main:
             append_jsonl(self.run.history, record)
             self.log_epoch_scalars(record)
-            print(f"[carat] epoch {self.epoch}/{self.cfg.train.epochs} loss {record['train/total']:.4f} "
+            print(f"[carat] epoch {self.epoch}/{self.cfg.train.epochs} loss {record.get('train/total', float('nan')):.4f} "
                   f"valid micro-F1 {metrics['micro_f1']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
                   f"macro-AUC {_number(metrics['macro_auc'])} | {metric} {_number(value)}"
                   f"{' (best)' if improved else ''}", flush=True)
@@ -521,13 +674,13 @@ class Trainer:
     def checkpoint_and_report(self, record: dict[str, Any]) -> None:
         tag = f"epoch-{self.epoch:03d}"
         if self.ctx.checkpoint_root is not None:
-            self.save_checkpoint(self.ctx.checkpoint_root, tag)
+            self.save_checkpoint(self.ctx.checkpoint_root, tag, record)
             self.ctx.report(record, self.ctx.checkpoint_root)
             if self.is_main:
                 prune_checkpoints(self.ctx.checkpoint_root, self.cfg.train.keep_checkpoints)
             return
         with tempfile.TemporaryDirectory(prefix="carat-ckpt-") as tmp:
-            self.save_checkpoint(Path(tmp), tag)
+            self.save_checkpoint(Path(tmp), tag, record)
             self.ctx.report(record, Path(tmp))
 
     def maybe_inject_fault(self) -> None:
@@ -546,8 +699,9 @@ class Trainer:
     def final_evaluation(self) -> dict[str, Any]:
         """Reload the best epoch's weights, score valid and test, tune per-class thresholds on valid."""
         if (self.run.best / "best").is_dir():
-            self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
-                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            with safe_torch_load():
+                self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
+                                            load_optimizer_states=False, load_lr_scheduler_states=False)
         valid = self.predict_split("valid")
         test = self.predict_split("test")
         threshold = self.cfg.model.threshold
@@ -563,6 +717,7 @@ class Trainer:
             results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
         results["select_metric"] = self.best["metric"]
         results["best_value"] = self.best["value"]
+        results["nonfinite_steps"] = self.nonfinite_total
         if self.is_main:
             self.judge(results)
             self.write_results(results, test)
@@ -574,6 +729,12 @@ class Trainer:
         judged = verdict(results, card)
         if judged is not None:
             results["verdict"] = judged
+        trivial = trivial_floor_flags(results, card)
+        if trivial is not None:
+            results["below_trivial_floor"] = trivial
+        if self.nonfinite_total:
+            self.warn(f"{self.nonfinite_total} training step(s) were skipped for a non-finite loss or gradient "
+                      "(train/nonfinite_steps in history.jsonl says which epochs)")
         for message in result_warnings(results, card):
             self.warn(message)
         results["warnings"] = list(self.warnings)
@@ -595,6 +756,20 @@ class Trainer:
         plot_diagnostics(self.history, self.run.plots / DIAGNOSTICS_PLOT)
         plot_per_emotion_f1(results["test"], self.run.plots / "per_emotion_f1.png")
         plot_pr_curves(test["labels"], test["scores"], self.run.plots / "pr_curves.png")
+
+
+def trivial_floor_flags(results: dict[str, Any], card: dict[str, Any]) -> bool | None:
+    """Whether the model's test micro-F1 is not above predicting every emotion (the card's trivial floor),
+    at the model threshold and, when tuned, at thresholds tuned on valid: True when either is. None when
+    the card has no such baseline. (result_warnings words the same finding for the user.)"""
+    from carat.metrics import card_references
+
+    baseline = card_references(card)["all_positive"]
+    if baseline is None:
+        return None
+    scores = [results[k]["micro_f1"] for k in ("test", "test_tuned") if isinstance(results.get(k), dict)
+              and "micro_f1" in results[k]]
+    return any(float(v) <= float(baseline["micro_f1"]) for v in scores)
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:

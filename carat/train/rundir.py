@@ -126,6 +126,11 @@ def truncate_history(path: Path, completed_epochs: int, key: str = "epoch") -> N
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def rewrite_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """history.jsonl as the checkpoint's history says: the epochs it completed, each exactly once."""
+    write_text_atomic(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in history))
+
+
 def environment_report(launcher: str, world: int, device: torch.device) -> dict[str, Any]:
     """What ran where: enough to reproduce or explain a result."""
     import carat

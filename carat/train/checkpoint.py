@@ -1,0 +1,321 @@
+"""Crash-safe checkpoints: complete-or-absent tags, resume from the newest complete one, safe loading.
+
+A DeepSpeed save writes one file per rank and state (model, optimizer shards), carat adds one RNG file per
+rank, and the epoch's history record travels in the client state. A kill can stop that at any file. So:
+
+1. DeepSpeed saves without its ``latest`` pointer; every rank writes its RNG file atomically and fsyncs what
+   it wrote.
+2. After a barrier, rank 0 writes ``carat_complete.json`` into the tag, atomically and fsync'ed: the name and
+   size of every file of the tag (from all ranks), the epoch, the step, the corpus fingerprint and the
+   epoch's history record. Only then does it point ``latest`` at the tag.
+
+A tag without that marker, or whose files do not match it (truncated, missing), is incomplete. Resume takes
+the newest complete tag and says which newer ones it skipped and why; a missing ``latest`` changes nothing.
+Checkpoints written before markers existed (no tag has one) resume from ``latest`` as before.
+
+Loading: DeepSpeed checkpoint files are pickles. carat loads every one with ``torch.load(weights_only=True)``
+and registers, explicitly, the few non-tensor types DeepSpeed's state holds (:func:`deepspeed_safe_globals`),
+so a crafted checkpoint cannot run code; it fails with an error naming the file and the type it wanted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from carat.atomic import fsync_dir, write_atomic, write_text_atomic
+from carat.errors import CaratError
+
+COMPLETE_FILE = "carat_complete.json"
+"""Written last into a tag folder: the tag is complete iff it exists and every file it lists matches."""
+LATEST_FILE = "latest"
+_EPOCH_TAG = re.compile(r"^epoch-(\d+)$")
+
+
+class CheckpointError(CaratError):
+    """A checkpoint cannot be written, read or resumed from; the message names the path and what to do."""
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+def epoch_of_tag(tag: str) -> int | None:
+    match = _EPOCH_TAG.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def list_tag_files(tag_dir: Path) -> dict[str, int]:
+    """Name -> size of the files in a tag folder (the marker and temporary files excluded)."""
+    if not tag_dir.is_dir():
+        return {}
+    return {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())
+            if p.is_file() and p.name != COMPLETE_FILE and not p.name.endswith(".tmp")}
+
+
+def fsync_files(tag_dir: Path, names: list[str]) -> None:
+    """Flush files DeepSpeed wrote (it does not fsync) before the marker vouches for them."""
+    for name in names:
+        with open(tag_dir / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(tag_dir)
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_completion_marker(tag_dir: Path, files: dict[str, int], info: dict[str, Any]) -> None:
+    """Publish the marker (last, atomically, fsync'ed): the tag is complete from here on."""
+    doc = {"format": 1, "tag": tag_dir.name, "files": dict(sorted(files.items())), **info}
+    write_text_atomic(tag_dir / COMPLETE_FILE, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def write_latest(root: Path, tag: str) -> None:
+    write_text_atomic(root / LATEST_FILE, tag)
+
+
+def clear_tag(tag_dir: Path) -> None:
+    """Remove a tag about to be (re)written, marker first, so a crash mid-save never leaves an old marker
+    vouching for new, partial files."""
+    (tag_dir / COMPLETE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Swap a completely written ``staging`` folder in as ``final`` (the best model), keeping the old one
+    until the new one is in place: a crash leaves the old or the new folder, see :func:`recover_dir`."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Undo a :func:`replace_dir` a crash interrupted: put the old folder back if the new one never arrived,
+    and drop an unfinished staging folder."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + ".staging"), ignore_errors=True)
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+@contextlib.contextmanager
+def checkpoint_write_errors(root: Path, tag: str) -> Iterator[None]:
+    """Turn an OSError while saving (disk full, quota, permissions) into a CheckpointError naming the path,
+    the space a checkpoint needs (the previous one's size) and the checkpoint that stays valid."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or (root / tag)
+        previous = find_resume_point(root, quiet=True) if root.is_dir() else None
+        kept = (f"the previous checkpoint {root / previous.tag} stays valid and a rerun resumes from it"
+                if previous and previous.tag and previous.tag != tag else "no earlier complete checkpoint exists")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = max((_dir_bytes(root / p.name) for p in root.iterdir() if p.is_dir() and p.name != tag),
+                       default=0) if root.is_dir() else 0
+            free = shutil.disk_usage(root).free if root.exists() else 0
+            raise CheckpointError(
+                f"no space left writing checkpoint {root / tag} ({where}): a checkpoint needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}. Free space (or lower "
+                f"train.keep_checkpoints) and rerun the same command") from err
+        raise CheckpointError(f"cannot write checkpoint {root / tag} ({where}: {err.strerror or err}); {kept}") from err
+
+
+# -- resuming --------------------------------------------------------------------------------------------
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((tag_dir / COMPLETE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
+
+
+def incomplete_reason(tag_dir: Path) -> str | None:
+    """Why a tag cannot be resumed from (None: complete)."""
+    if not (tag_dir / COMPLETE_FILE).is_file():
+        return "no completion marker (the save was interrupted)"
+    marker = read_marker(tag_dir)
+    if marker is None:
+        return f"unreadable {COMPLETE_FILE}"
+    present = list_tag_files(tag_dir)
+    for name, size in marker["files"].items():
+        if name not in present:
+            return f"{name} is missing"
+        if present[name] != int(size):
+            return f"{name} is {present[name]} bytes, the marker says {size} (truncated or overwritten)"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """Where to resume: ``root`` (a DeepSpeed save dir) and ``tag``; None = start fresh."""
+
+    root: Path
+    tag: str | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(tag, reason) of newer tags that were not complete."""
+    legacy: bool = False
+    """No tag has a marker (written before markers existed): ``latest`` is trusted as before."""
+
+    def warning(self) -> str | None:
+        if not self.skipped:
+            return None
+        said = "; ".join(f"{self.root / tag}: {reason}" for tag, reason in self.skipped)
+        target = f"resuming from {self.root / self.tag}" if self.tag else "no complete checkpoint: starting fresh"
+        return f"skipped incomplete checkpoint(s) {said}; {target}"
+
+
+def candidate_tags(root: Path) -> list[str]:
+    """Tag folders of a save dir, newest first (epoch tags by number, then any other tag with a marker)."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and (epoch_of_tag(p.name) is not None or (p / COMPLETE_FILE).exists())]
+    return sorted(tags, key=lambda t: (epoch_of_tag(t) is not None, epoch_of_tag(t) or 0, t), reverse=True)
+
+
+def find_resume_point(root: Path, quiet: bool = False) -> ResumePoint | None:
+    """The newest complete tag of ``root``; None when ``root`` holds no checkpoint at all.
+
+    CheckpointError when tags exist, none is complete and one of them had been completed (its files were
+    damaged afterwards): starting over would silently throw that training away."""
+    tags = candidate_tags(root)
+    latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
+    if not tags and latest is None:
+        return None
+    if not any((root / t / COMPLETE_FILE).exists() for t in tags) and latest and (root / latest).is_dir():
+        return ResumePoint(root, latest, legacy=True)
+    skipped: list[tuple[str, str]] = []
+    for tag in tags:
+        reason = incomplete_reason(root / tag)
+        if reason is None:
+            return ResumePoint(root, tag, skipped)
+        skipped.append((tag, reason))
+    damaged = [(t, r) for t, r in skipped if (root / t / COMPLETE_FILE).exists()]
+    if damaged and not quiet:
+        said = "; ".join(f"{root / t}: {r}" for t, r in damaged)
+        raise CheckpointError(f"every checkpoint in {root} is damaged ({said}); restore them from a copy, or move "
+                              f"{root} away to start this run over")
+    return ResumePoint(root, None, skipped)
+
+
+# -- what may change on resume ---------------------------------------------------------------------------
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "preset", "synth.", "storage.", "prepare.", "tune.", "loader.num_workers",
+    "train.launcher", "train.num_workers", "train.shard_dir", "train.synth_if_missing", "train.storage_path",
+    "train.run_name", "train.max_failures", "train.keep_checkpoints", "train.log_every", "train.select_metric",
+    "train.tune_thresholds", "train.use_gpu", "train.max_nonfinite_steps", "train.loss_explosion_factor",
+)
+"""Config keys (or section prefixes) a resumed run may change: where things live, how it is launched and
+logged. Anything else (model size, loss, optimizer and schedule, epochs, batch plan, seed) changes what the
+saved state means, so a resume that changes it is refused. (The world size is checked on its own.)"""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key that differs and may not change on resume. A key only one side
+    knows (a version added or removed it) is not compared."""
+    old, new = _flatten(saved), _flatten(current)
+    allowed = lambda key: any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
+            if old[key] != new[key] and not allowed(key)]
+
+
+def corpus_fingerprint(shard_dir: Path) -> str | None:
+    """A short hash of the corpus' shard table (each shard's path and sha256): equal iff the same shards."""
+    import hashlib
+
+    from carat.data.shards import read_shard_table
+
+    try:
+        shards = read_shard_table(shard_dir)
+    except CaratError:
+        return None
+    digest = hashlib.sha256()
+    for info in sorted(shards, key=lambda s: s.shard):
+        digest.update(f"{info.shard}:{info.sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# -- safe loading ----------------------------------------------------------------------------------------
+def deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types found in DeepSpeed 0.19 checkpoint files, allowed explicitly for weights_only
+    loading: ZeRO's fragment addresses and loss-scaler bookkeeping, and the enums/containers it pickles."""
+    import collections
+
+    allowed: list[Any] = [collections.OrderedDict, collections.defaultdict, dict, list, set, tuple]
+    candidates = (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+        ("deepspeed.checkpoint.constants", ()),
+    )
+    import importlib
+
+    for module_name, names in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # a DeepSpeed version without that module: nothing to allow from it
+            continue
+        allowed += [getattr(module, n) for n in names if hasattr(module, n)]
+    return allowed
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """``torch.load`` of one checkpoint file with ``weights_only=True``: no code in it can run. A torn file
+    or one that asks for a type carat does not allow gives a CheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file missing") from None
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for such files
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err) or "global" in str(err).lower():
+            raise CheckpointError(f"{path}: refused to load: it needs a type carat does not allow in a "
+                                  f"checkpoint ({text[:300]}); a carat checkpoint never does, so it was "
+                                  "written by something else or tampered with") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {text[:300]}); it is "
+                              "truncated or not a checkpoint") from None
+
+
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Within this block, ``torch.load`` (as DeepSpeed's loaders call it) loads with ``weights_only=True`` and
+    DeepSpeed's safe globals: DeepSpeed 0.19 passes ``weights_only=False`` itself."""
+    original = torch.load
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        torch.load = guarded
+        try:
+            yield
+        finally:
+            torch.load = original
