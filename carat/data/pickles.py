@@ -1,7 +1,9 @@
 """Read CMU-MOSEI from a MulT / TAILOR / CARAT-style pickle of padded arrays.
 
 SECURITY: unpickling executes arbitrary code stored in the file. carat refuses unless the caller passes
-``trust=True`` (``--trust-pickle`` on the command line). Prefer the ``.csd`` source when you have it.
+``trust=True`` (``--trust-pickle`` on the command line). Prefer the ``.csd`` source when you have it. A ``.pt``
+labels file of plain tensors / lists / dicts is read with ``torch.load(weights_only=True)``, which runs no
+code, and needs no trust; ``.npy`` / ``.npz`` label files are read with ``allow_pickle=False`` unless trusted.
 
 Layout (e.g. ``mosei_senti_data_noalign.pkl`` of MulT, Tsai et al., ACL 2019): a dict with ``train`` / ``valid``
 / ``test``, each a dict of ``text`` [N, 50, 300], ``vision`` [N, 500, 35], ``audio`` [N, 500, 74] (may hold
@@ -99,14 +101,31 @@ def labels_from_array(value: Any, n: int, where: str) -> tuple[np.ndarray, np.nd
     return labels, np.full(labels.shape, np.nan, np.float32)
 
 
+def _load_pt_safely(path: Path) -> Any:
+    """A ``.pt`` labels file of tensors, lists, dicts and numbers loads with ``weights_only=True`` (no code can
+    run), trusted or not; None when it holds anything else (then only a trusted full unpickle can read it)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except Exception:  # it needs other types, or is not a torch file at all
+        return None
+
+
 def _unpickle(path: Path, trust: bool) -> Any:
+    if path.suffix == ".pt":
+        safe = _load_pt_safely(path)
+        if safe is not None:
+            return safe
     if not trust:
         raise DataError(UNTRUSTED_MESSAGE.format(path=path))
     try:
         if path.suffix == ".pt":
             import torch
 
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")  # MulT's pickles come from Python 2 era numpy
     except FileNotFoundError as exc:
