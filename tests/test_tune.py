@@ -215,3 +215,20 @@ def test_rerunning_the_sweep_restores_it(sweep, capsys):
     assert sweep["main"](sweep["args"]) == 0
     assert "resuming the sweep" in capsys.readouterr().out
     assert len(_rows(sweep["dir"])) == 2
+
+
+def test_ray_launch_follows_the_clusters_gpus_and_cpus(monkeypatch):
+    from carat.train import launch
+
+    cfg = load_config("tiny")
+    monkeypatch.setattr(launch, "_cluster_gpus", lambda: 8.0)  # a GPU cluster seen from a CPU-only head
+    assert launch.ray_use_gpu(cfg) and launch.ray_worker_count(cfg, True) == 8
+    off = load_config("tiny", overrides=["--train.use_gpu=false"])
+    assert not launch.ray_use_gpu(off) and launch.ray_worker_count(off, False) == 2
+    assert launch.ray_worker_count(load_config("tiny", overrides=["--train.num_workers=3"]), True) == 3
+    monkeypatch.setattr(launch, "_cluster_gpus", lambda: 0.0)
+    assert not launch.ray_use_gpu(cfg)
+    loaders = load_config("tiny", overrides=["--loader.num_workers=4"])
+    assert launch.cpus_per_worker(loaders, 2, 16.0) == 5.0  # the rank and its 4 loader processes
+    assert launch.cpus_per_worker(loaders, 2, 4.0) == 2.0   # never more than the cluster holds
+    assert launch.cpus_per_worker(cfg, 2, None) == 1.0

@@ -115,10 +115,29 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
             run(Path(directory))
 
 
+def _cluster_gpus() -> float | None:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else None
+
+
+def ray_use_gpu(cfg: CaratConfig) -> bool:
+    """GPU workers? train.use_gpu, else whether the Ray cluster has GPUs: the driver may sit on a CPU-only head
+    node (KubeRay, SLURM login-type heads) while the workers have GPUs."""
+    if cfg.train.use_gpu is not None:
+        return cfg.train.use_gpu
+    gpus = _cluster_gpus()
+    return gpus >= 1 if gpus is not None else use_gpu(cfg)
+
+
 def ray_worker_count(cfg: CaratConfig, gpu: bool) -> int:
+    """train.num_workers, else one per GPU of the Ray cluster (or of this machine), or 2 on CPU."""
     if cfg.train.num_workers:
         return cfg.train.num_workers
-    return max(1, torch.cuda.device_count()) if gpu else 2
+    if not gpu:
+        return 2
+    gpus = _cluster_gpus()
+    return max(1, int(gpus) if gpus is not None else torch.cuda.device_count())
 
 
 def cpus_per_worker(cfg: CaratConfig, num_workers: int, cluster_cpus: float | None) -> float:
@@ -149,7 +168,7 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    gpu = use_gpu(cfg)
+    gpu = ray_use_gpu(cfg)
     workers = num_workers or ray_worker_count(cfg, gpu)
     if cpus_per_rank is None:
         cpus_per_rank = cpus_per_worker(cfg, workers, ray.cluster_resources().get("CPU") if ray.is_initialized()
