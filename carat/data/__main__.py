@@ -1,8 +1,9 @@
-"""``python -m carat.data synth|prepare|inspect``: build, convert and inspect carat corpora.
+"""``python -m carat.data synth|prepare|inspect|verify``: build, convert, inspect and check carat corpora.
 
 synth    write a synthetic CMU-MOSEI-like corpus (deterministic from a seed)
 prepare  convert CMU-MOSEI you hold (.csd HDF5 files or a MulT-style pickle) into sorted WebDataset shards
 inspect  print a corpus' dataset card and write plots (lengths, labels, padding efficiency)
+verify   check every shard against the manifest; exit status 1 with a report naming shard and key
 
 Errors a user can fix (missing files, bad data, bad options) print one line and exit with status 1.
 """
@@ -119,10 +120,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from carat.data.verify import verify_corpus
+
+    report = verify_corpus(Path(args.dir), "quick" if args.quick else "full")
+    print(report.format(limit=args.max_problems))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m carat.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,prepare,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,prepare,inspect,verify}")
 
     p = sub.add_parser("synth", help="write a synthetic CMU-MOSEI-like corpus",
                        description="Write a synthetic CMU-MOSEI-like corpus: real split sizes and dims, long-tailed "
@@ -178,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=None,
                    help="padded frames per batch for the padding-efficiency plot (default: the loader's)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every shard against the manifest",
+                       description="Check a corpus: manifest against shard table, sizes, headers at every sample's "
+                                   "offset; by default also sha256, decodability, finite values, non-empty "
+                                   "sequences, label ranges. Exit status 1 with a report naming shard and key.")
+    p.add_argument("dir", help="corpus directory (with manifest.parquet and shards.parquet)")
+    p.add_argument("--quick", action="store_true", help="sizes and headers only (what training checks at start)")
+    p.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

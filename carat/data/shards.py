@@ -215,6 +215,9 @@ def _checked_features(seg: Segment, ref: SegmentRef, storage_dtype: np.dtype) ->
                 f"segment {seg.key!r}: {modality} has {arr.shape[0]} frames but its ref says {expected_len}")
         if not np.issubdtype(arr.dtype, np.floating):
             raise DataError(f"segment {seg.key!r}: {modality} dtype {arr.dtype} is not floating point")
+        if arr.shape[0] == 0:  # the model cannot attend over nothing; sources skip and count such segments
+            raise DataError(f"segment {seg.key!r}: {modality} is an empty sequence (0 frames); the source must "
+                            "skip it (prepare counts such segments in the card)")
         finite = np.isfinite(arr)
         if not finite.all():
             bad = int(arr.size - finite.sum())

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = resolve_run_dir(Path(cfg.train.storage_path), cfg.train.run_name or new_run_name())
         launcher = cfg.train.launcher
         ensure_once(cfg, shard_dir, launcher)
+        verify_once(cfg, shard_dir)
         with run_dir_lock(run_dir):
             if launcher == "ray":
                 from carat.train.launch import launch_ray
@@ -151,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     except CaratError as err:
         print(f"carat.train: error: {err}", file=sys.stderr)
         return 1
+
+
+def verify_once(cfg: CaratConfig, shard_dir: Path) -> None:
+    """train.verify_corpus before anything starts, by one process (rank 0 or the Ray driver): a damaged or
+    mismatched corpus is reported with shard and key instead of failing batches mid-epoch."""
+    import os
+
+    if cfg.train.verify_corpus == "off" or os.environ.get("RANK", "0") != "0":
+        return
+    from carat.data.verify import require_verified
+
+    require_verified(shard_dir, cfg.train.verify_corpus)
 
 
 RUN_LOCK = ".carat-run.lock"
