@@ -224,3 +224,19 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_valid(shards, tmp
     assert f"{points / 'epoch-001'} stays valid" in err
     assert ckpt.find_resume_point(points).tag == "epoch-001"
     assert (points / "latest").read_text() == "epoch-001"
+
+
+@pytest.mark.slow
+def test_a_ray_rerun_with_another_model_is_refused_by_the_driver_before_ray_starts(finished, shards, tmp_path,
+                                                                                   capsys):
+    run = tmp_path / "runs" / "rayrun"
+    ray_checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"  # what Ray keeps of a reported epoch
+    shutil.copytree(finished / "checkpoints" / "epoch-002", ray_checkpoint / "epoch-002")
+    (ray_checkpoint / "latest").write_text("epoch-002")
+    args = _args(shards, tmp_path / "runs", "rayrun", 3, "--model.hidden_size=32", "--model.num_heads=4")
+    args[args.index("none")] = "ray"
+    code = train_main.main(args)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot resume {ray_checkpoint / 'epoch-002'}" in err and "model.hidden_size: 16 -> 32" in err
+    assert not (run / "config.toml").exists()

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_once(cfg, shard_dir, launcher)
         verify_once(cfg, shard_dir)
         with run_dir_lock(run_dir):
+            precheck_resume(cfg, run_dir, shard_dir)
             if launcher == "ray":
                 from carat.train.launch import launch_ray
 
@@ -164,6 +165,30 @@ def verify_once(cfg: CaratConfig, shard_dir: Path) -> None:
     from carat.data.verify import require_verified
 
     require_verified(shard_dir, cfg.train.verify_corpus)
+
+
+def precheck_resume(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> None:
+    """Refuse a resume the workers would refuse, here, before Ray or DeepSpeed start: a worker's error
+    reaches the user through Ray's retries and wrappers, this one as one line."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from carat.config import config_to_dict
+    from carat.export import read_client_state
+    from carat.train.checkpoint import CheckpointError, corpus_fingerprint, newest_checkpoint, resume_refusal
+
+    point = newest_checkpoint(run_dir)
+    if point is None:
+        return
+    where = point.root / point.tag
+    # the world this launch will have, where it is known before any worker exists
+    world = {"none": 1, "deepspeed": int(os.environ.get("WORLD_SIZE", "1"))}.get(cfg.train.launcher,
+                                                                               cfg.train.num_workers or None)
+    refusal = resume_refusal(read_client_state(point.root, point.tag), config_to_dict(cfg),
+                             corpus_fingerprint(shard_dir), world, where, shard_dir, run_dir / "config.toml")
+    if refusal:
+        raise CheckpointError(refusal)
 
 
 RUN_LOCK = ".carat-run.lock"

@@ -262,6 +262,42 @@ def corpus_fingerprint(shard_dir: Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def newest_checkpoint(run_dir: Path) -> ResumePoint | None:
+    """The complete checkpoint a rerun of ``run_dir`` would resume from: Ray's newest ``checkpoint_*`` (Ray
+    registers one only after carat's save completed) or the newest complete tag in ``checkpoints/``."""
+    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    for directory in reversed(ray_dirs):
+        point = find_resume_point(directory, quiet=True)
+        if point is not None and point.tag is not None:
+            return point
+    point = find_resume_point(run_dir / "checkpoints", quiet=True)
+    return point if point is not None and point.tag is not None else None
+
+
+def resume_refusal(saved: dict[str, Any], current_config: dict[str, Any], corpus: str | None, world: int | None,
+                   where: Path, shard_dir: Path, saved_config_file: Path) -> str | None:
+    """Why the checkpoint ``where`` (its client state ``saved``) cannot resume under ``current_config`` with
+    ``world`` ranks (None: not known yet) on the corpus with fingerprint ``corpus``; None when it can. Used by
+    the driver before any worker starts and by each worker before it loads."""
+    problems = config_mismatches(saved.get("config", {}), current_config)
+    if saved.get("corpus") and corpus and saved["corpus"] != corpus:
+        problems.insert(0, f"corpus: shards {saved['corpus']} -> {corpus} ({shard_dir} holds other shards than "
+                           "the run trained on)")
+    saved_world = saved.get("world_size")
+    wrong_world = world is not None and saved_world is not None and int(saved_world) != world
+    if not problems and not wrong_world:
+        return None
+    parts = []
+    if wrong_world:  # ZeRO shards optimizer state by rank: a checkpoint only loads into the world that wrote it
+        parts.append(f"{where} was written by {saved_world} ranks and this run has {world}: resume with "
+                     f"{saved_world} workers (--train.num_workers={saved_world})")
+    if problems:
+        parts.append(f"{'also ' if wrong_world else f'cannot resume {where} with this configuration; '}these "
+                     f"differ from the saved run: {'; '.join(problems)}")
+    return (f"{'; '.join(parts)}. Rerun with the saved values (see {saved_config_file}) or start a new "
+            "--run-name")
+
+
 # -- safe loading ----------------------------------------------------------------------------------------
 def deepspeed_safe_globals() -> list[Any]:
     """The non-tensor types found in DeepSpeed 0.19 checkpoint files, allowed explicitly for weights_only

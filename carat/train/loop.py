@@ -42,7 +42,7 @@ from carat.metrics import (
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
 from carat.train.checkpoint import (
-    CheckpointError, ResumePoint, checkpoint_write_errors, clear_tag, config_mismatches, corpus_fingerprint,
+    CheckpointError, ResumePoint, checkpoint_write_errors, clear_tag, corpus_fingerprint, resume_refusal,
     find_resume_point, fsync_files, list_tag_files, load_checkpoint_file, recover_dir, replace_dir,
     safe_torch_load, save_torch_atomic, write_completion_marker, write_latest,
 )
@@ -391,22 +391,10 @@ class Trainer:
         shape the model, loss, schedule or batch plan (:data:`carat.train.checkpoint.RESUMABLE_CHANGES`)."""
         from carat.export import read_client_state
 
-        where = point.root / point.tag
-        saved = read_client_state(point.root, point.tag)
-        world = saved.get("world_size")
-        if world is not None and int(world) != self.world:
-            raise CheckpointError(
-                f"{where} was written by {world} ranks and this run has {self.world}: resume with "
-                f"{world} workers (--train.num_workers={world}) or start a new --run-name")
-        problems = config_mismatches(saved.get("config", {}), config_to_dict(self.cfg))
-        if saved.get("corpus") and self.corpus and saved["corpus"] != self.corpus:
-            problems.insert(0, f"corpus: shards {saved['corpus']} -> {self.corpus} ({self.ctx.shard_dir} holds "
-                               "other shards than the run trained on)")
-        if problems:
-            raise CheckpointError(
-                f"cannot resume {where} with this configuration; these differ from the saved run: "
-                f"{'; '.join(problems)}. Rerun with the saved values (see {self.run.config}) or start a new "
-                "--run-name")
+        refusal = resume_refusal(read_client_state(point.root, point.tag), config_to_dict(self.cfg), self.corpus,
+                                 self.world, point.root / point.tag, self.ctx.shard_dir, self.run.config)
+        if refusal:
+            raise CheckpointError(refusal)
 
     # -- training ----------------------------------------------------------------------------------------
     def train_step(self, batch: Batch, diagnose: bool = False) -> tuple[dict[str, float] | None, int]:
