@@ -103,3 +103,20 @@ def test_a_missing_manifest_is_a_problem_not_a_traceback(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     assert data_main(["verify", str(tmp_path / "c")]) == 1
     assert "manifest.parquet: " in capsys.readouterr().out
+
+
+def test_prepare_prints_a_modality_that_was_all_nan_in_the_source(tmp_path, capsys):
+    from carat.data.card import read_card
+    from carat.data.prepare import PrepareConfig, prepare_corpus
+    from tests.data_fixtures import make_csd_fixture
+
+    fx = make_csd_fixture(tmp_path / "csd")
+    for vid, (feats, iv) in list(fx.videos["visual"].items()):
+        fx.videos["visual"][vid] = (np.full_like(feats, np.nan), iv)  # FACET failed on every video
+    fx.rewrite("visual")
+    out = prepare_corpus(tmp_path / "csd", tmp_path / "out", PrepareConfig(reference=False),
+                         StorageConfig(dtype="float32"))
+    err = capsys.readouterr().err
+    assert "[carat] warning: visual: every value in the source is NaN/inf" in err
+    seen = read_card(out)["non_finite"]["seen"]["visual"]
+    assert seen["all_non_finite"] == seen["segments"] > 0

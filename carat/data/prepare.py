@@ -16,6 +16,7 @@ are scanned during listing (one extra read) so affected segments are skipped and
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -102,6 +103,10 @@ class Source(Protocol):
 
 # ---------------------------------------------------------------------------------------- non-finite values
 
+REPLACED_SHARE_ALARM = 0.01
+"""prepare prints a modality whose share of replaced NaN/inf values reaches this (1%)."""
+
+
 @dataclass
 class NonFiniteLog:
     """NaN / +inf / -inf counts per modality (values and segments affected), and the policy applied."""
@@ -110,9 +115,33 @@ class NonFiniteLog:
     inf_policy: str
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: {
         m: {"nan": 0, "posinf": 0, "neginf": 0, "segments": 0} for m in MODALITIES})
+    totals: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        m: {"values": 0, "segments": 0, "all_non_finite": 0} for m in MODALITIES})
+    """Every value and segment seen per modality, and segments whose values were all NaN/inf."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"nan_policy": self.nan_policy, "inf_policy": self.inf_policy, "per_modality": self.counts}
+        return {"nan_policy": self.nan_policy, "inf_policy": self.inf_policy, "per_modality": self.counts,
+                "seen": self.totals}
+
+    def alarms(self, share: float = REPLACED_SHARE_ALARM) -> list[str]:
+        """What a user must hear, not only find in the card: a modality with every value non-finite, segments
+        that were entirely NaN/inf (replaced by zeros: no signal left), or a large share of replaced values."""
+        lines = []
+        for m in MODALITIES:
+            seen, c = self.totals[m], self.counts[m]
+            bad = c["nan"] + c["posinf"] + c["neginf"]
+            if not seen["values"] or not bad:
+                continue
+            fraction = bad / seen["values"]
+            if bad == seen["values"]:
+                lines.append(f"{m}: every value in the source is NaN/inf ({bad}); the modality is all zeros now")
+            elif seen["all_non_finite"]:
+                lines.append(f"{m}: {seen['all_non_finite']} of {seen['segments']} segments were entirely NaN/inf "
+                             f"and are zeros now ({fraction:.1%} of its values replaced)")
+            elif fraction >= share:
+                lines.append(f"{m}: {fraction:.1%} of its values were NaN/inf and replaced "
+                             f"(nan_policy={self.nan_policy}, inf_policy={self.inf_policy})")
+        return lines
 
 
 def non_finite_counts(x: np.ndarray) -> tuple[int, int, int]:
@@ -144,6 +173,11 @@ def sanitize_segment(seg: Segment, log: NonFiniteLog, where: Callable[[str], str
     for m in MODALITIES:
         x = np.asarray(getattr(seg, m), dtype=np.float32)
         nan, pos, neg = non_finite_counts(x)
+        seen = log.totals[m]
+        seen["values"] += int(x.size)
+        seen["segments"] += 1
+        if x.size and nan + pos + neg == x.size:
+            seen["all_non_finite"] += 1
         if nan == pos == neg == 0:
             cleaned[m] = x
             continue
@@ -311,6 +345,8 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
             notes=source.notes, feature_stats=stats.to_card(), extra={"write": {"shards_reused": index.shards_reused,
                                                   "segments_loaded_after_write": reloaded}})
         write_card(out, card)
+        for line in log.alarms():
+            print(f"[carat] warning: {line} (see non_finite in {out / 'card.json'})", file=sys.stderr, flush=True)
     finally:
         source.close()
     return out
