@@ -64,11 +64,46 @@ def test_only_torn_tags_start_fresh_but_damaged_complete_ones_are_an_error(tmp_p
     assert ckpt.find_resume_point(tmp_path / "empty") is None
 
 
-def test_checkpoints_from_before_markers_resume_from_latest(tmp_path):
-    _fake_tag(tmp_path, "epoch-001", complete=False)
+def test_checkpoints_from_before_markers_resume_from_latest_or_the_newest_tag(tmp_path):
+    import torch
+
+    for epoch in (1, 2):  # what an older carat wrote: loadable client state without "record", no marker
+        tag = _fake_tag(tmp_path, f"epoch-00{epoch}", complete=False)
+        torch.save({"epoch": epoch, "module": {}}, tag / "mp_rank_00_model_states.pt")
     (tmp_path / "latest").write_text("epoch-001")
     point = ckpt.find_resume_point(tmp_path)
     assert point.tag == "epoch-001" and point.legacy
+    (tmp_path / "latest").unlink()  # deleted: the newest old tag, not a restart from epoch 0
+    assert ckpt.find_resume_point(tmp_path).tag == "epoch-002"
+    # a torn save of this carat (its client state has "record", its marker never came) is not taken for one
+    torch.save({"epoch": 3, "record": {}}, _fake_tag(tmp_path, "epoch-003", complete=False) / "mp_rank_00_model_states.pt")
+    assert ckpt.find_resume_point(tmp_path).tag == "epoch-002"
+
+
+class _Engine:
+    def __init__(self, applied: bool, norm) -> None:
+        self.applied, self.norm = applied, norm
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+@pytest.mark.parametrize("applied, norm, finite", [
+    (True, 1.5, True), (True, None, True), (False, 1.0, False), (True, float("inf"), False),
+    (True, float("nan"), False),
+])
+def test_a_step_deepspeed_skipped_or_with_a_non_finite_gradient_norm_counts_as_non_finite(applied, norm, finite):
+    import types
+
+    import torch
+
+    from carat.train.loop import Trainer
+
+    fake = types.SimpleNamespace(engine=_Engine(applied, torch.tensor(norm) if isinstance(norm, float) else norm))
+    assert Trainer.step_was_finite(fake) is finite
 
 
 def test_config_mismatches_name_the_keys_and_allow_where_and_how(tmp_path):

@@ -410,8 +410,10 @@ class ShardReader:
         truncated = len(data) < stop - start
         for r in rows:
             if r not in found and idx.keys[r] not in skipped:
+                mismatch = ("not at its manifest offset: manifest and shard do not match (a manifest from "
+                            f"another corpus?); check with `python -m carat.data verify {self.shard_dir}`")
                 why = (f"truncated shard: read {len(data)} of {stop - start} bytes at offset {start}" if truncated
-                       else "; ".join(errors) or "not found at its manifest offset (manifest does not match shard)")
+                       else f"{'; '.join(errors)}: {mismatch}" if errors else mismatch)
                 skips.append((rel, idx.keys[r], f"offset {int(idx.offsets[r])}: {why}"))
         return found, skips
 

@@ -161,6 +161,19 @@ def incomplete_reason(tag_dir: Path) -> str | None:
     return None
 
 
+def is_legacy_tag(tag_dir: Path) -> bool:
+    """A tag an older carat wrote (it has no marker by design), told apart from a torn save of this carat:
+    its model-states file loads and its client state lacks the ``record`` key this carat always saves."""
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        return False
+    try:
+        state = load_checkpoint_file(files[0])
+    except CheckpointError:
+        return False
+    return isinstance(state, dict) and "epoch" in state and "record" not in state
+
+
 @dataclass
 class ResumePoint:
     """Where to resume: ``root`` (a DeepSpeed save dir) and ``tag``; None = start fresh."""
@@ -198,8 +211,14 @@ def find_resume_point(root: Path, quiet: bool = False) -> ResumePoint | None:
     latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
     if not tags and latest is None:
         return None
-    if not any((root / t / COMPLETE_FILE).exists() for t in tags) and latest and (root / latest).is_dir():
-        return ResumePoint(root, latest, legacy=True)
+    if not any((root / t / COMPLETE_FILE).exists() for t in tags):
+        # Written before completion markers existed: trust `latest` as before, or the newest tag with
+        # DeepSpeed's model file when `latest` was deleted (never a silent restart from epoch 0).
+        if latest and (root / latest).is_dir():
+            return ResumePoint(root, latest, legacy=True)
+        legacy = next((t for t in tags if is_legacy_tag(root / t)), None)
+        if legacy is not None:
+            return ResumePoint(root, legacy, legacy=True)
     skipped: list[tuple[str, str]] = []
     for tag in tags:
         reason = incomplete_reason(root / tag)
