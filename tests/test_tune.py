@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,30 @@ def test_resources_follow_the_cluster():
     with pytest.raises(Exception, match="GPUs"):
         plan_resources(load_config("tiny", overrides=["--tune.workers_per_trial=4", "--train.use_gpu=true"]),
                        {"CPU": 8.0, "GPU": 2.0})
+
+
+def test_asha_stops_a_trailing_trial_at_the_grace_rung_and_searchers_are_selectable():
+    from carat.tune.sweep import make_scheduler, make_search
+
+    cfg = load_config("tiny", overrides=["--train.epochs=4"])
+    asha = make_scheduler(cfg)
+    assert type(asha).__name__ == "AsyncHyperBandScheduler" and asha._max_t == 4
+    asha.set_search_properties("valid/micro_f1", "max")
+
+    class Trial:  # what the scheduler reads of a trial
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id, self.config = trial_id, {}
+
+    leader, trailing = Trial("a"), Trial("b")
+    for trial in (leader, trailing):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, leader, {"training_iteration": 1, "valid/micro_f1": 0.8}) == "CONTINUE"
+    assert asha.on_trial_result(None, trailing, {"training_iteration": 1, "valid/micro_f1": 0.2}) == "STOP"
+    assert type(make_scheduler(load_config("tiny", overrides=["--tune.scheduler=fifo"]))).__name__ == "FIFOScheduler"
+    optuna = make_search(cfg, 3)
+    assert type(optuna).__name__ == "ConcurrencyLimiter" and type(optuna.searcher).__name__ == "OptunaSearch"
+    assert type(make_search(load_config("tiny", overrides=["--tune.search=random"]), 3)).__name__ == \
+        "BasicVariantGenerator"
 
 
 def test_trial_base_never_synthesizes_and_selects_on_the_tuned_metric(tmp_path):
@@ -232,3 +257,20 @@ def test_ray_launch_follows_the_clusters_gpus_and_cpus(monkeypatch):
     assert launch.cpus_per_worker(loaders, 2, 16.0) == 5.0  # the rank and its 4 loader processes
     assert launch.cpus_per_worker(loaders, 2, 4.0) == 2.0   # never more than the cluster holds
     assert launch.cpus_per_worker(cfg, 2, None) == 1.0
+
+
+@pytest.mark.slow
+def test_best_toml_trains_unchanged_and_reproduces_the_trials_metric(sweep, monkeypatch):
+    from carat.train.__main__ import main as train_main
+
+    rows = _rows(sweep["dir"])
+    best = max(rows, key=lambda r: float(r["best_metric"]))
+    best_toml = sweep["dir"] / "best.toml"
+    monkeypatch.chdir(sweep["root"])
+    assert train_main(["--config", str(best_toml)]) == 0  # on the sweep's Ray session, launcher ray, 1 worker
+    runs = [p for p in (sweep["root"] / "runs").iterdir() if p.name != "s"]
+    (run,) = runs
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 1 and results["select_metric"] == "micro_f1"
+    # same seed, data plan and world size on CPU: the trial's validation metric, up to noise
+    assert results["best_value"] == pytest.approx(float(best["best_metric"]), abs=0.05)

@@ -102,11 +102,31 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, cp
         raise result.error
 
 
+def make_search(cfg: CaratConfig, max_concurrent: int):
+    """Optuna TPE (wrapped in a ConcurrencyLimiter), or Tune's variant generator for random / grid."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
+
+
+def make_scheduler(cfg: CaratConfig):
+    """ASHA on the per-epoch report (one report = one training_iteration), or plain FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
 def build_tuner(cfg: CaratConfig, base: CaratConfig, sweep_dir: Path, resources: TrialResources):
     """A new Tuner, or the interrupted one restored from ``sweep_dir`` (``Tuner.restore``)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     trainable = tune.with_parameters(run_trial, base=config_to_dict(base), runs_dir=str(sweep_dir / "runs"),
                                      cpus_per_worker=resources.cpus_per_worker)
@@ -115,23 +135,12 @@ def build_tuner(cfg: CaratConfig, base: CaratConfig, sweep_dir: Path, resources:
         print(f"[carat] resuming the sweep in {sweep_dir}", flush=True)
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     t = cfg.tune
-    if t.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=resources.max_concurrent)
-    else:
-        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=resources.max_concurrent)
-    if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                  grace_period=min(t.grace_period, cfg.train.epochs),
-                                  reduction_factor=t.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=metric_key(cfg), mode="max", search_alg=search_alg, scheduler=scheduler,
+            metric=metric_key(cfg), mode="max", search_alg=make_search(cfg, resources.max_concurrent),
+            scheduler=make_scheduler(cfg),
             num_samples=t.num_samples, max_concurrent_trials=resources.max_concurrent,
             time_budget_s=t.time_budget_s, trial_dirname_creator=trial_dirname,
         ),
