@@ -274,3 +274,13 @@ def test_best_toml_trains_unchanged_and_reproduces_the_trials_metric(sweep, monk
     assert results["world_size"] == 1 and results["select_metric"] == "micro_f1"
     # same seed, data plan and world size on CPU: the trial's validation metric, up to noise
     assert results["best_value"] == pytest.approx(float(best["best_metric"]), abs=0.05)
+
+
+def test_a_sweep_on_an_empty_mount_fails_naming_the_shard_dir(tmp_path, capsys):
+    from carat.tune.__main__ import main
+
+    empty = tmp_path / "mnt" / "shards"
+    assert main(["--preset", "tiny", f"--train.shard_dir={empty}", "--train.synth_if_missing=false",
+                 f"--train.storage_path={tmp_path / 'runs'}"]) == 1
+    assert str(empty) in capsys.readouterr().err
+    assert not empty.exists() and not (tmp_path / "runs").exists()  # nothing synthesized, no Ray started
