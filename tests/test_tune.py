@@ -113,6 +113,7 @@ def test_asha_stops_a_trailing_trial_at_the_grace_rung_and_searchers_are_selecta
     cfg = load_config("tiny", overrides=["--train.epochs=4"])
     asha = make_scheduler(cfg)
     assert type(asha).__name__ == "AsyncHyperBandScheduler" and asha._max_t == 4
+    assert asha._stop_last_trials is False  # the last epoch's report must not cut the final evaluation
     asha.set_search_properties("valid/micro_f1", "max")
 
     class Trial:  # what the scheduler reads of a trial
@@ -129,6 +130,17 @@ def test_asha_stops_a_trailing_trial_at_the_grace_rung_and_searchers_are_selecta
     assert type(optuna).__name__ == "ConcurrencyLimiter" and type(optuna.searcher).__name__ == "OptunaSearch"
     assert type(make_search(load_config("tiny", overrides=["--tune.search=random"]), 3)).__name__ == \
         "BasicVariantGenerator"
+
+
+def test_learning_curves_are_keyed_by_epoch_across_a_restored_trial():
+    import pandas as pd
+
+    from carat.tune.report import epoch_curve
+
+    # a trial restored after epoch 2 reports epoch 1 again (Tune's iteration counter restarted)
+    frame = pd.DataFrame({"epoch": [0.0, 1.0, 1.0, 2.0], "valid/micro_f1": [0.1, 0.2, 0.25, 0.3]})
+    assert epoch_curve(frame, "valid/micro_f1") == [0.1, 0.25, 0.3]
+    assert epoch_curve(None, "valid/micro_f1") == []
 
 
 def test_trial_base_never_synthesizes_and_selects_on_the_tuned_metric(tmp_path):
@@ -200,16 +212,21 @@ def test_sweep_runs_both_trials_in_their_own_run_dirs(sweep):
     rows = _rows(sweep["dir"])
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert len({r["run_dir"] for r in rows}) == 2
+    finished = 0
     for row in rows:
         assert row["status"] == "completed" and row["epochs"] == "1"
         assert 0.0 <= float(row["best_metric"]) <= 1.0
         run = Path(row["run_dir"])
         assert run.name == f"trial-{row['trial_id']}"
-        results = json.loads((run / "results.json").read_text())
-        assert results["launcher"] == "ray" and results["world_size"] == 1
+        assert json.loads((run / "environment.json").read_text())["world_size"] == 1
+        if (run / "results.json").is_file():  # absent if ASHA stopped the trial at its (last-epoch) rung
+            results = json.loads((run / "results.json").read_text())
+            assert results["launcher"] == "ray" and results["world_size"] == 1
+            finished += 1
         history = (run / "history.jsonl").read_text().splitlines()
         assert len(history) == 1  # one epoch, reported to Tune once
         assert (sweep["dir"] / f"tune-{row['trial_id']}" / "progress.csv").is_file()
+    assert finished >= 1  # the first trial at a rung always continues: ASHA does not cut its final evaluation
     import pyarrow.parquet as pq
 
     table = pq.read_table(sweep["dir"] / "trials.parquet")

@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from carat.atomic import write_text_atomic
 from carat.config import CaratConfig, config_to_toml
@@ -29,16 +28,28 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def epoch_curve(frame: Any, metric: str) -> list[float | None]:
+    """The metric per epoch from a trial's Tune history, keyed by the loop's own (0-based) ``epoch``: a trial
+    restarted by ``Tuner.restore`` counts Tune iterations afresh and may repeat rows; the epoch does not."""
+    if frame is None or metric not in frame:
+        return []
+    if "epoch" not in frame:
+        return [_number(v) for v in frame[metric].tolist()]
+    by_epoch = {int(e): _number(v) for e, v in zip(frame["epoch"].tolist(), frame[metric].tolist())
+                if _number(e) is not None}
+    return [by_epoch.get(e) for e in range(max(by_epoch) + 1)] if by_epoch else []
+
+
 def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path) -> list[dict[str, Any]]:
     """One row per Tune result (``ray.tune.Result``): parameters, status, metric history summaries."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("tune-")  # no report yet
         frame = result.metrics_dataframe
-        curve = [] if frame is None or metric not in frame else [_number(v) for v in frame[metric].tolist()]
+        curve = epoch_curve(frame, metric)
         values = [v for v in curve if v is not None]
-        epochs = int(metrics.get("training_iteration", len(curve)) or 0)
+        epochs = len(curve)
         if result.error is not None:
             status = "error"
         elif epochs >= max_epochs:
@@ -49,7 +60,7 @@ def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path)
         row.update({f"param/{k}": v for k, v in sorted((result.config or {}).items())})
         row["final_metric"] = values[-1] if values else None
         row["best_metric"] = max(values) if values else None
-        row["best_epoch"] = (int(np.nanargmax(np.array(values))) + 1) if values else None
+        row["best_epoch"] = curve.index(max(values)) + 1 if values else None
         for key in SUMMARY_KEYS:
             row[f"final/valid/{key}"] = _number(metrics.get(f"valid/{key}"))
         row["run_dir"] = str(runs_dir / f"trial-{trial_id}")

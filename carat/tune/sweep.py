@@ -114,14 +114,18 @@ def make_search(cfg: CaratConfig, max_concurrent: int):
 
 
 def make_scheduler(cfg: CaratConfig):
-    """ASHA on the per-epoch report (one report = one training_iteration), or plain FIFO."""
+    """ASHA on the per-epoch report (one report = one training_iteration), or plain FIFO.
+
+    ``stop_last_trials=False``: by default ASHA stops every trial at max_t, which here is the report of the last
+    epoch, killing the trial's driver before the loop's final evaluation (best epoch on test, results.json).
+    A trial below the cutoff at a rung that falls on its last epoch is still stopped there."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                          grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                         reduction_factor=cfg.tune.reduction_factor)
+                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
 
 
 def build_tuner(cfg: CaratConfig, base: CaratConfig, sweep_dir: Path, resources: TrialResources):
