@@ -219,3 +219,14 @@ def read_corpus_samples(out_dir: Path) -> dict[str, dict]:
         assert entry["json"]["split"] == split
         out[key] = entry
     return out
+
+
+def tiny_loop_corpus(out: Path) -> Path:
+    """The smallest synthetic corpus the real training loop runs on (scale 0.005, 16-sample shards, no
+    reference scorer): shared by the end-to-end, checkpoint-safety and divergence tests."""
+    from carat.data.shards import StorageConfig
+    from carat.data.synth import SynthConfig, synthesize_corpus
+
+    synthesize_corpus(out, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    return out

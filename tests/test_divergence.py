@@ -18,13 +18,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from tests.data_fixtures import tiny_loop_corpus
 
-    out = tmp_path_factory.mktemp("corpus") / "shards"
-    synthesize_corpus(out, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
-                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
-    return out
+    return tiny_loop_corpus(tmp_path_factory.mktemp("corpus") / "shards")
 
 
 def _args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
