@@ -53,9 +53,9 @@ def segment_means(x: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> t
 
 class Probe(nn.Module):
     def __init__(self, dims: dict[str, int], stats: dict, pooling: str, slots: str, encoder: bool,
-                 width: int = 16, classes: int = 6) -> None:
+                 center: bool = False, temperature: float = 1.0, width: int = 16, classes: int = 6) -> None:
         super().__init__()
-        self.pooling, self.slots = pooling, slots
+        self.pooling, self.slots, self.center, self.temperature = pooling, slots, center, temperature
         for name, (mean, std) in stats.items():
             self.register_buffer(f"{name}_mean", torch.as_tensor(mean))
             self.register_buffer(f"{name}_std", torch.as_tensor(std).clamp_min(1e-6))
@@ -79,6 +79,9 @@ class Probe(nn.Module):
 
     def modality_logits(self, name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std") * mask[..., None]
+        if self.center:  # per-clip mean removed (cepstral-mean-normalisation style): a speaker's offset goes
+            n = mask.sum(1, keepdim=True).clamp_min(1)[..., None]
+            x = (x - x.sum(1, keepdim=True) / n) * mask[..., None]
         x, mask = self._slots(name, x, mask)
         if self.pooling == "stats":  # the pooled floor's functionals (mean, std over time), learned by SGD
             n = mask.sum(1, keepdim=True).clamp_min(1)
@@ -89,7 +92,8 @@ class Probe(nn.Module):
         if self.encoder is not None:
             h = self.encoder[name](h, src_key_padding_mask=~mask)
         if self.pooling == "attention":  # one query per emotion over the real steps
-            att = torch.einsum("cd,btd->bct", self.queries[name], h).masked_fill(~mask[:, None], -1e9)
+            att = torch.einsum("cd,btd->bct", self.queries[name], h) / self.temperature
+            att = att.masked_fill(~mask[:, None], -1e9)
             pooled = torch.einsum("bct,btd->bcd", att.softmax(-1), h)
             return self.head[name](pooled)[..., 0]
         if self.pooling == "max":
@@ -103,8 +107,11 @@ class Probe(nn.Module):
 
 
 def parse_variant(text: str) -> dict:
-    """'[slots8-|adaptive-][enc-](mean|max|attention)' -> Probe keyword arguments."""
+    """'[center-][slots8-|adaptive-][enc-](mean|max|attention)' -> Probe keyword arguments."""
     parts = text.split("-")
+    center = parts[0] == "center"
+    if center:
+        parts.pop(0)
     slots = "frames"
     if parts[0].startswith("slots"):
         slots = parts.pop(0)[len("slots"):]
@@ -113,7 +120,10 @@ def parse_variant(text: str) -> dict:
     encoder = parts[0] == "enc"
     if encoder:
         parts.pop(0)
-    return {"pooling": parts[0], "slots": slots, "encoder": encoder}
+    pooling, temperature = parts[0], 1.0
+    if pooling.startswith("attention") and pooling != "attention":  # "attention0.1": logits / 0.1
+        pooling, temperature = "attention", float(pooling[len("attention"):])
+    return {"pooling": pooling, "slots": slots, "encoder": encoder, "center": center, "temperature": temperature}
 
 
 def scores_of(model: Probe, batches: list) -> tuple[np.ndarray, np.ndarray]:

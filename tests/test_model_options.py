@@ -112,6 +112,7 @@ def test_reference_defaults_are_unchanged():
     cfg, loss = tiny_config(), LossConfig()
     assert cfg.aligner == "lstm" and cfg.prototype_temperature == 1.0 and not cfg.standardize_features
     assert cfg.modality_fusion == "max" and cfg.score_rule == "reference" and cfg.input_dropout == 0.0
+    assert cfg.label_pooling == "attention"
     assert not loss.detach_recon_targets
 
 
@@ -171,7 +172,38 @@ def test_input_dropout_acts_in_training_only_and_keeps_padding_invariance():
     assert not torch.allclose(t1, t2)
 
 
-@pytest.mark.parametrize("key,value", [("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0),
+def test_max_label_pooling_is_the_masked_max_over_real_steps_for_every_label():
+    from tests.model_helpers import stack_samples
+
+    batch = make_batch(LENGTHS)
+    model = tiny_model(seed=5, label_pooling="max").eval()
+    perturb_parameters(model)
+    assert not hasattr(model.audio_attention, "scores")  # no attention parameters left to train
+    h = torch.randn(3, 6, 16)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    h_padded = h.masked_fill(~mask[..., None], 1e6)  # padding larger than any real step must not win the max
+    z = model.text_attention(h_padded, mask)
+    for b in range(3):
+        expected = h[b, mask[b]].amax(dim=0)
+        for c in range(z.shape[1]):
+            torch.testing.assert_close(z[b, c], expected)
+    with torch.no_grad():  # a sample's scores do not depend on the padding of its batch
+        alone = {k: v[1:2] for k, v in batch.items()}
+        both = stack_samples([{k: v[:1] for k, v in batch.items()}, alone])
+        torch.testing.assert_close(model.scores(model(**both))[1:], model.scores(model(**alone)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_attention_plus_max_label_pooling_adds_the_two():
+    both = tiny_model(seed=6, label_pooling="attention+max")
+    attention = tiny_model(seed=6)
+    attention.load_state_dict(both.state_dict())
+    h, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    peak = h.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)[:, None, :]
+    torch.testing.assert_close(both.visual_attention(h, mask), attention.visual_attention(h, mask) + peak)
+
+
+@pytest.mark.parametrize("key,value", [("label_pooling", "mean"), ("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0),
                                        ("aligner", "conv"), ("prototype_temperature", 0.0)])
 def test_bad_option_values_are_config_errors(key, value):
     from carat.errors import ConfigError

@@ -142,7 +142,9 @@ class LoaderConfig:
             raise ConfigError(f"loader.merge_gap_bytes={self.merge_gap_bytes} must be >= 0")
 
 
-TINY_OVERRIDES: dict[str, object] = {"token_budget": 2048, "max_batch_size": 8, "num_workers": 0}
+TINY_OVERRIDES: dict[str, object] = {"token_budget": 4096, "max_batch_size": 16, "num_workers": 0}
+"""The tiny preset's batches: up to 16 clips per rank, so the quickstart's two Ray workers step on 32 clips
+together (the batch the tiny preset's lr was measured at, BENCHMARKS.md, Learning)."""
 
 
 # ------------------------------------------------------------------------------------------- the index

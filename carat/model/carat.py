@@ -146,7 +146,7 @@ class CARAT(nn.Module):
                 activation=cfg.hidden_act, kernel=cfg.attention, init_std=cfg.init_std,
                 checkpoint_layers=m in cfg.checkpoint_encoders))
         for m in MODALITY_ORDER:
-            self.add_module(f"{m}_attention", LabelAttention(d, c))
+            self.add_module(f"{m}_attention", LabelAttention(d, c, cfg.label_pooling))
             self.add_module(f"{m}_proj", ProjectionMLP(d, d // 2, z))
             self.add_module(f"{m}_deproj", ProjectionMLP(z, d // 2, d))
             self.add_module(f"{m}_protos", LabelPrototypes(c, z, cfg.prototype_momentum,

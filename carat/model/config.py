@@ -141,6 +141,15 @@ class ModelConfig:
     on individual raw feature values, during training. The reference has none. Measured on a 1,633-clip
     corpus: even a small model fits the train split (train BCE 0.07) while validation AUC stalls; dropping
     30% of the input values raised a plain attention-pooling model's test AUC from 0.64 to 0.67-0.68."""
+    label_pooling: Literal["attention", "max", "attention+max"] = "attention"
+    """How each modality's encoded steps become its label features Z [C, d]. "attention": the reference's
+    label-specific attention (a learned softmax over the steps per label, Z = weighted mean). "max": a max
+    over the real steps per channel, the same vector for every label (the per-label classifiers, prototypes
+    and reconstructions stay label-specific). "attention+max": the sum of both. Measured with bench-only
+    probes on a 3,265-clip corpus of short cues in long clips (BENCHMARKS.md, Learning): test macro-AUC
+    0.78-0.79 with a max over time against 0.66-0.71 with label attention at temperatures 1, 0.1 and 0.03,
+    and the pooled floor's 0.735: attention must first learn where to look, a max passes the gradient to
+    the step that carries the cue from the first update on."""
     prototype_temperature: float = 1.0
     """Temperature of the prototype similarity softmax over {positive, negative}: sim = softmax(<e, proto> / T).
     The reference has none (T = 1): with unit-norm latents and prototypes the two logits differ by at most ~2
@@ -204,6 +213,8 @@ class ModelConfig:
                  f"model.score_rule={self.score_rule!r}: use 'reference', 'with_lsr' or 'lsr'")
         _require(self.modality_fusion in ("max", "sum"),
                  f"model.modality_fusion={self.modality_fusion!r}: use 'max' or 'sum'")
+        _require(self.label_pooling in ("attention", "max", "attention+max"),
+                 f"model.label_pooling={self.label_pooling!r}: use 'attention', 'max' or 'attention+max'")
         _require(self.aligner in ("lstm", "pool"), f"model.aligner={self.aligner!r}: use 'lstm' or 'pool'")
         for m in self.checkpoint_encoders:
             _require(m in ENCODED_MODALITIES,
@@ -306,13 +317,16 @@ TINY_MODEL_SIZE: dict[str, object] = {
 input layer and 400x16 position table, long enough for any CMU-MOSEI text: 374 steps), 8 aligned slots, a
 256-row queue. The model tests build it with the reference behaviour (no learning fixes)."""
 
-TINY_ADAPTIVE_SLOTS: dict[str, object] = {"ctc_target_length": None, "visual_max_positions": 128,
-                                          "audio_max_positions": 128}
-"""Adaptive aligned lengths (~10 slots per second of each clip, model.*_compression_ratio) instead of 8 fixed
-slots, with room for the quickstart corpus' longest clips (audio 692 frames -> 69 slots). Measured through the
-real loop (BENCHMARKS.md, Learning, 2026-12-03): test macro-AUC over the five bench corpora 0.557 against 0.534
-with 8 slots at lr 1e-3, and 0.679 against 0.654 on the strong-signal corpus at lr 3e-3: 8 slots average a
-long clip's 1 s cue away with its background."""
+TINY_ADAPTIVE_SLOTS: dict[str, object] = {"ctc_target_length": None, "visual_max_positions": 256,
+                                          "audio_max_positions": 256, "visual_compression_ratio": 1.0,
+                                          "audio_compression_ratio": 1.0}
+"""Adaptive aligned lengths at one slot per frame (longer clips are pooled to the 256 positions). The seed's
+ratios (1/3 of FACET's and 1/10 of COVAREP's frames, ~10 slots per second) are in units of real frame rates;
+the tiny preset is for corpora synthesized with ``synth.length_scale`` 0.1 or less (the quickstart's), where
+one frame already stands for a tenth of a second or more, so ~10 slots per second of real time is one slot per
+frame. Measured through the real loop (BENCHMARKS.md, Learning, 2026-12-03, second part): on a 3,265-clip
+corpus at length_scale 0.025, test macro-AUC 0.794 with one slot per frame against 0.696 with the seed's
+ratios (the pooled floor: 0.735); 8 fixed slots before that did worse still on the five bench corpora."""
 
 TINY_MODEL_OVERRIDES: dict[str, object] = {**TINY_MODEL_SIZE, **LEARNING_FIX_MODEL, **TINY_ADAPTIVE_SLOTS}
 """The "tiny" preset of ModelConfig: the tiny size with carat's learning fixes and adaptive aligned lengths."""
