@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+
 CORPORA: dict[str, dict[str, object]] = {
     "default": {"seed": 0},
     "shuffled-s1": {"seed": 1, "cue_layout": "shuffled"},
@@ -35,8 +37,10 @@ CORPORA: dict[str, dict[str, object]] = {
 }
 """Corpus variants: name -> SynthConfig overrides (plus ``csd``: export as .csd and prepare it)."""
 
-CORPUS_SIZE: dict[str, dict[str, float]] = {"tiny": {"scale": 0.05, "length_scale": 0.1},
-                                             "small": {"scale": 0.1, "length_scale": 0.25}}
+CORPUS_SIZE: dict[str, dict[str, float]] = {
+    "tiny": {k: float(TINY_SYNTH[k]) for k in ("scale", "length_scale")},  # the quickstart corpus' size
+    "small": {"scale": 0.1, "length_scale": 0.25},
+}
 
 OFF = ["--model.aligner=lstm", "--model.standardize_features=false", "--model.modality_fusion=max",
        "--model.input_dropout=0", "--model.prototype_temperature=1", "--model.score_rule=reference",
@@ -50,6 +54,9 @@ ABLATIONS: dict[str, list[str]] = {
     "fixed, BCE + SupCon": ["--loss.recon_mse_weight=0", "--loss.aug_mse_weight=0"],
     "fixed, full objective (the preset)": [],
     "full, LSTM aligner": ["--model.aligner=lstm"],
+    "full, the seed's slot ratios (1/3 visual, 1/10 audio)": ["--model.visual_compression_ratio=0.333",
+                                                              "--model.audio_compression_ratio=0.1"],
+    "full, max label pooling": ["--model.label_pooling=max"],
     "full, max over modalities": ["--model.modality_fusion=max"],
     "full, no feature standardisation": ["--model.standardize_features=false"],
     "full, reference score rule": ["--model.score_rule=reference"],
@@ -89,10 +96,11 @@ def make_corpus(work: Path, name: str, preset: str) -> Path:
     """Synthesize (or export as .csd and prepare) one corpus variant; reused when already there."""
     spec = dict(CORPORA[name])
     csd = bool(spec.pop("csd", False))
-    out = work / "corpora" / f"{name}-{preset}"
+    size = CORPUS_SIZE[preset]
+    # The size is in the name: a reused work directory must never hand a new preset size an old corpus.
+    out = work / "corpora" / f"{name}-{preset}-s{size['scale']:g}-l{size['length_scale']:g}"
     if (out / "card.json").is_file():
         return out
-    size = CORPUS_SIZE[preset]
     flags = [f"--scale={size['scale']}", f"--length-scale={size['length_scale']}", f"--seed={spec.pop('seed')}"]
     names = {"cue_layout": "--cue-layout", "cue_strength": "--cue-strength", "label_noise": "--label-noise",
              "feature_scale_spread": "--feature-scale-spread", "feature_mean_spread": "--feature-mean-spread"}

@@ -401,3 +401,30 @@ def config_from_dict(data: dict[str, Any]) -> CaratConfig:
         cls = next(f for f in fields(CaratConfig) if f.name == section).default_factory
         built[section] = _build_section(section, cls, data.get(section, {}))
     return CaratConfig(preset=preset, **built)
+
+
+# ------------------------------------------------------------------------------------- command lines
+def config_parser(prog: str, doc: str | None, sections: str, file_help: str) -> "argparse.ArgumentParser":
+    """The arguments every config-driven command shares (carat.train, carat.tune): --config, --preset,
+    --show-config; any other --section.key=value is left to :func:`cli_config` as an override."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Any config value: --section.key=value (sections: {sections}). "
+               "Precedence: preset < --config file < overrides.",
+    )
+    parser.add_argument("--config", type=Path, help=file_help)
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved configuration, every key documented, and exit")
+    return parser
+
+
+def cli_config(args: "argparse.Namespace", overrides: list[str]) -> CaratConfig:
+    """The config a command line names: the tiny preset without --config (the quickstart), else the file's
+    own preset (or seed) unless --preset says otherwise; then the overrides."""
+    if args.config is not None and args.preset is None:
+        return load_config(file=args.config, overrides=overrides)
+    return load_config(preset=args.preset or "tiny", file=args.config, overrides=overrides)

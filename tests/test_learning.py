@@ -76,3 +76,25 @@ def test_the_model_overfits_a_fixed_batch_of_32_clips(shards, tmp_path):
     scored = next(iter(json.loads(out.read_text()).values()))
     assert scored["n_samples"] == CLIPS
     assert scored["micro_f1"] >= 0.95, scored
+
+
+def test_the_tiny_preset_beats_the_pooled_floor_on_a_corpus_it_was_not_tuned_on(tmp_path):
+    """The quickstart's claim, on a corpus of the quickstart's size drawn with another seed (the preset was
+    chosen on seed 0): the tiny preset through the real loop ends above the card's pooled logistic-regression
+    floor in test micro-F1 and macro-F1 (thresholds tuned on valid, the floor's protocol). Measured on this
+    corpus (seed 7): +0.077 / +0.046 F1, macro-AUC 0.764 vs 0.754 (BENCHMARKS.md, Learning); the assertion keeps only
+    the sign, so seed-level noise does not fail it, a regression to the floor does. ~2-4 min on 2 busy cores."""
+    from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+    from carat.train.__main__ import main
+
+    shards = tmp_path / "shards"
+    synthesize_corpus(shards, SynthConfig(**TINY_SYNTH, seed=7), StorageConfig(dtype="float32"))
+    storage = tmp_path / "runs"
+    assert main(["--preset", "tiny", "--launcher", "none", f"--train.shard_dir={shards}",
+                 f"--train.storage_path={storage}", "--train.run_name=learns", "--train.synth_if_missing=false"]) == 0
+    results = json.loads((storage / "learns" / "results.json").read_text())
+    floor = json.loads((shards / "card.json").read_text())["reference_scorer"]["fused"]
+    tuned = results["test_tuned"]
+    margins = {k: tuned[k] - floor["tuned_on_valid"][k] for k in ("micro_f1", "macro_f1")}
+    auc = (results["test"]["macro_auc"], floor["macro_roc_auc"])  # measured 0.764 vs 0.754: too close to assert
+    assert all(m > 0 for m in margins.values()), (margins, auc)

@@ -13,25 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from carat.config import PRESETS, CaratConfig, TrainConfig, describe_config, load_config
+from carat.config import CaratConfig, TrainConfig, cli_config, config_parser, describe_config
 from carat.errors import CaratError, ConfigError, DataError
 from carat.metrics import format_verdict, verdict
 from carat.train.rundir import new_run_name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m carat.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any config value: --section.key=value (sections: synth storage prepare loader model loss "
-               "optim train). Precedence: preset < --config file < overrides.",
-    )
-    parser.add_argument("--config", type=Path, help="TOML file with [section] tables (see configs/)")
-    parser.add_argument("--preset", choices=PRESETS,
-                        help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
+    parser = config_parser("python -m carat.train", __doc__, "synth storage prepare loader model loss optim train",
+                           "TOML file with [section] tables (see configs/)")
     parser.add_argument("--launcher", choices=("ray", "deepspeed", "none"), help="same as --train.launcher")
     parser.add_argument("--run-name", help="same as --train.run_name; reusing a name resumes that run")
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the resolved configuration, every key documented, and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -39,14 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namespace]:
     args, overrides = build_parser().parse_known_args(argv)
-    preset = args.preset or ("tiny" if args.config is None else "seed")
     if args.launcher:
         overrides.append(f"--train.launcher={args.launcher}")
     if args.run_name:
         overrides.append(f"--train.run_name={args.run_name}")
-    if args.config is not None and args.preset is None:
-        return load_config(file=args.config, overrides=overrides), args
-    return load_config(preset=preset, file=args.config, overrides=overrides), args
+    return cli_config(args, overrides), args
 
 
 CORPUS_MARKERS: tuple[str, ...] = ("manifest.parquet", "shards.parquet", "card.json", ".journal")

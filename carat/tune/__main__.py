@@ -17,22 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from carat.config import PRESETS, CaratConfig, describe_config, load_config
+from carat.config import CaratConfig, cli_config, config_parser, describe_config
 from carat.errors import CaratError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m carat.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any config value: --section.key=value (sections: synth storage prepare loader model loss "
-               "optim train tune). Precedence: preset < --config file < overrides.",
-    )
-    parser.add_argument("--config", type=Path, help="TOML file with [section] tables, [tune] included")
-    parser.add_argument("--preset", choices=PRESETS,
-                        help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
+    parser = config_parser("python -m carat.tune", __doc__,
+                           "synth storage prepare loader model loss optim train tune",
+                           "TOML file with [section] tables, [tune] included")
     parser.add_argument("--sweep-name", help="same as --tune.sweep_name; reusing a name resumes that sweep")
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the resolved configuration, every key documented, and exit")
     return parser
 
 
@@ -40,9 +33,7 @@ def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namesp
     args, overrides = build_parser().parse_known_args(argv)
     if args.sweep_name:
         overrides.append(f"--tune.sweep_name={args.sweep_name}")
-    if args.config is not None and args.preset is None:
-        return load_config(file=args.config, overrides=overrides), args
-    return load_config(preset=args.preset or "tiny", file=args.config, overrides=overrides), args
+    return cli_config(args, overrides), args
 
 
 def run_sweep(cfg: CaratConfig) -> Path:
