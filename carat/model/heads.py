@@ -32,10 +32,11 @@ class LabelAttention(nn.Module):
             nn.init.xavier_uniform_(self.scores.weight)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        z = self._attend(hidden, mask) if self.pooling != "max" else 0
-        if self.pooling != "attention":
-            z = z + self._max(hidden, mask)
-        return z
+        if self.pooling == "attention":
+            return self._attend(hidden, mask)
+        if self.pooling == "max":
+            return self._max(hidden, mask)
+        return self._attend(hidden, mask) + self._max(hidden, mask)
 
     def _attend(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = self.scores(hidden).transpose(1, 2)  # [B, C, L]
