@@ -89,6 +89,10 @@ class TrainConfig:
     loss_explosion_factor: float = 20.0
     """Warn (once per epoch) when a step's loss exceeds this many times the median of the last 50 steps'
     losses: the usual sign of a learning rate too high, before the loss turns NaN. 0 = never warn."""
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Console level of Ray Train's own logger (ray.train) under the Ray launcher. At INFO it prints each
+    report's whole metric dict and every checkpoint path, per rank, per epoch; its log files in the Ray
+    session directory keep every level either way."""
     verify_corpus: Literal["quick", "full", "off"] = "quick"
     """Check of the corpus before training (``python -m carat.data verify``): quick = manifest against shard
     table, sizes and the tar header at every sample's offset (seconds); full = also sha256 and every sample

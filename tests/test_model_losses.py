@@ -77,6 +77,45 @@ def test_supcon_matches_the_reference_formula_when_all_rows_count():
     torch.testing.assert_close(got, reference)
 
 
+def dense_supcon(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, t: float, base: float):
+    """The definition with explicit N x N masks, in autograd-able tensor ops (for gradients)."""
+    n = features.shape[0]
+    logits = features @ features.T / t
+    contrast = ~torch.eye(n, dtype=torch.bool) & valid[None, :]
+    positive = contrast & (ids[:, None] == ids[None, :]) & (ids != -1)[:, None]
+    log_den = torch.logsumexp(logits.masked_fill(~contrast, float("-inf")), dim=1, keepdim=True)
+    log_prob = (logits - log_den).masked_fill(~positive, 0.0)
+    count = positive.sum(1)
+    per_anchor = -(t / base) * log_prob.sum(1) / count.clamp_min(1)
+    return torch.where(valid & (count > 0), per_anchor, 0.0).sum() / valid.sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("temperature", [0.03, 0.07, 0.3])
+def test_supcon_gradient_equals_the_dense_definition(temperature):
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(40, 6, generator=g)
+    ids = torch.randint(-1, 5, (40,), generator=g)
+    valid = torch.rand(40, generator=g) > 0.25
+    grads = []
+    for fn in (supcon_loss, dense_supcon):
+        leaf = raw.clone().requires_grad_(True)
+        loss = fn(F.normalize(leaf, dim=1), ids, valid, temperature, 0.07)
+        loss.backward()
+        grads.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_supcon_with_one_valid_row_is_zero_with_finite_gradient():
+    """Nothing to contrast against (a queue still empty, a one-clip batch): 0, and no NaN reaches the encoders."""
+    leaf = torch.randn(5, 3).requires_grad_(True)
+    valid = torch.tensor([False, True, False, False, False])
+    loss = supcon_loss(F.normalize(leaf, dim=1), torch.tensor([0, 0, 0, -1, 1]), valid, 0.07, 0.07)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(leaf.grad).all()
+
+
 def test_contrastive_class_ids_follow_modality_label_and_polarity():
     labels = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
     ids = contrastive_class_ids(labels)

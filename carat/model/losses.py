@@ -51,41 +51,70 @@ def supcon_loss(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, 
     loss_i = -(T / T_base) * mean_{p in P(i)} log( exp(s_ip / T) / sum_{a in A(i)} exp(s_ia / T) ),
     0 when P(i) is empty; the result is the mean over valid anchors (0 if there are none).
 
+    Written as mean_p s_ip / T - logsumexp_a s_ia / T, with the positives' sum taken through per-class sums of
+    the features (s_i . sum_{p in P(i)} f_p = s_i . (class sum of id_i) - s_i . f_i): only the similarity row
+    and its log-sum-exp are N wide. The element-wise form with N x N masks spent ~30% of a tiny-preset training
+    step here (BENCHMARKS.md, Performance, CPU, 2026-12-03).
+
     Anchors are processed ``chunk_rows`` at a time, each chunk under activation checkpointing when gradients
-    are on: the seed's 8,192-row queue plus 64 x 54 batch rows makes N ~ 11,600, and the N x N similarity,
-    exp, log-probability and mask matrices (~0.5 GB each) would otherwise all be kept for the backward pass.
+    are on: the seed's 8,192-row queue plus 64 x 54 batch rows makes N ~ 11,600, and the N x N similarity and
+    exp matrices (~0.5 GB each) would otherwise both be kept for the backward pass.
     """
     features = features.float()
     n = features.shape[0]
+    class_sum, class_count = _positive_class_sums(features, ids, valid)
     total = features.new_zeros(())
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
+        args = (features, ids, valid, class_sum, class_count, start, stop, temperature, base_temperature)
         if torch.is_grad_enabled() and features.requires_grad and n > chunk_rows:
-            part = checkpoint(_supcon_anchor_sum, features, ids, valid, start, stop, temperature,
-                              base_temperature, use_reentrant=False)
+            part = checkpoint(_supcon_anchor_sum, *args, use_reentrant=False)
         else:
-            part = _supcon_anchor_sum(features, ids, valid, start, stop, temperature, base_temperature)
+            part = _supcon_anchor_sum(*args)
         total = total + part
     return total / valid.sum().clamp_min(1)
 
 
-def _supcon_anchor_sum(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, start: int, stop: int,
-                       temperature: float, base_temperature: float) -> torch.Tensor:
+_MASKED_LOGIT = -1e9
+"""Logit of an excluded contrast entry (self, invalid rows): exp() of it is exactly 0 next to any real logit
+(|s/T| <= 1/T), and unlike -inf a row with nothing left in it stays finite in value and gradient."""
+
+
+def _positive_class_sums(features: torch.Tensor, ids: torch.Tensor,
+                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per contrastive class: the sum of its valid rows' features [K, z] and their count [K]; row 0 of each
+    collects EMPTY_ID (ids are shifted by one), which never counts as a positive."""
+    slot = (ids.long() - EMPTY_ID).clamp_min(0)
+    member = (valid & (ids != EMPTY_ID)).to(features.dtype)
+    num_slots = int(slot.max().item()) + 1 if slot.numel() else 1
+    class_sum = features.new_zeros(num_slots, features.shape[1]).index_add(0, slot, features * member[:, None])
+    class_count = member.new_zeros(num_slots).index_add(0, slot, member)
+    return class_sum, class_count
+
+
+def _supcon_anchor_sum(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, class_sum: torch.Tensor,
+                       class_count: torch.Tensor, start: int, stop: int, temperature: float,
+                       base_temperature: float) -> torch.Tensor:
     """Sum of the SupCon loss of the valid anchors start..stop-1 (see :func:`supcon_loss`)."""
-    logits = features[start:stop] @ features.T / temperature
-    # Shift by the row max for stability (cancels out except in the reference's +1e-12).
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    rows = torch.arange(start, stop, device=features.device)
-    not_self = rows[:, None] != torch.arange(features.shape[0], device=features.device)[None, :]
-    contrast = not_self & valid[None, :]
-    denominator = torch.where(contrast, logits.exp(), 0.0).sum(dim=1, keepdim=True)
-    log_prob = logits - torch.log(denominator + 1e-12)
+    anchors = features[start:stop] / temperature
+    column_mask = torch.where(valid, 0.0, _MASKED_LOGIT).to(features.dtype)
+    logits = torch.addmm(column_mask, anchors, features.T)
+    rows = torch.arange(stop - start, device=features.device)
+    logits[rows, rows + start] = _MASKED_LOGIT  # an anchor is not in its own contrast set
+    # logsumexp by hand: autograd then keeps exp()'s output for backward instead of recomputing it (measured
+    # 1.5x faster than torch.logsumexp's forward + backward at the tiny preset's N ~ 1,100).
+    row_max = logits.detach().amax(dim=1, keepdim=True)
+    log_denominator = row_max.squeeze(1) + (logits - row_max).exp().sum(dim=1).log()
     anchor_ids = ids[start:stop]
-    positive = contrast & (anchor_ids[:, None] == ids[None, :]) & (anchor_ids != EMPTY_ID)[:, None]
-    num_positive = positive.sum(dim=1)
-    mean_log_prob_pos = torch.where(positive, log_prob, 0.0).sum(dim=1) / (num_positive + 1e-12)
+    is_member = valid[start:stop] & (anchor_ids != EMPTY_ID)
+    slot = (anchor_ids.long() - EMPTY_ID).clamp_min(0)
+    self_logit = (anchors * features[start:stop]).sum(dim=1)
+    positive_logit_sum = (anchors * class_sum[slot]).sum(dim=1) - torch.where(is_member, self_logit, 0.0)
+    num_positive = class_count[slot] - is_member.to(features.dtype)
+    has_positive = is_member & (num_positive > 0.5)
+    mean_log_prob_pos = positive_logit_sum / num_positive.clamp_min(1.0) - log_denominator
     per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
-    return torch.where(valid[start:stop], per_anchor, 0.0).sum()
+    return torch.where(has_positive, per_anchor, 0.0).sum()
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

@@ -239,7 +239,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "train.launcher", "train.num_workers", "train.shard_dir", "train.synth_if_missing", "train.storage_path",
     "train.run_name", "train.max_failures", "train.keep_checkpoints", "train.log_every", "train.select_metric",
     "train.tune_thresholds", "train.use_gpu", "train.max_nonfinite_steps", "train.loss_explosion_factor",
-    "train.verify_corpus",
+    "train.verify_corpus", "train.ray_log_level",
 )
 """Config keys (or section prefixes) a resumed run may change: where things live, how it is launched and
 logged. Anything else (model size, loss, optimizer and schedule, epochs, batch plan, seed) changes what the

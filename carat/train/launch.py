@@ -9,6 +9,7 @@ All three write the same run directory (:mod:`carat.train.rundir`).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import tempfile
@@ -45,6 +46,16 @@ def prepare_worker_env(gpu: bool) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op. The op serves only
+    ``inference_all_reduce``; training's all-reduces go through torch.distributed (gloo). Its first build costs
+    ~40 s on 2 cores (measured; then cached in ~/.cache/torch_extensions), most of a fresh machine's quickstart
+    start-up. DeepSpeed keeps its compatibility table in one module-level dict so that edits persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_process_group(gpu: bool) -> None:
     """Join (or, with no launcher around, create) the process group and DeepSpeed's view of it."""
     import deepspeed
@@ -55,7 +66,11 @@ def init_process_group(gpu: bool) -> None:
         # A world of one: a file store needs no port, so nothing can race us for one.
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})
         store_file = tempfile.NamedTemporaryFile(prefix="carat-store-", delete=False).name
+        # A world of one never reopens its store: remove the file at exit, not leave one per run in /tmp.
+        atexit.register(Path(store_file).unlink, missing_ok=True)
         tdist.init_process_group(backend, store=tdist.FileStore(store_file, 1), rank=0, world_size=1)
+    if not gpu:
+        skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if gpu:
         torch.cuda.set_device(dist.local_rank())
@@ -165,7 +180,7 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     with its own config, run directory (the Ray run name is the directory name: rerunning resumes it) and
     Tune's report callback."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     gpu = ray_use_gpu(cfg)
@@ -183,6 +198,12 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks or []),
+            # Ray Train's INFO lines (each report's full metric dict, every checkpoint's path, per rank) still go
+            # to its log files under the Ray session; the console keeps carat's own lines.
+            logging_config=LoggingConfig(log_level=cfg.train.ray_log_level),
+            # Ray Train's print patch tees every print of a worker into its logger as well: each carat line
+            # reached the console twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 
