@@ -175,16 +175,20 @@ def _f1_summary(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
 
 
 def tune_thresholds_f1(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Per-emotion threshold maximising F1 on (y, scores) over a grid 0.05..0.95 (0.5 if no positives)."""
-    from sklearn.metrics import f1_score
-
+    """Per-emotion threshold maximising F1 on (y, scores) over a grid 0.05..0.95 (0.5 if no positives); ties go
+    to the smaller threshold. All grid points at once from counts (F1 = 2 tp / (2 tp + fp + fn), 0 where nothing
+    is predicted or present): sklearn's f1_score per point was ~40% of synthesizing the quickstart corpus."""
     grid = np.linspace(0.05, 0.95, 19)
     best = np.full(y.shape[1], 0.5)
     for e in range(y.shape[1]):
-        if y[:, e].sum() == 0:
+        pos = y[:, e] > 0.5
+        if not pos.any():
             continue
-        f1s = [f1_score(y[:, e], scores[:, e] >= t, zero_division=0) for t in grid]
-        best[e] = grid[int(np.argmax(f1s))]
+        pred = scores[None, :, e] >= grid[:, None]  # [G, N]
+        tp = (pred & pos).sum(axis=1)
+        wrong = (pred & ~pos).sum(axis=1) + (~pred & pos).sum(axis=1)
+        f1 = np.divide(2.0 * tp, 2.0 * tp + wrong, out=np.zeros(len(grid)), where=(2 * tp + wrong) > 0)
+        best[e] = grid[int(np.argmax(f1))]
     return best
 
 

@@ -106,6 +106,11 @@ def synthesize_default_corpus(cfg: CaratConfig, shard_dir: Path) -> None:
             return
         print(f"[carat] no corpus in the default {shard_dir}: synthesizing the quickstart corpus "
               f"(scale {cfg.synth.scale}); for real data see `python -m carat.data prepare --help`", flush=True)
+        if cfg.train.launcher == "ray":
+            # Ray's daemons and idle workers finish starting on the other core while this one synthesizes.
+            from carat.train.launch import ensure_ray
+
+            ensure_ray()
         marker = shard_dir / SYNTH_IN_PROGRESS
         marker.write_text("train-time synthesis in progress; removed when it completes\n")
         synthesize_corpus(shard_dir, cfg.synth, cfg.storage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -104,11 +105,36 @@ def _scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class _BelowLevelFrom(logging.Filter):
+    """Drops records under ``level`` that were logged from files under ``directory``."""
+
+    def __init__(self, directory: str, level: int) -> None:
+        super().__init__()
+        self.directory, self.level = directory, level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or not record.pathname.startswith(self.directory)
+
+
+def quiet_ray_train_console(level_name: str) -> None:
+    """Apply train.ray_log_level to the console lines Ray Train's worker code logs outside the ``ray.train``
+    logger (that one obeys RunConfig's LoggingConfig). Ray 2.60 logs every report ("Reporting training result
+    N: <all metrics>") under a logger named by its file path, which propagates to the root logger; its log
+    files under the Ray session keep the records."""
+    import ray.train
+
+    quiet = _BelowLevelFrom(os.path.dirname(ray.train.__file__), logging.getLevelName(level_name))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(quiet)
+
+
 def ray_worker(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (Ray has created the gloo/NCCL process group)."""
     import ray.train
 
     cfg = config_from_dict(loop_config["config"])
+    quiet_ray_train_console(cfg.train.ray_log_level)
     gpu = use_gpu(cfg)
     prepare_worker_env(gpu)
     init_process_group(gpu)
