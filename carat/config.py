@@ -28,7 +28,7 @@ from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
 from carat.data.synth import SynthConfig
 from carat.errors import ConfigError
 from carat.model.config import (
-    SMALL_MODEL_OVERRIDES, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig,
+    SMALL_MODEL_OVERRIDES, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig, check_pos_weight,
 )
 from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
 from carat.train.optim import OptimConfig
@@ -142,6 +142,26 @@ class CaratConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     """Only read by ``python -m carat.tune``; a training run ignores it."""
+
+    def __post_init__(self) -> None:
+        check_cross_sections(self)
+
+
+def check_cross_sections(cfg: CaratConfig) -> None:
+    """Checks that involve two sections, run whenever a config is built: a mismatch fails in the launching
+    process before Ray or DeepSpeed start, not as a shape error inside a worker."""
+    from carat.data.segment import EMOTIONS, FEATURE_DIMS
+
+    model = cfg.model
+    check_pos_weight(cfg.loss, model)
+    if model.num_classes != len(EMOTIONS):
+        raise ConfigError(f"model.num_classes={model.num_classes}, but carat's corpora carry {len(EMOTIONS)} "
+                          f"labels ({', '.join(EMOTIONS)})")
+    for modality, size in FEATURE_DIMS.items():
+        configured = getattr(model, f"{modality}_dim")
+        if configured != size:
+            raise ConfigError(f"model.{modality}_dim={configured}, but carat's {modality} features are {size}-d "
+                              "(every shard is checked against that size)")
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(CaratConfig) if f.name != "preset")

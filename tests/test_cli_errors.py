@@ -52,3 +52,29 @@ def test_show_config_documents_every_key(capsys):
     out = capsys.readouterr().out
     assert "hidden_size = 64" in out and "[optim]" in out and "[train]" in out
     assert "# Encoder width d" in out  # field docstrings become comments
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--loss.pos_weight=[1.0, 2.0]", "loss.pos_weight has 2 values; model.num_classes=6"),
+    ("--model.visual_dim=36", "model.visual_dim=36, but carat's visual features are 35-d"),
+    ("--model.num_classes=5", "model.num_classes=5 needs one per label"),
+])
+def test_cross_section_mismatches_fail_before_any_run_directory(override, named, capsys, tmp_path):
+    runs = tmp_path / "runs"
+    code = train_main.main(["--launcher", "none", override, f"--train.storage_path={runs}"])
+    assert code == 1
+    assert named in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_text_longer_than_the_position_table_fails_before_training(capsys, tmp_path):
+    from tests.data_fixtures import tiny_loop_corpus
+
+    shards = tiny_loop_corpus(tmp_path / "shards")
+    runs = tmp_path / "runs"
+    code = train_main.main(["--launcher", "none", f"--train.shard_dir={shards}", f"--train.storage_path={runs}",
+                            "--model.text_max_positions=2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "more text steps than model.text_max_positions=2" in err and "text_overflow='truncate'" in err
+    assert not (runs).exists() or not any(runs.iterdir())

@@ -353,3 +353,10 @@ SMALL_MODEL_OVERRIDES: dict[str, object] = {
 }
 """The "small" preset of ModelConfig: a 64-wide, 2-layer CARAT with carat's learning fixes, 32 aligned slots:
 a CPU-sized model for the scale-0.1 synthetic corpus (BENCHMARKS.md, Learning)."""
+
+
+def check_pos_weight(loss: LossConfig, model: ModelConfig) -> None:
+    """loss.pos_weight needs one value per label of the model."""
+    if len(loss.pos_weight) != model.num_classes:
+        raise ConfigError(f"loss.pos_weight has {len(loss.pos_weight)} values; model.num_classes="
+                          f"{model.num_classes} needs one per label")

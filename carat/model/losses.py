@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from carat.errors import ConfigError
-from carat.model.config import LossConfig, ModelConfig
+from carat.model.config import LossConfig, ModelConfig, check_pos_weight
 from carat.model.memory import EMPTY_ID
 
 TERMS: tuple[str, ...] = ("lsr_clf", "aug_clf", "final_clf", "supcon", "recon_mse", "aug_mse", "beta_mse",
@@ -166,9 +165,7 @@ class CaratLoss(nn.Module):
     @classmethod
     def from_config(cls, loss_cfg: LossConfig, model_cfg: ModelConfig) -> "CaratLoss":
         """Unpack the configs; checks that pos_weight has one value per label."""
-        if len(loss_cfg.pos_weight) != model_cfg.num_classes:
-            raise ConfigError(f"loss.pos_weight has {len(loss_cfg.pos_weight)} values; "
-                              f"model.num_classes={model_cfg.num_classes} needs one per label")
+        check_pos_weight(loss_cfg, model_cfg)
         weights = {term: getattr(loss_cfg, f"{term}_weight") for term in TERMS if term != "supcon"}
         weights["supcon"] = loss_cfg.cl_weight
         return cls(pos_weight=loss_cfg.pos_weight, term_weights=weights, temperature=loss_cfg.temperature,

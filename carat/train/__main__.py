@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         launcher = cfg.train.launcher
         ensure_once(cfg, shard_dir, launcher)
         verify_once(cfg, shard_dir)
+        check_corpus_fits_model(cfg, shard_dir)
         with run_dir_lock(run_dir):
             precheck_resume(cfg, run_dir, shard_dir)
             if launcher == "ray":
@@ -159,6 +160,25 @@ def verify_once(cfg: CaratConfig, shard_dir: Path) -> None:
     from carat.data.verify import require_verified
 
     require_verified(shard_dir, cfg.train.verify_corpus)
+
+
+def check_corpus_fits_model(cfg: CaratConfig, shard_dir: Path) -> None:
+    """Text longer than model.text_max_positions under text_overflow="error" would stop the run at its first
+    batch holding such a clip (inside a worker, after start-up); the manifest's lengths say so up front."""
+    if cfg.model.text_overflow != "error":
+        return
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    limit = cfg.model.text_max_positions
+    table = pq.read_table(shard_dir / "manifest.parquet", columns=["key", "split", "len_text"])
+    over = table.filter(pc.greater(table["len_text"], limit))
+    if over.num_rows:
+        longest = int(pc.max(over["len_text"]).as_py())
+        keys = over["key"].to_pylist()
+        raise DataError(f"{over.num_rows} clip(s) of {shard_dir} have more text steps than "
+                        f"model.text_max_positions={limit} (longest {longest}: e.g. {', '.join(keys[:3])}); raise "
+                        "model.text_max_positions or set model.text_overflow='truncate'")
 
 
 def precheck_resume(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> None:
