@@ -55,7 +55,8 @@ def test_synth_then_inspect(tmp_path, capsys):
 def test_errors_are_one_line_with_status_one(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "x"), "--scale", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: synth.scale=2.0 must be in (0, 1] (a fraction of the real split sizes)"
+    # the message carat.train gives for the same key: the section, then the field's own check
+    assert err[-1] == "error: [synth] synth.scale=2.0 must be in (0, 1] (a fraction of the real split sizes)"
     assert main(["inspect", str(tmp_path / "nothing")]) == 1
     assert "nothing: not a directory" in capsys.readouterr().err
     assert main(["prepare", "--source", "csd", "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 1

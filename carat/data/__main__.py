@@ -5,21 +5,159 @@ prepare  convert CMU-MOSEI you hold (.csd HDF5 files or a MulT-style pickle) int
 inspect  print a corpus' dataset card and write plots (lengths, labels, padding efficiency)
 verify   check every shard against the manifest; exit status 1 with a report naming shard and key
 
+synth, prepare and inspect read the config tree of ``python -m carat.train``: ``--config FILE.toml`` (the same
+file; its [synth], [storage], [prepare] and [loader] tables apply) and ``--section.key=value`` overrides, checked
+by the same code. Their flags (``--scale``, ``--dtype``, ``--nan-policy`` ...) are aliases of config keys: an
+unset flag leaves the config's value. Precedence: the preset (seed unless ``--preset``) < the ``--config`` file
+< the flags < ``--section.key=value``.
+
+    python -m carat.data synth --out shards --preset tiny               # the quickstart's corpus
+    python -m carat.data synth --out shards --config run.toml --synth.seed=3 --show-config
+
 Errors a user can fix (missing files, bad data, bad options) print one line and exit with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from carat.errors import CaratError
+from carat.errors import CaratError, ConfigError
+
+if TYPE_CHECKING:
+    from carat.config import CaratConfig
 
 _PICKLE_WARNING = (
     "SECURITY: unpickling executes arbitrary code from the file. Only use --source pickle on files you "
     "trust, and pass --trust-pickle to confirm; prefer the .csd source.")
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConfigAlias:
+    """A convenience flag that sets one config key; unset, the config's value stands."""
+
+    flag: str
+    """The command-line flag, e.g. ``--length-scale``."""
+    key: str
+    """The ``section.key`` it sets, e.g. ``synth.length_scale``."""
+    help: str
+    """What the value means; the help appends the key and its seed default."""
+    const: Any = None
+    """For a flag that takes no value (``--trust-pickle``): the value it sets."""
+    to_config: Callable[[float], Any] | None = None
+    """A float flag value -> the config value, where the units differ (``--shard-max-mb``: MiB -> bytes)."""
+    show_default: Callable[[Any], str] | None = None
+    """How the help writes the key's seed default (None: as the config file does)."""
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def override(self, value: Any) -> str:
+        """The ``--section.key=value`` that this flag's value stands for."""
+        return f"--{self.key}={self.to_config(value) if self.to_config is not None else value}"
+
+
+SYNTH_ALIASES: tuple[ConfigAlias, ...] = (
+    ConfigAlias("--scale", "synth.scale", "fraction of the real split sizes"),
+    ConfigAlias("--seed", "synth.seed", "random seed: same seed, same bytes"),
+    ConfigAlias("--length-scale", "synth.length_scale",
+                "shrink all sequence lengths by this factor, for fast CPU tests only"),
+)
+STRUCTURE_ALIASES: tuple[ConfigAlias, ...] = (
+    ConfigAlias("--cue-strength", "synth.cue_strength", "amplitude of a planted cue in background-noise units"),
+    ConfigAlias("--cue-layout", "synth.cue_layout",
+                "which modality carries which emotion: the default table, or each emotion's row permuted across "
+                "modalities from the seed"),
+    ConfigAlias("--feature-scale-spread", "synth.feature_scale_spread",
+                "log-std of the per-dimension feature scale (~2.0 mimics real COVAREP/FACET magnitudes)"),
+    ConfigAlias("--feature-mean-spread", "synth.feature_mean_spread",
+                "std of the per-dimension feature mean, in feature units"),
+    ConfigAlias("--label-noise", "synth.label_noise", "probability that a present emotion leaves no cue at all"),
+)
+STORAGE_ALIASES: tuple[ConfigAlias, ...] = (
+    ConfigAlias("--dtype", "storage.dtype", "feature dtype on disk (float16: half the bytes)"),
+    ConfigAlias("--shard-max-mb", "storage.shard_max_bytes", "target shard size in MiB",
+                to_config=lambda mib: int(mib * MIB), show_default=lambda n: f"{n} ({n / MIB:g} MiB)"),
+    ConfigAlias("--shard-max-samples", "storage.shard_max_samples", "cap on samples per shard"),
+)
+PREPARE_ALIASES: tuple[ConfigAlias, ...] = (
+    ConfigAlias("--source", "prepare.source", "csd: a directory of the four CMU-MultimodalSDK files; pickle: a "
+                                              "MulT-style pickle"),
+    ConfigAlias("--trust-pickle", "prepare.trust_pickle",
+                "confirm the pickle (and a .pt/.pkl labels file) is trusted: unpickling executes code", const=True),
+    ConfigAlias("--nan-policy", "prepare.nan_policy", "NaN values: replace by 0 (counted in the card), or stop"),
+    ConfigAlias("--inf-policy", "prepare.inf_policy",
+                "+-inf values: zero, clip to the finite range of that dimension in the segment, or error"),
+    ConfigAlias("--on-error", "prepare.on_error",
+                "corrupt data (wrong dims, mismatched ids): raise, or skip and count in the card"),
+    ConfigAlias("--no-reference", "prepare.reference", "skip the reference scorer in the card", const=False),
+)
+LOADER_ALIASES: tuple[ConfigAlias, ...] = (
+    ConfigAlias("--token-budget", "loader.token_budget", "padded frames per batch for the padding-efficiency plot"),
+)
+
+
+def _toml_word(value: Any) -> str:
+    """A default as the config file writes it: true, "float16", none."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _alias_kwargs(alias: ConfigAlias, defaults: CaratConfig) -> dict[str, Any]:
+    """argparse options for an alias, read off its config field: type or choices, the seed default in the help."""
+    section, key = alias.key.split(".", 1)
+    default = getattr(getattr(defaults, section), key)
+    kwargs: dict[str, Any] = {"dest": alias.dest, "default": None}  # None: the flag was not given
+    if alias.const is not None:
+        return {**kwargs, "action": "store_const", "const": alias.const,
+                "help": f"{alias.help} (sets [{section}] {key} = {_toml_word(alias.const)}; "
+                        f"default {_toml_word(default)})"}
+    tp = typing.get_type_hints(type(getattr(defaults, section)))[key]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int | None`: the flag gives the int
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        kwargs["choices"] = typing.get_args(tp)
+    else:
+        kwargs["type"] = float if alias.to_config is not None else tp
+    shown = (alias.show_default or _toml_word)(default)
+    kwargs["help"] = f"{alias.help} (default: [{section}] {key} = {shown})"
+    return kwargs
+
+
+def _add_aliases(group: argparse._ArgumentGroup, aliases: Sequence[ConfigAlias], defaults: CaratConfig) -> None:
+    for alias in aliases:
+        group.add_argument(alias.flag, **_alias_kwargs(alias, defaults))
+
+
+def _add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...], aliases: tuple[ConfigAlias, ...],
+                     required: tuple[str, ...]) -> None:
+    """--config, --preset and --show-config for a command that reads ``sections`` of the tree through
+    ``aliases`` and ``--section.key=value``; ``required`` arguments may be left out with --show-config."""
+    from carat.config import PRESETS
+
+    tables = ", ".join(f"[{s}]" for s in sections)
+    g = p.add_argument_group("configuration (the config tree of python -m carat.train)")
+    g.add_argument("--config", type=Path,
+                   help=f"TOML file with [section] tables, e.g. the one given to carat.train: its {tables} apply")
+    g.add_argument("--preset", choices=PRESETS,
+                   help="defaults to start from (default: the file's preset with --config, else seed)")
+    g.add_argument("--show-config", action="store_true",
+                   help=f"print the resolved {tables}, every key documented, and exit")
+    keys = ", ".join(f"--{s}.KEY=VALUE" for s in sections)
+    p.epilog = (f"Any key of {tables}: {keys}. The flags above are aliases of config keys: an unset flag leaves "
+                "the config's value (the seed defaults shown, or those of --config / --preset). Precedence: preset "
+                "< --config file < flags < --section.key=value.")
+    p.set_defaults(sections=sections, aliases=aliases, required=required, command_parser=p)
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -27,80 +165,37 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
-def _storage_from_args(args: argparse.Namespace):
-    from carat.data.shards import StorageConfig
-
-    kwargs = {"dtype": args.dtype}
-    if args.shard_max_mb is not None:
-        kwargs["shard_max_bytes"] = int(args.shard_max_mb * 1024 * 1024)
-    if args.shard_max_samples is not None:
-        kwargs["shard_max_samples"] = args.shard_max_samples
-    return StorageConfig(**kwargs)
-
-
-def _add_storage_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("storage")
-    g.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="feature dtype on disk (default float16: half the bytes)")
-    g.add_argument("--shard-max-mb", type=float, default=None, help="target shard size in MiB (default 256)")
-    g.add_argument("--shard-max-samples", type=int, default=None, help="cap on samples per shard (default none)")
+def _add_storage_args(p: argparse.ArgumentParser, defaults: CaratConfig) -> None:
+    _add_aliases(p.add_argument_group("storage"), STORAGE_ALIASES, defaults)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
-SYNTH_KNOBS = ("cue_strength", "cue_layout", "feature_scale_spread", "feature_mean_spread", "label_noise")
-"""SynthConfig fields the synth command exposes (unset flags keep SynthConfig's defaults)."""
+def _cmd_synth(args: argparse.Namespace, cfg: CaratConfig) -> int:
+    from carat.data.synth import split_sizes, synthesize_corpus
 
-
-def _add_structure_args(p: argparse.ArgumentParser) -> None:
-    from carat.data.synth import CUE_LAYOUTS, SynthConfig
-
-    d = SynthConfig()
-    g = p.add_argument_group("planted structure (defaults: the standard synthetic corpus)")
-    g.add_argument("--cue-strength", type=float, default=None,
-                   help=f"amplitude of a planted cue in background-noise units (default {d.cue_strength})")
-    g.add_argument("--cue-layout", choices=CUE_LAYOUTS, default=None,
-                   help="which modality carries which emotion: the default table, or each emotion's row permuted "
-                        "across modalities from the seed (default default)")
-    g.add_argument("--feature-scale-spread", type=float, default=None,
-                   help=f"log-std of the per-dimension feature scale (default {d.feature_scale_spread}; ~2.0 "
-                        "mimics real COVAREP/FACET magnitudes)")
-    g.add_argument("--feature-mean-spread", type=float, default=None,
-                   help=f"std of the per-dimension feature mean, in feature units (default {d.feature_mean_spread})")
-    g.add_argument("--label-noise", type=float, default=None,
-                   help=f"probability that a present emotion leaves no cue at all (default {d.label_noise})")
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from carat.data.synth import SynthConfig, split_sizes, synthesize_corpus
-
-    knobs = {name: getattr(args, name) for name in SYNTH_KNOBS if getattr(args, name) is not None}
-    cfg = SynthConfig(seed=args.seed, scale=args.scale, length_scale=args.length_scale, **knobs)
-    sizes = split_sizes(cfg)
+    sizes = split_sizes(cfg.synth)
     if args.format == "csd":
         from carat.data.synth_csd import write_synthetic_csd
 
         print(f"exporting {sum(sizes.values())} synthetic segments {sizes} as CMU-MultimodalSDK .csd files into "
-              f"{args.out} (seed {cfg.seed}, length_scale {cfg.length_scale})", file=sys.stderr)
-        out = write_synthetic_csd(Path(args.out), cfg)
+              f"{args.out} (seed {cfg.synth.seed}, length_scale {cfg.synth.length_scale})", file=sys.stderr)
+        out = write_synthetic_csd(Path(args.out), cfg.synth)
         print(f"wrote {out}; convert with: python -m carat.data prepare --source csd --input {out} --out SHARDS")
         return 0
-    storage = _storage_from_args(args)
     print(f"synthesising {sum(sizes.values())} segments {sizes} into {args.out} "
-          f"(seed {cfg.seed}, length_scale {cfg.length_scale}, {storage.dtype})", file=sys.stderr)
-    out = synthesize_corpus(Path(args.out), cfg, storage, progress=_show_progress(args),
+          f"(seed {cfg.synth.seed}, length_scale {cfg.synth.length_scale}, {cfg.storage.dtype})", file=sys.stderr)
+    out = synthesize_corpus(Path(args.out), cfg.synth, cfg.storage, progress=_show_progress(args),
                             reference=not args.no_reference)
     print(f"wrote {out}")
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from carat.data.prepare import PrepareConfig, prepare_corpus
+def _cmd_prepare(args: argparse.Namespace, cfg: CaratConfig) -> int:
+    from carat.data.prepare import prepare_corpus
 
-    cfg = PrepareConfig(source=args.source, nan_policy=args.nan_policy, inf_policy=args.inf_policy,
-                        on_error=args.on_error, trust_pickle=args.trust_pickle, reference=not args.no_reference)
     overrides = {m: Path(p) for m, p in (("text", args.text_file), ("visual", args.visual_file),
                                          ("audio", args.audio_file), ("labels", args.labels_csd)) if p}
-    out = prepare_corpus(Path(args.input), Path(args.out), cfg, _storage_from_args(args),
+    out = prepare_corpus(Path(args.input), Path(args.out), cfg.prepare, cfg.storage,
                          labels_path=Path(args.labels) if args.labels else None,
                          folds_path=Path(args.folds) if args.folds else None,
                          csd_files=overrides, progress=_show_progress(args))
@@ -108,19 +203,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: argparse.Namespace, cfg: CaratConfig) -> int:
     from carat.data.card import oracle_lines, read_card
     from carat.data.inspect import inspect_corpus
 
     report = inspect_corpus(Path(args.dir), plots_dir=Path(args.plots) if args.plots else None,
-                            plots=not args.no_plots, token_budget=args.token_budget)
+                            plots=not args.no_plots, token_budget=cfg.loader.token_budget)
     print(report)
     for line in oracle_lines(read_card(Path(args.dir)).get("reference_scorer")):
         print(line)
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def _cmd_verify(args: argparse.Namespace, cfg: CaratConfig | None) -> int:
+    """verify reads no configuration (``cfg`` is None): the corpus says what it should hold."""
     from carat.data.verify import verify_corpus
 
     report = verify_corpus(Path(args.dir), "quick" if args.quick else "full")
@@ -129,6 +225,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from carat.config import CaratConfig
+
+    defaults = CaratConfig()  # the seed values, for the help
     parser = argparse.ArgumentParser(prog="python -m carat.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,prepare,inspect,verify}")
@@ -137,18 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a synthetic CMU-MOSEI-like corpus: real split sizes and dims, long-tailed "
                                    "unaligned lengths, test-split label prevalences, a planted multimodal signal, "
                                    "and a dataset card with a logistic-regression reference floor.")
-    p.add_argument("--out", required=True, help="output directory (shards, manifest.parquet, card.json)")
+    p.add_argument("--out", help="output directory (shards, manifest.parquet, card.json); required")
     p.add_argument("--format", choices=("shards", "csd"), default="shards",
                    help="shards: carat's sorted WebDataset shards + card (default); csd: the four CMU-MultimodalSDK "
                         ".csd files of CMU-MOSEI (standard-fold video ids), to run `prepare --source csd` on; "
                         "storage and reference options apply to shards only")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the real split sizes (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same bytes")
-    p.add_argument("--length-scale", type=float, default=1.0,
-                   help="shrink all sequence lengths by this factor, for fast CPU tests only (default 1.0)")
+    _add_aliases(p.add_argument_group("corpus size"), SYNTH_ALIASES, defaults)
     p.add_argument("--no-reference", action="store_true", help="skip the reference scorer in the card")
-    _add_structure_args(p)
-    _add_storage_args(p)
+    _add_aliases(p.add_argument_group("planted structure"), STRUCTURE_ALIASES, defaults)
+    _add_storage_args(p, defaults)
+    _add_config_args(p, ("synth", "storage"), SYNTH_ALIASES + STRUCTURE_ALIASES + STORAGE_ALIASES, ("--out",))
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="convert CMU-MOSEI .csd files or a pickle into shards",
@@ -157,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(CMU_MOSEI_TimestampedWordVectors.csd, CMU_MOSEI_VisualFacet42.csd, "
                                    "CMU_MOSEI_COVAREP.csd, CMU_MOSEI_Labels.csd). --source pickle reads a "
                                    "MulT/TAILOR-style pickle. " + _PICKLE_WARNING)
-    p.add_argument("--source", choices=("csd", "pickle"), required=True)
-    p.add_argument("--input", required=True, help="csd: directory of the .csd files; pickle: the .pkl file")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--input", help="csd: directory of the .csd files; pickle: the .pkl file; required")
+    p.add_argument("--out", help="output directory; required")
     p.add_argument("--folds", help="JSON with train/valid/test video id lists (default: the standard folds)")
     p.add_argument("--text-file", help="csd: override the word-vector file path")
     p.add_argument("--visual-file", help="csd: override the FACET file path")
@@ -167,25 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-csd", help="csd: override the labels file path")
     p.add_argument("--labels", help="pickle: emotion labels (.npy/.npz [N,6] 0/1 per split, or CARAT-style "
                                     "token lists [BOS, e..., EOS] with tokens 4..9 = happy..fear)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="confirm the pickle (and a .pt/.pkl labels file) is trusted: unpickling executes code")
-    p.add_argument("--nan-policy", choices=("zero", "error"), default="zero", help="NaN values (default zero)")
-    p.add_argument("--inf-policy", choices=("zero", "clip", "error"), default="zero",
-                   help="+-inf values: zero, clip to the finite range of that dimension in the segment, or error")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="corrupt data (wrong dims, mismatched ids): raise, or skip and count in the card")
-    p.add_argument("--no-reference", action="store_true", help="skip the reference scorer in the card")
-    _add_storage_args(p)
+    _add_aliases(p.add_argument_group("source and cleaning"), PREPARE_ALIASES, defaults)
+    _add_storage_args(p, defaults)
+    _add_config_args(p, ("prepare", "storage"), PREPARE_ALIASES + STORAGE_ALIASES, ("--input", "--out"))
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("inspect", help="print a corpus' dataset card and write plots",
                        description="Print the dataset card of a corpus and write PNG plots: length histograms, "
                                    "label prevalence, padding efficiency of sorted-bucketed vs random batching.")
-    p.add_argument("dir", help="corpus directory (with card.json and manifest.parquet)")
+    p.add_argument("dir", nargs="?", help="corpus directory (with card.json and manifest.parquet); required")
     p.add_argument("--plots", help="plot directory (default DIR/plots)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
-    p.add_argument("--token-budget", type=int, default=None,
-                   help="padded frames per batch for the padding-efficiency plot (default: the loader's)")
+    _add_aliases(p.add_argument_group("batching"), LOADER_ALIASES, defaults)
+    _add_config_args(p, ("loader",), LOADER_ALIASES, ("dir",))
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("verify", help="check every shard against the manifest",
@@ -195,16 +285,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="corpus directory (with manifest.parquet and shards.parquet)")
     p.add_argument("--quick", action="store_true", help="sizes and headers only (what training checks at start)")
     p.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
-    p.set_defaults(func=_cmd_verify)
+    p.set_defaults(func=_cmd_verify, sections=(), command_parser=p)
     return parser
+
+
+def _reject_unknown_flags(args: argparse.Namespace, extras: list[str]) -> None:
+    """argparse's exit status 2 for what is neither a flag of the command nor a ``--section.key[=value]``
+    override (those are left to carat.config, which names an unknown key and suggests one)."""
+    p: argparse.ArgumentParser = args.command_parser
+    wants_value = False  # the previous extra was `--section.key` without `=value`
+    for arg in extras:
+        name = arg.split("=", 1)[0]
+        if wants_value:
+            wants_value = False
+        elif args.sections and name.startswith("--") and "." in name:
+            wants_value = "=" not in arg
+        else:
+            known = [s for action in p._actions for s in action.option_strings]
+            close = difflib.get_close_matches(name, known, n=1)
+            p.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def resolve_config(args: argparse.Namespace, extras: list[str]) -> CaratConfig:
+    """The command's config: the preset (seed unless --preset, or the --config file's own), the file, the alias
+    flags given, then the ``--section.key=value`` overrides; keys of sections the command does not read are
+    refused rather than ignored."""
+    from carat.config import SECTIONS, load_config, parse_overrides
+
+    for section, values in parse_overrides(list(extras)).items():
+        if section in SECTIONS and section not in args.sections:
+            key = next(iter(values))
+            raise ConfigError(f"--{section}.{key} has no effect on `{args.command}`, which reads "
+                              f"{', '.join(f'[{s}]' for s in args.sections)}; put it in the --config file of "
+                              "carat.train instead")
+    flags = [a.override(getattr(args, a.dest)) for a in args.aliases if getattr(args, a.dest) is not None]
+    return load_config(preset=args.preset or "seed", file=args.config, overrides=flags + list(extras))
+
+
+def describe_sections(cfg: CaratConfig, sections: Sequence[str]) -> str:
+    """``describe_config`` limited to the preset line and ``sections``: TOML that --config reads back."""
+    from carat.config import describe_config
+
+    # describe_config separates section tables by a blank line, and no line inside a table starts with "["
+    head, *tables = describe_config(cfg).split("\n\n[")
+    kept = [f"[{t.rstrip()}" for t in tables if t.split("]", 1)[0] in sections]
+    return "\n\n".join([head.rstrip(), *kept]) + "\n"
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    """The arguments a command needs unless it only shows its config (argparse's message and exit status 2)."""
+    missing = [name for name in args.required if getattr(args, name.lstrip("-").replace("-", "_")) is None]
+    if missing:
+        args.command_parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; returns the exit status (CaratError -> one line on stderr, status 1)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    _reject_unknown_flags(args, extras)
     try:
-        return int(args.func(args))
+        cfg = None
+        if args.sections:
+            cfg = resolve_config(args, extras)
+            if args.show_config:
+                print(describe_sections(cfg, args.sections), end="")
+                return 0
+            _check_required(args)
+        return int(args.func(args, cfg))
     except CaratError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
