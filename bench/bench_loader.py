@@ -31,11 +31,15 @@ import numpy as np
 import torch
 
 from carat.data.collate import collate, nonfinite_rows, to_batch
-from carat.data.loader import LoaderConfig, SharedBufferPool, ShardReader, build_loader, load_split_index
+from carat.data.loader import build_loader
+from carat.data.loader_config import LoaderConfig
 from carat.data.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.data.shards import StorageConfig, write_corpus
+from carat.data.shm_pool import SharedBufferPool
+from carat.data.split_index import load_split_index
 from carat.data.synth import SynthConfig, SyntheticCorpus
+from carat.data.tar_reader import ShardReader
 
 WEIGHTS = (1.0, 1.0, 1.0)
 

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from carat.data.featstats import load_feature_stats
-from carat.data.loader import LoaderConfig, build_loader
+from carat.data.loader import build_loader
+from carat.data.loader_config import LoaderConfig
 from carat.metrics import macro_roc_auc
 
 MODALITIES = ("text", "visual", "audio")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from carat.data.loader import TINY_OVERRIDES as TINY_LOADER
-from carat.data.loader import LoaderConfig
+from carat.data.loader_config import TINY_OVERRIDES as TINY_LOADER
+from carat.data.loader_config import LoaderConfig
 from carat.data.prepare import PrepareConfig
 from carat.data.shards import TINY_OVERRIDES as TINY_STORAGE
 from carat.data.shards import StorageConfig

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from carat.data.collate import DecodedSample, collate, nonfinite_rows, to_batch
-from carat.data.loader import LoaderConfig, PlannedBatches, ShardReader, build_loader, fast_tar_samples
-from carat.data.shards import tar_key
+from carat.data.loader import PlannedBatches, build_loader
+from carat.data.loader_config import LoaderConfig
 from carat.data.plan import FILLER, batch_cost, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.data.shards import tar_key
+from carat.data.tar_reader import fast_tar_samples
 from carat.errors import ConfigError, DataError
 from tests.test_shards import load_segment, make_refs, write_tiny
 

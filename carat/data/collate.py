@@ -103,7 +103,7 @@ def shared_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Same trick as torch's default_collate: a worker's batch travels to the main process through shared
     memory, and allocating it there saves one more copy of every batch. Each fresh segment costs its page
     population and an fd transfer, which is why the loader normally writes into a reused pool instead
-    (``carat.data.loader.SharedBufferPool``) and uses this only as the fallback.
+    (``carat.data.shm_pool.SharedBufferPool``) and uses this only as the fallback.
     """
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)

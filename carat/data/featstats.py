@@ -149,7 +149,8 @@ def compute_feature_stats(shard_dir: Path, *, max_segments: int = 4000) -> Featu
     """Statistics from the train shards: at most ``max_segments`` segments, evenly spaced over the split.
 
     The shards are sorted by length, so evenly spaced rows cover short and long segments alike."""
-    from carat.data.loader import ShardReader, load_split_index
+    from carat.data.split_index import load_split_index
+    from carat.data.tar_reader import ShardReader
 
     index = load_split_index(Path(shard_dir), STATS_SPLIT)
     n = len(index)

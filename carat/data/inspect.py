@@ -199,7 +199,7 @@ def plot_padding(lengths: np.ndarray, budgets: list[int], max_batch_size: int, w
 def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bool = True,
                    token_budget: int | None = None) -> str:
     """The card summary plus the padding comparison; writes the plots unless ``plots`` is False."""
-    from carat.data.loader import LoaderConfig
+    from carat.data.loader_config import LoaderConfig
 
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():

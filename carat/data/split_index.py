@@ -1,0 +1,83 @@
+"""The split index: one split's manifest rows as arrays, checked against the shard files on disk.
+
+Every rank reads the manifest (never the tars) to plan an epoch (:mod:`carat.data.plan`); the same rows give
+the reader each sample's shard and byte range (:mod:`carat.data.tar_reader`). Shards missing or of the wrong
+size are a :class:`~carat.errors.DataError` here, when the loader is built, not mid-epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from carat.data.segment import SPLITS
+from carat.data.shards import read_manifest, read_shard_table
+from carat.errors import ConfigError, DataError
+
+
+@dataclass
+class SplitIndex:
+    """The manifest rows of one split as arrays (the planner's input and the reader's address book)."""
+
+    split: str
+    keys: list[str]
+    shards: list[str]
+    """Distinct shard paths (relative to the corpus root); ``shard_ids`` index into it."""
+    shard_ids: np.ndarray
+    lengths: np.ndarray
+    """[N, 3] int64 (text, visual, audio)."""
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    labels: np.ndarray
+    """[N, 6] uint8."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_split_index(shard_dir: Path, split: str) -> SplitIndex:
+    """Read the manifest rows of ``split`` and check its shard files exist with their recorded sizes."""
+    shard_dir = Path(shard_dir)
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+    manifest = read_manifest(shard_dir)
+    rows = manifest.filter(pc.equal(manifest.column("split"), split))
+    if rows.num_rows == 0:
+        raise DataError(f"{shard_dir / 'manifest.parquet'}: no samples in split {split!r}")
+    shard_col = rows.column("shard").to_pylist()
+    shards = sorted(set(shard_col))
+    lookup = {s: i for i, s in enumerate(shards)}
+    index = SplitIndex(
+        split=split,
+        keys=rows.column("key").to_pylist(),
+        shards=shards,
+        shard_ids=np.array([lookup[s] for s in shard_col], dtype=np.int64),
+        lengths=np.stack([rows.column(f"len_{m}").to_numpy() for m in ("text", "visual", "audio")], 1).astype(np.int64),
+        offsets=rows.column("offset").to_numpy().astype(np.int64),
+        nbytes=rows.column("nbytes").to_numpy().astype(np.int64),
+        labels=np.array(rows.column("labels").to_pylist(), dtype=np.uint8).reshape(-1, 6),
+    )
+    _check_shard_files(shard_dir, index)
+    return index
+
+
+def _check_shard_files(shard_dir: Path, index: SplitIndex) -> None:
+    """Manifest vs files: each shard present, of its recorded size, and holding every recorded byte range."""
+    table = {info.shard: info for info in read_shard_table(shard_dir)}
+    for sid, rel in enumerate(index.shards):
+        path = shard_dir / rel
+        info = table.get(rel)
+        if info is None:
+            raise DataError(f"{path}: in the manifest but not in {shard_dir / 'shards.parquet'}")
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise DataError(f"{path}: size {size} bytes does not match the manifest's shard table ({info.bytes}); "
+                            "the shards were rewritten or truncated: rewrite the corpus or restore the files")
+        ends = index.offsets[index.shard_ids == sid] + index.nbytes[index.shard_ids == sid]
+        if len(ends) and int(ends.max()) > size:
+            raise DataError(f"{path}: manifest byte ranges run past the end of the file ({size} bytes)")
