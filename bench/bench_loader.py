@@ -236,7 +236,7 @@ def stage_breakdown(shard_dir: Path, cfg: LoaderConfig) -> str:
         t1 = time.perf_counter()
         parts = collate(samples, 1.0)
         t2 = time.perf_counter()
-        nonfinite_rows(parts)
+        nonfinite_rows(parts.features())
         t3 = time.perf_counter()
         to_batch(parts)
         t4 = time.perf_counter()

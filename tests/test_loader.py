@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from carat.data.batch import CollatedBatch
 from carat.data.collate import DecodedSample, collate, nonfinite_rows, to_batch
 from carat.data.loader import PlannedBatches, build_loader
 from carat.data.loader_config import LoaderConfig
@@ -38,14 +39,14 @@ def corpus(tmp_path_factory) -> tuple[Path, dict]:
     return root, {r.key: r for split in refs.values() for r in split}
 
 
-def _worker_batches(loader, workers: int) -> list[list[dict]]:
+def _worker_batches(loader, workers: int) -> list[list[CollatedBatch]]:
     """What each DataLoader worker of this rank would produce (in-process, no subprocesses)."""
     ds: PlannedBatches = loader.dataset
     return [list(ds.iter_worker(w, workers)) for w in range(workers)]
 
 
-def _real_keys(parts: dict) -> list[str]:
-    return [k for k, w in zip(parts["keys"], parts["weight"].tolist()) if w > 0]
+def _real_keys(parts: CollatedBatch) -> list[str]:
+    return [k for k, w in zip(parts.keys, parts.weight.tolist()) if w > 0]
 
 
 # ------------------------------------------------------------------------------------------- planner
@@ -122,7 +123,7 @@ def test_round_trip_across_ranks_and_workers(corpus, train: bool) -> None:
         lengths.add(len(loader))
         assert sum(len(w) for w in per_worker) == len(loader)
         for parts in (p for w in per_worker for p in w):
-            assert parts["skipped"] == []
+            assert parts.skipped == [] and parts.ring_slot is None
             batch = to_batch(parts)
             for i, key in enumerate(batch.keys):
                 seg = load_segment(refs[key])
@@ -145,7 +146,7 @@ def test_real_dataloader_workers_keep_plan_order(corpus) -> None:
     root, _ = corpus
     cfg = tiny_cfg(num_workers=2)
     loader = build_loader(root, "train", cfg, rank=1, world_size=2, epoch=0, train=True)
-    in_process = [p["keys"] for p in loader.dataset.iter_worker(0, 1)]
+    in_process = [p.keys for p in loader.dataset.iter_worker(0, 1)]
     batches = list(loader)
     assert [b.keys for b in batches] == in_process
     assert len(batches) == len(loader)
@@ -222,9 +223,9 @@ def test_token_budget_respected_in_loaded_batches(corpus) -> None:
     cfg = tiny_cfg()
     loader = build_loader(root, "train", cfg, rank=0, world_size=1, epoch=0, train=True)
     for parts in loader.dataset.iter_worker(0, 1):
-        peak = int(parts["lengths"].max())  # the longest modality of the batch's longest sample
-        assert len(parts["keys"]) * peak <= cfg.token_budget or len(parts["keys"]) == 1
-        assert len(parts["keys"]) <= cfg.max_batch_size
+        peak = int(parts.lengths.max())  # the longest modality of the batch's longest sample
+        assert len(parts.keys) * peak <= cfg.token_budget or len(parts.keys) == 1
+        assert len(parts.keys) <= cfg.max_batch_size
 
 
 def test_eval_every_sample_once_with_zero_weight_fillers(corpus) -> None:
@@ -238,9 +239,9 @@ def test_eval_every_sample_once_with_zero_weight_fillers(corpus) -> None:
         steps.add(len(loader))
         for parts in loader.dataset.iter_worker(0, 1):
             keys += _real_keys(parts)
-            if parts["weight"].sum() == 0:
+            if parts.weight.sum() == 0:
                 fillers += 1
-                assert len(parts["keys"]) == 1
+                assert len(parts.keys) == 1
         assert loader.num_fillers == sum(1 for b in loader.dataset.slots if b == FILLER)
     assert len(steps) == 1 and fillers > 0
     assert sorted(keys) == sorted(k for k, r in refs.items() if r.split == "valid")
@@ -251,7 +252,7 @@ def test_determinism_per_seed_and_epoch(corpus) -> None:
 
     def keys(epoch: int, seed: int = 0) -> list[list[str]]:
         loader = build_loader(root, "train", tiny_cfg(seed=seed), rank=0, world_size=2, epoch=epoch, train=True)
-        return [p["keys"] for p in loader.dataset.iter_worker(0, 1)]
+        return [p.keys for p in loader.dataset.iter_worker(0, 1)]
 
     assert keys(0) == keys(0)
     assert keys(0) != keys(1)
@@ -394,8 +395,8 @@ def test_collate_pads_and_masks_empty_modalities() -> None:
         "audio": np.full((2 * n, 74), 0.5, np.float16)}, labels=np.zeros(6, np.uint8),
         intensities=np.full(6, np.nan, np.float32)) for i, n in enumerate((2, 5))]
     parts = collate(samples, weight=1.0)
-    assert parts["text"].shape == (2, 1, FEATURE_DIMS["text"]) and parts["audio"].shape == (2, 10, 74)
-    assert parts["audio"].dtype == torch.float16  # workers ship the stored dtype ...
+    assert parts.text.shape == (2, 1, FEATURE_DIMS["text"]) and parts.audio.shape == (2, 10, 74)
+    assert parts.audio.dtype == torch.float16  # workers ship the stored dtype ...
     batch = to_batch(parts)
     assert not batch.text_mask.any() and batch.visual_mask.sum(1).tolist() == [2, 5]
     assert batch.audio.dtype == torch.float32 and batch.text.dtype == torch.float32  # ... Batch holds float32
@@ -424,3 +425,27 @@ def test_float16_storage_round_trip(tmp_path: Path) -> None:
             audio = load_segment(by_key[key]).audio
             got = batch.audio[i, : len(audio)].numpy()
             np.testing.assert_array_equal(got, audio.astype(np.float16).astype(np.float32))
+
+
+def test_pooled_batch_describes_and_resolves_its_ring_slot(corpus) -> None:
+    """In-process round trip of the ring transfer: the worker's batch names its slot and carries addresses
+    instead of the tensors written there; resolving them gives the same tensors back."""
+    from carat.data.shm_pool import PooledTensor
+
+    root, _ = corpus
+    loader = build_loader(root, "train", tiny_cfg(), rank=0, world_size=1, epoch=0, train=True)
+    dataset: PlannedBatches = loader.dataset
+    pool = dataset.shared_pool(1, depth=2)
+    (plain, *_), = _worker_batches(loader, 1)
+    worker = dataset.with_pool(pool).iter_worker(0, 1)
+    sent = next(worker)
+    assert sent.ring_slot == (0, 0) and plain.ring_slot is None
+    assert all(isinstance(t, PooledTensor) for t in sent.features().values())
+    got = pool.resolve(sent)
+    assert got.keys == plain.keys and got.skipped == []
+    for m in MODALITIES:
+        assert torch.equal(getattr(got, m), getattr(plain, m))
+    np.testing.assert_array_equal(got.lengths, plain.lengths)
+    pool.release(0)
+    worker.close()
+    pool.close()

@@ -1,8 +1,9 @@
 """Decoding of stored samples (``.npy`` and ``.json`` only) and collation into padded tensors with masks.
 
-Workers return plain dicts (feature tensors in the stored dtype, small numpy arrays, lists), with the feature
-tensors placed by an allocator (:data:`Alloc`: a slot of the loader's reused shared-memory ring, or a fresh
-shared segment); :func:`to_batch` turns them into a :class:`~carat.data.batch.Batch` in the consuming process.
+Workers make a :class:`~carat.data.batch.CollatedBatch` (feature tensors in the stored dtype, small numpy
+arrays, lists), with the feature tensors placed by an allocator (:data:`Alloc`: a slot of the loader's reused
+shared-memory ring, or a fresh shared segment); :func:`to_batch` turns it into a
+:class:`~carat.data.batch.Batch` in the consuming process.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from carat.data.batch import Batch
+from carat.data.batch import Batch, CollatedBatch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 
 
@@ -144,39 +145,42 @@ def _pad(arrays: list[np.ndarray], dim: int, alloc: Alloc) -> torch.Tensor:
     return out
 
 
-def collate(samples: list[DecodedSample], weight: float, alloc: Alloc | None = None) -> dict:
-    """A worker's batch: padded feature tensors (stored dtype) and small numpy arrays.
+def collate(samples: list[DecodedSample], weight: float, alloc: Alloc | None = None) -> CollatedBatch:
+    """A worker's batch: padded feature tensors (stored dtype) and small numpy arrays (see
+    :class:`~carat.data.batch.CollatedBatch`), every sample with the same ``weight``.
 
-    Keys: ``keys``, ``text``/``visual``/``audio`` [B, L, D] tensors, ``lengths`` [B, 3] int64, ``labels``
-    [B, 6] float32, ``intensities`` [B, 6] float32, ``weight`` [B] float32. Only the three feature tensors go
-    through shared memory; the rest is pickled inline (a shared-memory segment per small tensor costs ~0.2 ms).
-    ``alloc`` places the feature tensors (default :func:`shared_alloc`; the loader's workers pass a slot of
-    their reused buffer pool). :func:`to_batch` builds masks from the lengths and the :class:`Batch`.
+    Only the three feature tensors go through shared memory; the rest is pickled inline (a shared-memory
+    segment per small tensor costs ~0.2 ms). ``alloc`` places the feature tensors (default :func:`shared_alloc`;
+    the loader's workers pass a slot of their reused buffer pool). :func:`to_batch` builds masks from the
+    lengths and the :class:`Batch`. The one place a CollatedBatch is made; the others are copies of one.
     """
     alloc = shared_alloc if alloc is None else alloc
-    out: dict = {"keys": [s.key for s in samples]}
-    for modality in MODALITIES:
-        out[modality] = _pad([s.features[modality] for s in samples], FEATURE_DIMS[modality], alloc)
-    out["lengths"] = np.array([[len(s.features[m]) for m in MODALITIES] for s in samples], dtype=np.int64)
-    out["labels"] = np.stack([s.labels for s in samples]).astype(np.float32)
-    out["intensities"] = np.stack([s.intensities for s in samples]).astype(np.float32)
-    out["weight"] = np.full(len(samples), float(weight), dtype=np.float32)
-    return out
+    # Padded in MODALITIES order, as before the batch was typed: the allocator's slot layout depends on it.
+    features = {m: _pad([s.features[m] for s in samples], FEATURE_DIMS[m], alloc) for m in MODALITIES}
+    return CollatedBatch(
+        keys=[s.key for s in samples],
+        **features,
+        lengths=np.array([[len(s.features[m]) for m in MODALITIES] for s in samples], dtype=np.int64),
+        labels=np.stack([s.labels for s in samples]).astype(np.float32),
+        intensities=np.stack([s.intensities for s in samples]).astype(np.float32),
+        weight=np.full(len(samples), float(weight), dtype=np.float32),
+    )
 
 
 # Exponent bits of IEEE-754 half and single floats: all ones <=> inf or NaN.
 _EXPONENT_BITS = {np.dtype(np.float16): (np.int16, 0x7C00), np.dtype(np.float32): (np.int32, 0x7F800000)}
 
 
-def nonfinite_rows(parts: dict) -> dict[int, str]:
-    """Rows of a collated batch holding NaN/inf, with the modality, e.g. from flipped bits in a shard.
+def nonfinite_rows(features: Mapping[str, torch.Tensor]) -> dict[int, str]:
+    """Rows of a batch's padded ``features`` (by modality) holding NaN/inf, with the modality, e.g. from
+    flipped bits in a shard.
 
     A value is non-finite exactly when its exponent bits are all ones, so one integer AND + max over the raw
     bits of each modality decides for the whole batch (~0.3 ms for 10 MB of float16, ~8x faster than a float32
     sum and exact: no overflow false alarms); only a batch that has some looks for the rows."""
     bad: dict[int, str] = {}
     for modality in MODALITIES:
-        x = parts[modality].numpy()
+        x = features[modality].numpy()
         int_type, exponent = _EXPONENT_BITS[x.dtype]
         if x.size == 0:
             continue
@@ -189,19 +193,15 @@ def nonfinite_rows(parts: dict) -> dict[int, str]:
     return bad
 
 
-def select_rows(parts: dict, keep: list[int]) -> dict:
-    """The collated batch restricted to rows ``keep`` (padding width unchanged)."""
+def select_rows(batch: CollatedBatch, keep: list[int]) -> CollatedBatch:
+    """The collated batch restricted to rows ``keep`` (padding width unchanged; features in fresh memory)."""
     index = torch.tensor(keep, dtype=torch.long)
-
-    def pick(v):
-        if isinstance(v, list):
-            return [v[i] for i in keep]
-        return v.index_select(0, index) if isinstance(v, torch.Tensor) else v[keep]
-
-    return {k: pick(v) for k, v in parts.items()}
+    features = {m: t.index_select(0, index) for m, t in batch.features().items()}
+    return replace(batch, keys=[batch.keys[i] for i in keep], **features, lengths=batch.lengths[keep],
+                   labels=batch.labels[keep], intensities=batch.intensities[keep], weight=batch.weight[keep])
 
 
-def empty_filler() -> dict:
+def empty_filler() -> CollatedBatch:
     """A one-sample, one-frame, all-zero batch with weight 0: stands in when every sample of a planned batch
     was skipped as corrupt, so the rank still runs its planned step. Its single frame is marked real so that
     no encoder sees a fully masked sequence."""
@@ -230,22 +230,23 @@ def _features_out(x: torch.Tensor, dtype: torch.dtype | None, pin_memory: bool, 
     return out.copy_(x)  # vectorised half -> float cast, or a memcpy
 
 
-def to_batch(parts: dict, pin_memory: bool = False, dtype: torch.dtype | None = torch.float32,
+def to_batch(collated: CollatedBatch, pin_memory: bool = False, dtype: torch.dtype | None = torch.float32,
              copy: bool = False) -> Batch:
-    """The :class:`Batch` of a collated dict: features as ``dtype`` (float32 by default, the model's input;
+    """The :class:`Batch` of a collated batch: features as ``dtype`` (float32 by default, the model's input;
     None keeps the stored dtype), bool masks (True = real frame) from the lengths, every tensor page-locked if
-    ``pin_memory``, features copied out of ``parts`` if ``copy``. Runs in the consuming process, after the
-    transfer."""
+    ``pin_memory``, features copied out of ``collated`` if ``copy``. Runs in the consuming process, after the
+    transfer (and after pooled features were resolved to tensors)."""
     def small(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if pin_memory else t
 
     fields: dict[str, torch.Tensor] = {}
-    lengths = torch.from_numpy(np.asarray(parts["lengths"], dtype=np.int64))
+    lengths = torch.from_numpy(np.asarray(collated.lengths, dtype=np.int64))
+    stored = collated.features()
     for j, modality in enumerate(MODALITIES):
-        feats = _features_out(parts[modality], dtype, pin_memory, copy)
+        feats = _features_out(stored[modality], dtype, pin_memory, copy)
         fields[modality] = feats
         mask = torch.arange(feats.shape[1])[None, :] < lengths[:, j : j + 1]
         fields[f"{modality}_mask"] = mask.pin_memory() if pin_memory else mask
-    return Batch(keys=list(parts["keys"]), labels=small(parts["labels"]),
-                 intensities=small(parts["intensities"]), weight=small(parts["weight"]), **fields)
+    return Batch(keys=list(collated.keys), labels=small(collated.labels), intensities=small(collated.intensities),
+                 weight=small(collated.weight), **fields)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from carat.data.batch import Batch
+from carat.data.batch import Batch, CollatedBatch
 from carat.data.collate import Alloc, collate, empty_filler, nonfinite_rows, select_rows, to_batch
 from carat.data.loader_config import LoaderConfig
 from carat.data.plan import FILLER, EpochPlan, plan_epoch
@@ -96,16 +96,16 @@ class PlannedBatches(IterableDataset):
         worker_rows = [[self.rows(slot) for slot in self.slots[w::workers]] for w in range(workers)]
         return SharedBufferPool.for_batches(worker_rows, self.index.lengths, itemsize, depth)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[CollatedBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.iter_worker(worker, workers)
 
-    def iter_worker(self, worker: int, workers: int) -> Iterator[dict]:
+    def iter_worker(self, worker: int, workers: int) -> Iterator[CollatedBatch]:
         """The collated batches of slots ``worker::workers``, each with the samples it had to skip.
 
         With a pool (inside DataLoader workers), each batch is written into the worker's next ring slot and
-        carries ``pool`` = (worker, slot); the consumer must copy it out and release the slot."""
+        carries its ``ring_slot`` = (worker, slot); the consumer must copy it out and release the slot."""
         reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes, reuse_buffers=True)
         pool = self.pool
         try:
@@ -120,23 +120,22 @@ class PlannedBatches(IterableDataset):
         finally:
             reader.close()
 
-    def _batch(self, reader: ShardReader, slot: int, alloc: Alloc | None = None) -> dict:
+    def _batch(self, reader: ShardReader, slot: int, alloc: Alloc | None = None) -> CollatedBatch:
         filler = slot == FILLER
         rows = self.rows(slot)
         samples, skips = reader.read(rows)
         self._raise_if_any(skips)
         if not samples:
-            return {**empty_filler(), "skipped": [] if filler else skips}
-        parts = collate(samples, weight=0.0 if filler else 1.0, alloc=alloc)
-        bad = nonfinite_rows(parts)  # values are checked here, batched, after the float32 cast
+            return replace(empty_filler(), skipped=[] if filler else skips)
+        batch = collate(samples, weight=0.0 if filler else 1.0, alloc=alloc)
+        bad = nonfinite_rows(batch.features())  # values are checked here, batched over the padded tensors
         if bad:
-            new = [(self._shard_of(parts["keys"][i], rows), parts["keys"][i], why) for i, why in bad.items()]
+            new = [(self._shard_of(batch.keys[i], rows), batch.keys[i], why) for i, why in bad.items()]
             self._raise_if_any(new)
             skips = skips + new
             keep = [i for i in range(len(samples)) if i not in bad]
-            parts = select_rows(parts, keep) if keep else empty_filler()
-        parts["skipped"] = [] if filler else skips  # a filler's copy is not a lost sample
-        return parts
+            batch = select_rows(batch, keep) if keep else empty_filler()
+        return replace(batch, skipped=[] if filler else skips)  # a filler's copy is not a lost sample
 
     def _shard_of(self, key: str, rows: np.ndarray) -> str:
         row = next(r for r in rows.tolist() if self.index.keys[r] == key)
@@ -152,8 +151,8 @@ class PlannedBatches(IterableDataset):
 # ---------------------------------------------------------------------------------------- the loader
 
 
-def _keep_as_is(parts: dict) -> dict:
-    return parts
+def _keep_as_is(batch: CollatedBatch) -> CollatedBatch:
+    return batch
 
 
 @dataclass
@@ -203,6 +202,10 @@ class BatchLoader:
     def dropped_samples(self) -> int:
         return self.plan.dropped_samples
 
+    def _count_skips(self, skips: list[Skip]) -> None:
+        self.skipped += len(skips)
+        self.skipped_samples.extend(tuple(s) for s in skips)
+
     def __iter__(self) -> Iterator[Batch]:
         dataset, pool = self.dataset, None
         if self.num_workers > 0 and self.reuse_buffers:
@@ -216,19 +219,15 @@ class BatchLoader:
             collate_fn=_keep_as_is, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
         batches = iter(loader)
         try:
-            for parts in batches:
-                skips = parts.pop("skipped")
-                if skips:
-                    self.skipped += len(skips)
-                    self.skipped_samples.extend(tuple(s) for s in skips)
-                ring = parts.pop("pool", None)
-                if ring is None:
-                    yield to_batch(parts, pin_memory=self.pin_memory, dtype=self.feature_dtype)
+            for collated in batches:
+                self._count_skips(collated.skipped)
+                if collated.ring_slot is None:
+                    yield to_batch(collated, pin_memory=self.pin_memory, dtype=self.feature_dtype)
                     continue
                 # Copy out of the worker's slot, then hand the slot back (see SharedBufferPool).
-                batch = to_batch(pool.resolve(parts, *ring), pin_memory=self.pin_memory,
-                                 dtype=self.feature_dtype, copy=True)
-                pool.release(ring[0])
+                batch = to_batch(pool.resolve(collated), pin_memory=self.pin_memory, dtype=self.feature_dtype,
+                                 copy=True)
+                pool.release(collated.ring_slot[0])
                 yield batch
         finally:
             if pool is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from carat.data.batch import CollatedBatch
 from carat.data.collate import Alloc, shared_alloc
 from carat.data.segment import FEATURE_DIMS, MODALITIES
 
@@ -118,27 +119,30 @@ class SharedBufferPool:
         return alloc, buf
 
     @staticmethod
-    def describe(parts: dict, worker: int, slot: int, buf: torch.Tensor) -> dict:
-        """``parts`` with the feature tensors that live in ``buf`` replaced by their :class:`PooledTensor`."""
+    def describe(batch: CollatedBatch, worker: int, slot: int, buf: torch.Tensor) -> CollatedBatch:
+        """``batch`` marked as written into ``slot`` of ``worker``'s ring (``buf``), with the feature tensors
+        that live in ``buf`` replaced by their :class:`PooledTensor` (a fallback tensor that did not fit stays
+        a tensor and goes through torch's transfer)."""
         base = buf.untyped_storage().data_ptr()
-        for m in MODALITIES:
-            t = parts[m]
-            if t.untyped_storage().data_ptr() == base:
-                parts[m] = PooledTensor(t.data_ptr() - buf.data_ptr(), tuple(t.shape), t.dtype)
-        parts["pool"] = (worker, slot)
-        return parts
+        pooled = {m: PooledTensor(t.data_ptr() - buf.data_ptr(), tuple(t.shape), t.dtype)
+                  for m, t in batch.features().items() if t.untyped_storage().data_ptr() == base}
+        return replace(batch, **pooled, ring_slot=(worker, slot))
 
     # -- main side
 
-    def resolve(self, parts: dict, worker: int, slot: int) -> dict:
-        """Views of the slot for the :class:`PooledTensor` entries (valid until :meth:`release`)."""
+    def resolve(self, batch: CollatedBatch) -> CollatedBatch:
+        """``batch`` with its :class:`PooledTensor` features as views of its ring slot (valid until
+        :meth:`release`)."""
+        if batch.ring_slot is None:
+            raise ValueError("resolve() takes a batch written into the ring (ring_slot is None)")
+        worker, slot = batch.ring_slot
         buf = self.buffers[worker][slot]
-        for m in MODALITIES:
-            t = parts[m]
+        views = {}
+        for m, t in batch.features().items():
             if isinstance(t, PooledTensor):
                 nbytes = math.prod(t.shape) * torch.empty(0, dtype=t.dtype).element_size()
-                parts[m] = buf[t.offset : t.offset + nbytes].view(t.dtype).view(t.shape)
-        return parts
+                views[m] = buf[t.offset : t.offset + nbytes].view(t.dtype).view(t.shape)
+        return replace(batch, **views)
 
     def release(self, worker: int) -> None:
         """The main process has copied out one more batch of ``worker``."""
