@@ -2,7 +2,7 @@
 
 Precedence: the preset's defaults < a TOML file (``--config FILE``) < ``--section.key=value`` overrides.
 Every section is a dataclass defined next to the code it configures (``model`` in ``carat.model.config``,
-``loader`` in ``carat.data.loader`` ...); this module only composes them, parses values against the field
+``loader`` in ``carat.data.loader_config`` ...); this module only composes them, parses values against the field
 types, and turns every mistake into a :class:`~carat.errors.ConfigError` that names the key and what is
 allowed. The resolved tree is written to every run directory as ``config.toml``.
 """
