@@ -339,14 +339,6 @@ the MSE terms, reachable by making every label feature Z the same constant, win 
 16-wide model, and it stays at the label prior (valid micro-F1 0.44) at lr 1e-3 and 3e-4 alike; at 0.1
 it learns (0.57 after 4 epochs). The seed keeps the published 1.0."""
 
-SMALL_MODEL_OVERRIDES: dict[str, object] = dict(TINY_MODEL_OVERRIDES)
-"""The "small" preset of ModelConfig: the tiny preset's 16-wide model. Measured on the scale-0.1 synthetic corpus
-(``synth --scale 0.1 --length-scale 0.25``, 1,633 train clips; BENCHMARKS.md, Learning, 2026-12-03, third
-part): 30 epochs of the 16-wide model reach test tuned F1 +0.113 / +0.129 over the pooled floor (AUC 0.745);
-the 64-wide, 2-layer model this preset had before reached -0.003 / +0.042 (AUC 0.672), and a 32-wide one was
-behind the 16-wide one at every epoch it ran (valid AUC 0.686 against 0.767 after 14). At this corpus size
-width only buys memorisation."""
-
 
 def check_pos_weight(loss: LossConfig, model: ModelConfig) -> None:
     """loss.pos_weight needs one value per label of the model."""

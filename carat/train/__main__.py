@@ -171,7 +171,7 @@ def check_corpus_fits_model(cfg: CaratConfig, shard_dir: Path) -> None:
     import pyarrow.parquet as pq
 
     limit = cfg.model.text_max_positions
-    table = pq.read_table(shard_dir / "manifest.parquet", columns=["key", "split", "len_text"])
+    table = pq.read_table(shard_dir / "manifest.parquet", columns=["key", "len_text"])
     over = table.filter(pc.greater(table["len_text"], limit))
     if over.num_rows:
         longest = int(pc.max(over["len_text"]).as_py())
