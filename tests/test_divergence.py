@@ -47,6 +47,68 @@ def _poison_loss(monkeypatch, steps: set[int], term: str = "supcon", value: floa
     monkeypatch.setattr(loop.TrainModule, "forward", forward)
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is non-finite everywhere."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison_gradient(monkeypatch, steps: set[int]) -> None:
+    """Give the real DeepSpeed engine NaN gradients (the loss stays finite) on the given training forwards."""
+    original = loop.TrainModule.forward
+    calls = {"n": 0}
+
+    def forward(self, inputs, labels=None, sample_weight=None):
+        out, terms = original(self, inputs, labels=labels, sample_weight=sample_weight)
+        if terms is not None and self.training:
+            if calls["n"] in steps:
+                terms = {**terms, "total": _NanGradient.apply(terms["total"])}
+            calls["n"] += 1
+        return out, terms
+
+    monkeypatch.setattr(loop.TrainModule, "forward", forward)
+
+
+def test_a_nan_gradient_step_is_skipped_by_the_real_engine_and_the_weights_stay_finite(shards, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Not a fake engine: DeepSpeed's ZeRO-2 optimizer itself meets the NaN gradients; the loop must see the
+    step as skipped, count it, and the model that comes out must be finite and score every clip."""
+    _poison_gradient(monkeypatch, {2, 5})
+    assert train_main.main(_args(shards, tmp_path, "nangrad")) == 0
+    out = capsys.readouterr().out
+    assert "step 3 (epoch 1) skipped: non-finite gradient norm" in out
+    assert "step 6 (epoch 1) skipped: non-finite gradient norm" in out
+    run = tmp_path / "nangrad"
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert history[0]["train/nonfinite_steps"] == 2
+    results = json.loads((run / "results.json").read_text())
+    assert results["nonfinite_steps"] == 2
+    import math
+
+    assert all(math.isfinite(results["test"][k]) for k in ("micro_f1", "macro_f1", "macro_auc"))
+    from carat import export
+
+    model = tmp_path / "model.pt"
+    assert export.main(["--checkpoint", str(run), "--out", str(model)]) == 0
+    weights = torch.load(model, weights_only=True)["state_dict"]
+    assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_nan_gradients_in_a_row_stop_the_real_engine_run(shards, tmp_path, monkeypatch, capsys):
+    _poison_gradient(monkeypatch, set(range(1, 100)))
+    code = train_main.main(_args(shards, tmp_path, "nangrad-stop", "--train.max_nonfinite_steps=2"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "training diverged: step 4 (epoch 1): 3 steps in a row with a non-finite gradient norm" in err
+    assert "terms finite" in err and "samples " in err
+
+
 def test_a_single_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch, capsys):
     _poison_loss(monkeypatch, {2})
     assert train_main.main(_args(shards, tmp_path, "once")) == 0
