@@ -15,6 +15,7 @@ import pytest
 from carat.locks import FileLock
 from carat.train import checkpoint as ckpt
 from carat.train import __main__ as train_main
+from carat.train import loop
 
 # -- the file logic, without DeepSpeed --------------------------------------------------------------------
 
@@ -255,6 +256,38 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_valid(shards, tmp
     assert f"{points / 'epoch-001'} stays valid" in err
     assert ckpt.find_resume_point(points).tag == "epoch-001"
     assert (points / "latest").read_text() == "epoch-001"
+
+
+def test_disk_full_while_writing_best_keeps_the_previous_best_model(shards, tmp_path, monkeypatch, capsys):
+    """best/ is written into best.staging and swapped in: a full disk there names the staging path, says the
+    previous best model stays valid (not "no earlier checkpoint"), frees the torn staging copy, and the old
+    best/ still exports."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine.save_checkpoint
+    saves = {"best": 0}
+
+    def best_fills_the_disk(self, save_dir, tag=None, **kwargs):
+        if tag == "best":
+            saves["best"] += 1
+            if saves["best"] == 2:
+                partial = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device", str(partial))
+        return original(self, save_dir, tag=tag, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", best_fills_the_disk)
+    monkeypatch.setattr(loop, "improves", lambda value, best: True)  # every epoch writes best/
+    assert train_main.main(_args(shards, tmp_path / "runs", "bestfull", 3)) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "bestfull"
+    assert "no space left writing checkpoint" in err and str(run / "best.staging") in err
+    assert f"the previous best model {run / 'best'} stays valid" in err and "MiB" in err
+    assert not (run / "best.staging").exists()
+    from carat import export
+
+    assert export.main(["--checkpoint", str(run / "best"), "--out", str(tmp_path / "m.pt")]) == 0
 
 
 @pytest.mark.slow

@@ -114,26 +114,47 @@ def _dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
 
 
+@dataclass(frozen=True)
+class KeptCopy:
+    """What stays valid when a save into a staging folder fails: the folder it would have replaced."""
+
+    path: Path
+    what: str  # e.g. "best model"
+
+
 @contextlib.contextmanager
-def checkpoint_write_errors(root: Path, tag: str) -> Iterator[None]:
+def checkpoint_write_errors(root: Path, tag: str, kept_copy: KeptCopy | None = None) -> Iterator[None]:
     """Turn an OSError while saving (disk full, quota, permissions) into a CheckpointError naming the path,
-    the space a checkpoint needs (the previous one's size) and the checkpoint that stays valid."""
+    the space a checkpoint needs (the previous one's size) and the checkpoint that stays valid: the newest
+    complete tag under ``root``, or ``kept_copy`` for a save into a staging folder (best/)."""
     try:
         yield
     except OSError as err:
         where = err.filename or (root / tag)
-        previous = find_resume_point(root, quiet=True) if root.is_dir() else None
-        kept = (f"the previous checkpoint {root / previous.tag} stays valid and a rerun resumes from it"
-                if previous and previous.tag and previous.tag != tag else "no earlier complete checkpoint exists")
+        kept = _what_stays_valid(root, tag, kept_copy)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = max((_dir_bytes(root / p.name) for p in root.iterdir() if p.is_dir() and p.name != tag),
-                       default=0) if root.is_dir() else 0
-            free = shutil.disk_usage(root).free if root.exists() else 0
+            sizes = [_dir_bytes(root / p.name) for p in root.iterdir() if p.is_dir() and p.name != tag] \
+                if root.is_dir() else []
+            if kept_copy is not None:
+                sizes.append(_dir_bytes(kept_copy.path))
+            need = max(sizes, default=0)
+            free = shutil.disk_usage(root).free if root.exists() else shutil.disk_usage(root.parent).free
             raise CheckpointError(
                 f"no space left writing checkpoint {root / tag} ({where}): a checkpoint needs about "
                 f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}. Free space (or lower "
                 f"train.keep_checkpoints) and rerun the same command") from err
         raise CheckpointError(f"cannot write checkpoint {root / tag} ({where}: {err.strerror or err}); {kept}") from err
+
+
+def _what_stays_valid(root: Path, tag: str, kept_copy: KeptCopy | None) -> str:
+    if kept_copy is not None:
+        if (kept_copy.path / tag / COMPLETE_FILE).is_file() or (kept_copy.path / COMPLETE_FILE).is_file():
+            return f"the previous {kept_copy.what} {kept_copy.path} stays valid"
+        return f"there is no earlier {kept_copy.what}"
+    previous = find_resume_point(root, quiet=True) if root.is_dir() else None
+    if previous and previous.tag and previous.tag != tag:
+        return f"the previous checkpoint {root / previous.tag} stays valid and a rerun resumes from it"
+    return "no earlier complete checkpoint exists"
 
 
 # -- resuming --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ from carat.metrics import (
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
 from carat.train.checkpoint import (
-    CheckpointError, ResumePoint, checkpoint_write_errors, clear_tag, corpus_fingerprint, resume_refusal,
+    CheckpointError, KeptCopy, ResumePoint, checkpoint_write_errors, clear_tag, corpus_fingerprint, resume_refusal,
     find_resume_point, fsync_files, list_tag_files, load_checkpoint_file, recover_dir, replace_dir,
     safe_torch_load, save_torch_atomic, write_completion_marker, write_latest,
 )
@@ -322,11 +323,13 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
         }
 
-    def save_checkpoint(self, root: Path, tag: str, record: dict[str, Any] | None = None) -> None:
+    def save_checkpoint(self, root: Path, tag: str, record: dict[str, Any] | None = None,
+                        kept_copy: KeptCopy | None = None) -> None:
         """A complete-or-absent checkpoint (see :mod:`carat.train.checkpoint`): DeepSpeed's files and each
-        rank's RNG file, fsync'ed, then rank 0's completion marker, then ``latest``."""
+        rank's RNG file, fsync'ed, then rank 0's completion marker, then ``latest``. ``kept_copy``: what a
+        failed save leaves valid when ``root`` is a staging folder."""
         tag_dir = root / tag
-        with checkpoint_write_errors(root, tag):
+        with checkpoint_write_errors(root, tag, kept_copy):
             if self.is_main:
                 clear_tag(tag_dir)  # a torn tag of an earlier attempt, or the tag being replaced
             dist.barrier()
@@ -350,7 +353,12 @@ class Trainer:
     def save_best(self) -> None:
         """best/ is replaced whole: written beside it, then swapped in, so a crash keeps the old best model."""
         staging = self.run.best.with_name(self.run.best.name + ".staging")
-        self.save_checkpoint(staging, "best")
+        try:
+            self.save_checkpoint(staging, "best", kept_copy=KeptCopy(self.run.best, "best model"))
+        except CheckpointError:
+            if self.is_main:  # a torn staging copy only holds the space the next save needs
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.is_main:
             replace_dir(staging, self.run.best)
         dist.barrier()
