@@ -15,6 +15,7 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -306,6 +307,27 @@ def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], origin: str) 
         base.setdefault(section, {}).update(values)
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` -> (the rest, the ``--section.key[=value]`` overrides with their values), so that a command with
+    positional arguments never takes an override's value for one (``inspect --loader.token_budget 700 DIR``:
+    700 belongs to the override, DIR to the command). A value is the next word unless it starts with ``--``."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if arg.startswith("--") and "." in name:  # a mistyped section too: carat.config then names it
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """``["--model.hidden_size=64", "--train.epochs", "3"]`` -> ``{"model": {...}, "train": {...}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -440,12 +462,19 @@ def config_parser(prog: str, doc: str | None, sections: str, file_help: str) -> 
         epilog=f"Any config value: --section.key=value (sections: {sections}). "
                "Precedence: preset < --config file < overrides.",
     )
-    parser.add_argument("--config", type=Path, help=file_help)
-    parser.add_argument("--preset", choices=PRESETS,
-                        help="defaults to start from (default: tiny without --config, else the file's preset or seed)")
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the resolved configuration, every key documented, and exit")
+    add_config_arguments(parser, file_help,
+                         preset_help="defaults to start from (default: tiny without --config, else the file's "
+                                     "preset or seed)",
+                         show_help="print the resolved configuration, every key documented, and exit")
     return parser
+
+
+def add_config_arguments(parser: Any, file_help: str, preset_help: str, show_help: str) -> None:
+    """--config, --preset and --show-config on ``parser`` (a parser or an argument group): the three arguments
+    every config-driven command (carat.train, carat.tune, carat.data) shares, with its own help texts."""
+    parser.add_argument("--config", type=Path, help=file_help)
+    parser.add_argument("--preset", choices=PRESETS, help=preset_help)
+    parser.add_argument("--show-config", action="store_true", help=show_help)
 
 
 def cli_config(args: "argparse.Namespace", overrides: list[str]) -> CaratConfig:

@@ -96,3 +96,13 @@ def test_override_syntax_errors():
 def test_every_shipped_config_file_loads(path):
     cfg = load_config(file=path)
     assert cfg.preset == "seed"
+
+
+def test_split_overrides_keeps_values_with_their_keys():
+    from carat.config import split_overrides
+
+    rest, overrides = split_overrides(["inspect", "--loader.token_budget", "700", "DIR", "--loader.seed=3",
+                                       "--no-plots", "--trian.epochs", "2", "--train.epochs", "--quick"])
+    assert rest == ["inspect", "DIR", "--no-plots", "--quick"]
+    # a typo travels with its value (carat.config names it); a key without a value stays alone (and is refused)
+    assert overrides == ["--loader.token_budget", "700", "--loader.seed=3", "--trian.epochs", "2", "--train.epochs"]

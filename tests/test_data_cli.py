@@ -199,6 +199,19 @@ def test_inspect_token_budget_from_the_loader_section(tmp_path, capsys):
     assert "token budget 300," in capsys.readouterr().out
     assert main(["inspect", str(out), "--no-plots", "--config", config, "--loader.token_budget=700"]) == 0
     assert "token budget 700," in capsys.readouterr().out
+    # the space form: 700 is the override's value, not the corpus directory
+    assert main(["inspect", "--no-plots", "--loader.token_budget", "700", str(out)]) == 0
+    assert "token budget 700," in capsys.readouterr().out
+    # the whole [loader] plans the batches, as in training: batch-size bounds and modality weights too
+    assert main(["inspect", str(out), "--no-plots", "--loader.max_batch_size=4", "--loader.min_batch_size", "2",
+                 "--loader.modality_weights=[1.0, 0.5, 0.25]"]) == 0
+    report = capsys.readouterr().out
+    assert "max batch 4, min batch 2, modality weights 1, 0.5, 0.25;" in report
+    small = [int(line.split()[2]) for line in report.splitlines() if line.strip().startswith(("sorted", "random"))]
+    assert main(["inspect", str(out), "--no-plots", "--loader.max_batch_size=64"]) == 0
+    large = [int(line.split()[2]) for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith(("sorted", "random"))]
+    assert len(small) == len(large) == 2 and all(s > l for s, l in zip(small, large))
 
 
 def readme_data_commands() -> list[list[str]]:

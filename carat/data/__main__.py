@@ -143,16 +143,14 @@ def _add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...], alia
                      required: tuple[str, ...]) -> None:
     """--config, --preset and --show-config for a command that reads ``sections`` of the tree through
     ``aliases`` and ``--section.key=value``; ``required`` arguments may be left out with --show-config."""
-    from carat.config import PRESETS
+    from carat.config import add_config_arguments
 
     tables = ", ".join(f"[{s}]" for s in sections)
-    g = p.add_argument_group("configuration (the config tree of python -m carat.train)")
-    g.add_argument("--config", type=Path,
-                   help=f"TOML file with [section] tables, e.g. the one given to carat.train: its {tables} apply")
-    g.add_argument("--preset", choices=PRESETS,
-                   help="defaults to start from (default: the file's preset with --config, else seed)")
-    g.add_argument("--show-config", action="store_true",
-                   help=f"print the resolved {tables}, every key documented, and exit")
+    add_config_arguments(
+        p.add_argument_group("configuration (the config tree of python -m carat.train)"),
+        file_help=f"TOML file with [section] tables, e.g. the one given to carat.train: its {tables} apply",
+        preset_help="defaults to start from (default: the file's preset with --config, else seed)",
+        show_help=f"print the resolved {tables}, every key documented, and exit")
     keys = ", ".join(f"--{s}.KEY=VALUE" for s in sections)
     p.epilog = (f"Any key of {tables}: {keys}. The flags above are aliases of config keys: an unset flag leaves "
                 "the config's value (the seed defaults shown, or those of --config / --preset). Precedence: preset "
@@ -208,7 +206,7 @@ def _cmd_inspect(args: argparse.Namespace, cfg: CaratConfig) -> int:
     from carat.data.inspect import inspect_corpus
 
     report = inspect_corpus(Path(args.dir), plots_dir=Path(args.plots) if args.plots else None,
-                            plots=not args.no_plots, token_budget=cfg.loader.token_budget)
+                            plots=not args.no_plots, loader=cfg.loader)
     print(report)
     for line in oracle_lines(read_card(Path(args.dir)).get("reference_scorer")):
         print(line)
@@ -341,8 +339,12 @@ def _check_required(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; returns the exit status (CaratError -> one line on stderr, status 1)."""
+    from carat.config import split_overrides
+
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(rest)
+    extras = unknown + overrides
     _reject_unknown_flags(args, extras)
     try:
         cfg = None

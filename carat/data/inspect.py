@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from carat.data.card import read_card
+from carat.data.loader_config import LoaderConfig
 from carat.data.segment import EMOTIONS, MODALITIES, SPLITS
 from carat.errors import DataError
 
@@ -106,7 +107,7 @@ def split_lengths(corpus_dir: Path, split: str = "train") -> np.ndarray:
 
 
 def padding_comparison(lengths: np.ndarray, *, token_budget: int, max_batch_size: int,
-                       weights: tuple[float, float, float], seed: int = 0) -> dict[str, Any]:
+                       weights: tuple[float, float, float], seed: int = 0, min_batch_size: int = 1) -> dict[str, Any]:
     """Padding efficiency of length-sorted vs random token-budget batches (the loader's planner for both)."""
     from carat.data.plan import cost_order, padding_efficiency, plan_batches
 
@@ -114,7 +115,8 @@ def padding_comparison(lengths: np.ndarray, *, token_budget: int, max_batch_size
               "random": np.random.default_rng(seed).permutation(len(lengths))}
     out = {}
     for name, order in orders.items():
-        batches = plan_batches(lengths, token_budget, max_batch_size, weights, order=order)
+        batches = plan_batches(lengths, token_budget, max_batch_size, weights, order=order,
+                               min_batch_size=min_batch_size)
         out[name] = {**padding_efficiency(lengths, batches, weights), "batches": len(batches)}
     return out
 
@@ -197,15 +199,14 @@ def plot_padding(lengths: np.ndarray, budgets: list[int], max_batch_size: int, w
 # ----------------------------------------------------------------------------------------------- entry
 
 def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bool = True,
-                   token_budget: int | None = None) -> str:
-    """The card summary plus the padding comparison; writes the plots unless ``plots`` is False."""
-    from carat.data.loader_config import LoaderConfig
-
+                   loader: LoaderConfig | None = None) -> str:
+    """The card summary plus the padding comparison, planned as training plans (``loader``'s token budget,
+    batch-size bounds and modality weights); writes the plots unless ``plots`` is False."""
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise DataError(f"{corpus_dir}: not a directory")
     card = read_card(corpus_dir)
-    loader = LoaderConfig() if token_budget is None else LoaderConfig(token_budget=token_budget)
+    loader = loader or LoaderConfig()
     weights = tuple(loader.modality_weights)
     lengths = {s: split_lengths(corpus_dir, s) for s in SPLITS}
     lengths = {s: v for s, v in lengths.items() if len(v)}
@@ -213,9 +214,11 @@ def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bo
         raise DataError(f"{corpus_dir}: the manifest lists no segments")
     split = "train" if "train" in lengths else next(iter(lengths))
     comp = padding_comparison(lengths[split], token_budget=loader.token_budget,
-                              max_batch_size=loader.max_batch_size, weights=weights)
+                              max_batch_size=loader.max_batch_size, weights=weights,
+                              min_batch_size=loader.min_batch_size)
     report = [format_card(card),
-              f"padding efficiency ({split}, token budget {loader.token_budget}, max batch {loader.max_batch_size}; "
+              f"padding efficiency ({split}, token budget {loader.token_budget}, max batch {loader.max_batch_size}, "
+              f"min batch {loader.min_batch_size}, modality weights {', '.join(f'{w:g}' for w in weights)}; "
               "real / padded frames):"]
     for name, r in comp.items():
         report.append(f"  {name:<7} batches {r['batches']:>6}  cost {r['cost']:.3f}  "
