@@ -106,6 +106,23 @@ def test_supcon_gradient_equals_the_dense_definition(temperature):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
 
 
+def test_supcon_with_a_fixed_id_count_equals_the_measured_one():
+    """num_ids (what the loss passes, so that no ids.max() syncs the host each step) changes nothing, also when
+    the highest ids are absent from the rows."""
+    g = torch.Generator().manual_seed(8)
+    raw = torch.randn(50, 4, generator=g)
+    ids = torch.randint(-1, 20, (50,), generator=g)
+    valid = torch.rand(50, generator=g) > 0.2
+    results = []
+    for num_ids in (None, 36):
+        leaf = raw.clone().requires_grad_(True)
+        loss = supcon_loss(F.normalize(leaf, dim=1), ids, valid, 0.07, 0.07, num_ids=num_ids)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-6)
+
+
 def test_supcon_with_one_valid_row_is_zero_with_finite_gradient():
     """Nothing to contrast against (a queue still empty, a one-clip batch): 0, and no NaN reaches the encoders."""
     leaf = torch.randn(5, 3).requires_grad_(True)

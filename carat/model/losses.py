@@ -42,7 +42,7 @@ def contrastive_class_ids(labels: torch.Tensor, num_stages: int = NUM_STAGES) ->
 
 
 def supcon_loss(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, temperature: float,
-                base_temperature: float, chunk_rows: int = 2048) -> torch.Tensor:
+                base_temperature: float, chunk_rows: int = 2048, num_ids: int | None = None) -> torch.Tensor:
     """Supervised contrastive loss with every valid row as an anchor (the reference's ``SupConLoss`` with
     ``batch_size = N``): features [N, z] L2-normalised, ids [N] (EMPTY_ID matches nothing), valid [N] bool.
 
@@ -61,7 +61,7 @@ def supcon_loss(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, 
     """
     features = features.float()
     n = features.shape[0]
-    class_sum, class_count = _positive_class_sums(features, ids, valid)
+    class_sum, class_count = _positive_class_sums(features, ids, valid, num_ids)
     total = features.new_zeros(())
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
@@ -79,13 +79,17 @@ _MASKED_LOGIT = -1e9
 (|s/T| <= 1/T), and unlike -inf a row with nothing left in it stays finite in value and gradient."""
 
 
-def _positive_class_sums(features: torch.Tensor, ids: torch.Tensor,
-                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _positive_class_sums(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                         num_ids: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per contrastive class: the sum of its valid rows' features [K, z] and their count [K]; row 0 of each
-    collects EMPTY_ID (ids are shifted by one), which never counts as a positive."""
+    collects EMPTY_ID (ids are shifted by one), which never counts as a positive. ``num_ids`` (ids lie in
+    0..num_ids-1) fixes K without reading ``ids.max()``: on a GPU that read is a host sync every step."""
     slot = (ids.long() - EMPTY_ID).clamp_min(0)
     member = (valid & (ids != EMPTY_ID)).to(features.dtype)
-    num_slots = int(slot.max().item()) + 1 if slot.numel() else 1
+    if num_ids is not None:
+        num_slots = num_ids - EMPTY_ID
+    else:
+        num_slots = int(slot.max().item()) + 1 if slot.numel() else 1
     class_sum = features.new_zeros(num_slots, features.shape[1]).index_add(0, slot, features * member[:, None])
     class_count = member.new_zeros(num_slots).index_add(0, slot, member)
     return class_sum, class_count
@@ -222,4 +226,6 @@ class CaratLoss(nn.Module):
             features = torch.cat([rows, queue.features.detach().float()])
             all_ids = torch.cat([ids, queue.ids])
             valid = torch.cat([row_valid, queue.filled()])
-            return supcon_loss(features, all_ids, valid, self.temperature, self.base_temperature)
+            # contrastive_class_ids gives 6 classes per label (3 modalities x present / absent)
+            return supcon_loss(features, all_ids, valid, self.temperature, self.base_temperature,
+                               num_ids=6 * num_classes)
