@@ -77,6 +77,10 @@ class TrainConfig:
     selects on micro-F1 at the fixed threshold (micro_f1); on a small validation split that swings between
     epochs, while macro_auc (threshold-free ROC-AUC) and tuned_* (F1 at per-class thresholds tuned on the
     validation split itself) move smoothly."""
+    ema_decay: float = 0.0
+    """Per-step decay of an exponential moving average of the weights (:mod:`carat.train.averaging`), which
+    validation, best/, the exported model and the final scores then use; 0 = off (the seed: evaluate the raw
+    weights). Needs zero_stage <= 2. 0.998 averages over ~500 steps."""
     log_every: int = 10
     """Steps between JSONL/TensorBoard log lines; each also logs per-module gradient norms (grad/*, gathered
     from every rank under ZeRO, so it costs a little) and the model's diagnostics."""
@@ -111,6 +115,11 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs} must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = no weight average)")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ConfigError(f"ema_decay={self.ema_decay} needs zero_stage <= 2: ZeRO-3 partitions the weights "
+                              "that the average copies")
         if self.offload and self.zero_stage != 3:
             raise ConfigError(f"offload=true needs zero_stage=3 (got zero_stage={self.zero_stage})")
         if self.keep_checkpoints < 1:

@@ -97,7 +97,13 @@ def consolidate(save_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict
                for k, v in full.items() if k.startswith(MODULE_PREFIX)}
     if not weights:
         raise CaratError(f"{save_dir / tag}: no '{MODULE_PREFIX}*' weights found; is this a carat checkpoint?")
-    return weights, state
+    from carat.train.averaging import averaged_weights
+
+    average = averaged_weights(state)  # train.ema_decay: the weights the run evaluated
+    unknown = sorted(set(average) - set(weights))
+    if unknown:
+        raise CaratError(f"{save_dir / tag}: its weight average names parameters the model lacks ({unknown[:3]})")
+    return {**weights, **average}, state
 
 
 def _is_stage0(state: dict[str, Any]) -> bool:

@@ -15,6 +15,7 @@ dataset card's floor in results.json.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from carat.metrics import (
 )
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
+from carat.train.averaging import WeightAverage
 from carat.train.checkpoint import (
     CheckpointError, KeptCopy, ResumePoint, checkpoint_write_errors, clear_tag, corpus_fingerprint, resume_refusal,
     find_resume_point, fsync_files, list_tag_files, load_checkpoint_file, recover_dir, replace_dir,
@@ -264,6 +266,8 @@ class Trainer:
             dist_init_required=False,
         )
         self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.average = self._weight_average()
+        """The weights' moving average that evaluation uses (train.ema_decay), or None."""
         self.epoch = 0
         self.global_step = 0
         self.best = fresh_best(cfg.train.select_metric)
@@ -287,6 +291,19 @@ class Trainer:
     def _use_bf16(self) -> bool:
         precision = self.cfg.train.precision
         return precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+
+    def _weight_average(self) -> WeightAverage | None:
+        decay = self.cfg.train.ema_decay
+        if not decay:
+            return None
+        if self.engine.zero_optimization_stage() == 3:  # a train.ds_config file may ask for stage 3
+            raise CaratError(f"train.ema_decay={decay} needs ZeRO stage <= 2, and {self.cfg.train.ds_config} "
+                             "selects stage 3 (it partitions the weights the average copies)")
+        return WeightAverage(self.model, decay)
+
+    def evaluation_weights(self):
+        """The weights evaluation uses: the moving average where there is one, else the trained ones."""
+        return self.average.applied(self.model) if self.average is not None else contextlib.nullcontext()
 
     def _loader(self, split: str, epoch: int, train: bool):
         return build_loader(self.ctx.shard_dir, split, self.cfg.loader, rank=self.rank, world_size=self.world,
@@ -321,6 +338,7 @@ class Trainer:
             "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
             "warnings": list(self.warnings), "corpus": self.corpus, "record": record,
             "nonfinite_total": self.nonfinite_total,
+            **({"weight_average": self.average.state_dict()} if self.average is not None else {}),
         }
 
     def save_checkpoint(self, root: Path, tag: str, record: dict[str, Any] | None = None,
@@ -385,6 +403,7 @@ class Trainer:
         self.best = restore_best(dict(state["best"]), self.cfg.train.select_metric, self.history)
         self.warnings = list(state.get("warnings", [])) + [w for w in self.warnings if w not in state.get("warnings", [])]
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.restore_average(state, directory / tag)
         rng_file = directory / tag / f"rng_rank{self.rank}.pt"
         try:
             set_rng_state(load_checkpoint_file(rng_file))
@@ -392,6 +411,17 @@ class Trainer:
             print(f"[carat] warning: {rng_file}: {err}; rank {self.rank} resumes with fresh RNG streams")
         if self.is_main:
             print(f"[carat] resumed from {directory / tag} after epoch {self.epoch} (step {self.global_step})")
+
+    def restore_average(self, state: dict[str, Any], where: Path) -> None:
+        if self.average is None:
+            return
+        if "weight_average" not in state:
+            raise CheckpointError(f"{where} holds no weight average, and train.ema_decay="
+                                  f"{self.cfg.train.ema_decay} needs one")
+        try:
+            self.average.load_state_dict(state["weight_average"], str(where))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
     def check_resumable(self, point: ResumePoint) -> None:
         """Refuse, before anything is written, a resume whose saved state means something else: another
@@ -431,6 +461,8 @@ class Trainer:
             self.skip_nonfinite_step(batch, "gradient norm", [], values)
             return None, frames
         self.nonfinite_in_a_row = 0
+        if self.average is not None:
+            self.average.update(self.model)
         self.watch_loss(values["total"])
         with torch.no_grad():
             self.model.update_memory(out, batch.labels, gather=dist.gather_rows, sample_weight=batch.weight)
@@ -580,7 +612,8 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation metrics at the model threshold plus F1 at thresholds tuned on valid itself
         (``tuned_micro_f1``, ``tuned_macro_f1``); warns when every clip gets the same labels."""
-        pred = self.predict_split("valid")
+        with self.evaluation_weights():
+            pred = self.predict_split("valid")
         threshold = self.cfg.model.threshold
         metrics = compute_metrics(pred["labels"], pred["scores"], threshold)
         tuned = tuned_metrics(pred["labels"], pred["scores"])
@@ -696,10 +729,12 @@ class Trainer:
         """Reload the best epoch's weights, score valid and test, tune per-class thresholds on valid."""
         if (self.run.best / "best").is_dir():
             with safe_torch_load():
-                self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
-                                            load_optimizer_states=False, load_lr_scheduler_states=False)
-        valid = self.predict_split("valid")
-        test = self.predict_split("test")
+                _, state = self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
+                                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.restore_average(state or {}, self.run.best / "best")
+        with self.evaluation_weights():
+            valid = self.predict_split("valid")
+            test = self.predict_split("test")
         threshold = self.cfg.model.threshold
         results: dict[str, Any] = {
             "best_epoch": self.best["epoch"] + 1,
