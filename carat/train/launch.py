@@ -22,6 +22,7 @@ import torch
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict
 from carat.errors import CaratError
+from carat.threads import WAIT_POLICY_ENV, wait_policy
 from carat.train import dist
 from carat.train.loop import WorkerContext, run_training
 
@@ -228,8 +229,8 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
             # to its log files under the Ray session; the console keeps carat's own lines.
             logging_config=LoggingConfig(log_level=cfg.train.ray_log_level),
             # Ray Train's print patch tees every print of a worker into its logger as well: each carat line
-            # reached the console twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # reached the console twice. The wait policy is carat's default (carat.threads) or the driver's.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", WAIT_POLICY_ENV: wait_policy()}},
         ),
     )
 

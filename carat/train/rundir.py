@@ -153,6 +153,8 @@ def environment_report(launcher: str, world: int, device: torch.device) -> dict[
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "versions": versions,
+        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

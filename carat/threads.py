@@ -1,0 +1,28 @@
+"""CPU threading defaults that must be in place before torch loads its OpenMP runtime.
+
+libgomp (torch's OpenMP on Linux) lets idle threads spin by default (``OMP_WAIT_POLICY=ACTIVE``). On a machine
+whose cores other jobs also use, the spinning threads and the jobs' threads take turns on the cores, and each
+parallel region waits for a thread that is not running: measured with bench/bench_threads.py, a tiny-preset step
+on 2 cores beside 2 busy processes ran several times slower spinning than sleeping (BENCHMARKS.md, Training),
+while alone the two policies were within noise. carat's entry points therefore default to PASSIVE; a value the
+user (or a cluster's environment) sets is kept. The thread *count* is Ray's or the user's ``OMP_NUM_THREADS``
+(see :func:`carat.train.launch.prepare_worker_env`).
+"""
+
+from __future__ import annotations
+
+import os
+
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+DEFAULT_WAIT_POLICY = "PASSIVE"
+
+
+def wait_policy() -> str:
+    """The policy carat's processes run with: the environment's, else :data:`DEFAULT_WAIT_POLICY`."""
+    return os.environ.get(WAIT_POLICY_ENV) or DEFAULT_WAIT_POLICY
+
+
+def set_default_wait_policy() -> None:
+    """Call before the first ``import torch`` of the process (libgomp reads the variable once, when it loads);
+    later it changes nothing in this process, only in the processes it starts."""
+    os.environ.setdefault(WAIT_POLICY_ENV, DEFAULT_WAIT_POLICY)
