@@ -1,8 +1,14 @@
-"""OpenMP wait policy under CPU contention: tiny-preset training steps per second with ``OMP_WAIT_POLICY``
-ACTIVE (libgomp's default: idle threads spin) against PASSIVE (idle threads sleep), alone and beside busy
-processes that compete for the same cores (results: BENCHMARKS.md, Training).
+"""OpenMP wait policy under CPU contention: tiny-preset training steps per second with libgomp's idle threads
+spinning or sleeping, alone and beside busy processes that compete for the same cores (results:
+BENCHMARKS.md, Training). Variants (environment of the measured process):
 
-    python bench/bench_threads.py [--steps 40] [--busy 2] [--rounds 2] [--threads N] [--json out.json]
+- ``default``: neither variable set (libgomp spins ~300,000 iterations, then sleeps);
+- ``ACTIVE``: ``OMP_WAIT_POLICY=ACTIVE`` (spin without end);
+- ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once);
+- ``spin-10k``: ``GOMP_SPINCOUNT=10000`` (spin briefly, then sleep).
+
+    python bench/bench_threads.py [--steps 40] [--busy 2] [--rounds 2] [--threads N] [--variants ...]
+        [--json out.json]
 
 Each point runs in a fresh subprocess (libgomp reads the policy once, when torch loads it) with
 ``OMP_NUM_THREADS`` = the machine's cores, as an unconfigured one-process run sets it: one forward + loss +
@@ -60,11 +66,18 @@ print(json.dumps({"steps_per_s": steps / elapsed, "threads": torch.get_num_threa
 """
 
 
-def run_point(policy: str, busy: int, steps: int, threads: int) -> dict[str, float]:
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {}, "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin-10k": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
+def run_point(variant: str, busy: int, steps: int, threads: int) -> dict[str, float]:
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0.0)
-        env = dict(os.environ, OMP_WAIT_POLICY=policy, OMP_NUM_THREADS=str(threads))
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(VARIANTS[variant], OMP_NUM_THREADS=str(threads))
         out = subprocess.run([sys.executable, "-c", CHILD, str(steps)], env=env, capture_output=True, text=True,
                              check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -80,23 +93,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--busy", type=int, default=2, help="competing busy processes in the contended points")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args(argv)
 
     points: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.rounds):
         for busy in (0, args.busy):
-            for policy in ("ACTIVE", "PASSIVE"):
-                rate = run_point(policy, busy, args.steps, args.threads)["steps_per_s"]
-                points.setdefault((busy, policy), []).append(rate)
-                print(f"busy {busy}  {policy:<7}  {rate:.2f} steps/s", flush=True)
-    print(f"\n{args.threads} threads, {args.steps} steps per point, {args.rounds} rounds (mean steps/s)\n")
-    print("| competing busy processes | ACTIVE | PASSIVE | PASSIVE / ACTIVE |")
-    print("| --- | --- | --- | --- |")
+            for variant in args.variants:
+                rate = run_point(variant, busy, args.steps, args.threads)["steps_per_s"]
+                points.setdefault((busy, variant), []).append(rate)
+                print(f"busy {busy}  {variant:<8}  {rate:.2f} steps/s", flush=True)
+    base = args.variants[0]
+    print(f"\n{args.threads} threads, {args.steps} steps per point, {args.rounds} rounds (mean steps/s; ratio to "
+          f"{base} in parentheses)\n")
+    print("| competing busy processes | " + " | ".join(args.variants) + " |")
+    print("| --- |" + " --- |" * len(args.variants))
     for busy in (0, args.busy):
-        active = sum(points[(busy, "ACTIVE")]) / args.rounds
-        passive = sum(points[(busy, "PASSIVE")]) / args.rounds
-        print(f"| {busy} | {active:.2f} | {passive:.2f} | {passive / active:.2f} |")
+        means = {v: sum(points[(busy, v)]) / args.rounds for v in args.variants}
+        print(f"| {busy} | " + " | ".join(f"{means[v]:.2f} ({means[v] / means[base]:.2f})" for v in args.variants)
+              + " |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({f"busy{b}-{p}": v for (b, p), v in points.items()}, handle, indent=1)

@@ -2,10 +2,11 @@
 
 libgomp (torch's OpenMP on Linux) lets idle threads spin by default (``OMP_WAIT_POLICY=ACTIVE``). On a machine
 whose cores other jobs also use, the spinning threads and the jobs' threads take turns on the cores, and each
-parallel region waits for a thread that is not running: measured with bench/bench_threads.py, a tiny-preset step
-on 2 cores beside 2 busy processes ran several times slower spinning than sleeping (BENCHMARKS.md, Training),
-while alone the two policies were within noise. carat's entry points therefore default to PASSIVE; a value the
-user (or a cluster's environment) sets is kept. The thread *count* is Ray's or the user's ``OMP_NUM_THREADS``
+parallel region waits for a thread that is not running. Measured with bench/bench_threads.py (BENCHMARKS.md,
+Training): a 2-thread tiny-preset step beside 2 busy processes ran at 16% of its speed alone with libgomp's
+default and at 68% with PASSIVE; alone, PASSIVE costs 32%. carat's training processes default to PASSIVE, for
+throughput that holds up on shared machines; a value the user (or a cluster's environment) sets is kept
+(``OMP_WAIT_POLICY=ACTIVE`` on a dedicated machine). The thread *count* is Ray's or the user's ``OMP_NUM_THREADS``
 (see :func:`carat.train.launch.prepare_worker_env`).
 """
 
