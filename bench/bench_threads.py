@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
@@ -47,14 +48,11 @@ for name, n in lengths.items():
     inputs[name + "_mask"] = torch.ones(batch, n, dtype=torch.bool)
 labels = (torch.rand(batch, 6, generator=g) < 0.3).float()
 
+sys.path.insert(0, sys.argv[2])
+from bench_reference import train_step
+
 def step():
-    out = model(**inputs)
-    terms = loss_fn(model, out, labels)
-    opt.zero_grad(set_to_none=True)
-    terms["total"].backward()
-    opt.step()
-    with torch.no_grad():
-        model.update_memory(out, labels)
+    train_step(model, loss_fn, opt, inputs, labels)
 
 for _ in range(3):
     step()
@@ -78,7 +76,7 @@ def run_point(variant: str, busy: int, steps: int, threads: int) -> dict[str, fl
         time.sleep(0.5 if busy else 0.0)
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         env.update(VARIANTS[variant], OMP_NUM_THREADS=str(threads))
-        out = subprocess.run([sys.executable, "-c", CHILD, str(steps)], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True,
                              check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:

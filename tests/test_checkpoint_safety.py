@@ -235,20 +235,25 @@ def test_run_names_that_escape_the_runs_directory_are_refused(shards, tmp_path, 
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_checkpoint_leaves_the_previous_one_valid(shards, tmp_path, monkeypatch, capsys):
+def _fill_the_disk_when(monkeypatch, full) -> None:
+    """DeepSpeed's save_checkpoint writes a partial file and fails with ENOSPC for the tags ``full(tag)`` picks."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     original = DeepSpeedEngine.save_checkpoint
 
-    def save_until_full(self, save_dir, tag=None, **kwargs):
-        if tag == "epoch-002":
+    def save(self, save_dir, tag=None, **kwargs):
+        if full(tag):
             partial = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(partial))
         return original(self, save_dir, tag=tag, **kwargs)
 
-    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save_until_full)
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save)
+
+
+def test_disk_full_during_a_checkpoint_leaves_the_previous_one_valid(shards, tmp_path, monkeypatch, capsys):
+    _fill_the_disk_when(monkeypatch, lambda tag: tag == "epoch-002")
     assert train_main.main(_args(shards, tmp_path / "runs", "full", 3)) == 1
     err = capsys.readouterr().err
     points = tmp_path / "runs" / "full" / "checkpoints"
@@ -262,22 +267,13 @@ def test_disk_full_while_writing_best_keeps_the_previous_best_model(shards, tmp_
     """best/ is written into best.staging and swapped in: a full disk there names the staging path, says the
     previous best model stays valid (not "no earlier checkpoint"), frees the torn staging copy, and the old
     best/ still exports."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine.save_checkpoint
     saves = {"best": 0}
 
-    def best_fills_the_disk(self, save_dir, tag=None, **kwargs):
-        if tag == "best":
-            saves["best"] += 1
-            if saves["best"] == 2:
-                partial = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_bytes(b"partial")
-                raise OSError(errno.ENOSPC, "No space left on device", str(partial))
-        return original(self, save_dir, tag=tag, **kwargs)
+    def second_best(tag: str) -> bool:
+        saves["best"] += tag == "best"
+        return tag == "best" and saves["best"] == 2
 
-    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", best_fills_the_disk)
+    _fill_the_disk_when(monkeypatch, second_best)
     monkeypatch.setattr(loop, "improves", lambda value, best: True)  # every epoch writes best/
     assert train_main.main(_args(shards, tmp_path / "runs", "bestfull", 3)) == 1
     err = capsys.readouterr().err

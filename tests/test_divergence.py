@@ -31,8 +31,8 @@ def _args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
             "--loader.num_workers=0", "--loader.max_batch_size=8", "--launcher", "none", *extra]
 
 
-def _poison_loss(monkeypatch, steps: set[int], term: str = "supcon", value: float = float("nan")) -> None:
-    """Make loss term ``term`` non-finite on the given (0-based) forward calls in training mode."""
+def _change_training_terms(monkeypatch, steps: set[int], change) -> None:
+    """Replace the loss terms by ``change(terms)`` on the given (0-based) forward calls in training mode."""
     original = loop.TrainModule.forward
     calls = {"n": 0}
 
@@ -40,11 +40,17 @@ def _poison_loss(monkeypatch, steps: set[int], term: str = "supcon", value: floa
         out, terms = original(self, inputs, labels=labels, sample_weight=sample_weight)
         if terms is not None and self.training:
             if calls["n"] in steps:
-                terms = {**terms, term: terms[term] * value, "total": terms["total"] * value}
+                terms = change(terms)
             calls["n"] += 1
         return out, terms
 
     monkeypatch.setattr(loop.TrainModule, "forward", forward)
+
+
+def _poison_loss(monkeypatch, steps: set[int], term: str = "supcon", value: float = float("nan")) -> None:
+    """Make loss term ``term`` non-finite on the given (0-based) forward calls in training mode."""
+    _change_training_terms(monkeypatch, steps,
+                           lambda terms: {**terms, term: terms[term] * value, "total": terms["total"] * value})
 
 
 class _NanGradient(torch.autograd.Function):
@@ -61,18 +67,7 @@ class _NanGradient(torch.autograd.Function):
 
 def _poison_gradient(monkeypatch, steps: set[int]) -> None:
     """Give the real DeepSpeed engine NaN gradients (the loss stays finite) on the given training forwards."""
-    original = loop.TrainModule.forward
-    calls = {"n": 0}
-
-    def forward(self, inputs, labels=None, sample_weight=None):
-        out, terms = original(self, inputs, labels=labels, sample_weight=sample_weight)
-        if terms is not None and self.training:
-            if calls["n"] in steps:
-                terms = {**terms, "total": _NanGradient.apply(terms["total"])}
-            calls["n"] += 1
-        return out, terms
-
-    monkeypatch.setattr(loop.TrainModule, "forward", forward)
+    _change_training_terms(monkeypatch, steps, lambda terms: {**terms, "total": _NanGradient.apply(terms["total"])})
 
 
 def test_a_nan_gradient_step_is_skipped_by_the_real_engine_and_the_weights_stay_finite(shards, tmp_path,
