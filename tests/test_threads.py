@@ -34,3 +34,20 @@ def test_ray_workers_get_the_drivers_policy(tmp_path, monkeypatch):
     trainer = build_trainer(load_config(preset="tiny", overrides=["--train.num_workers=1"]), tmp_path / "run",
                             tmp_path / "shards", num_workers=1, cpus_per_rank=1.0)
     assert trainer.run_config.worker_runtime_env["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_available_cpus_follow_the_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from carat.threads import available_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert available_cpus(str(tmp_path)) == 8  # no cpu.max: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker --cpus=2.5
+    assert available_cpus(str(tmp_path)) == 3
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert available_cpus(str(tmp_path)) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})  # a SLURM cpuset on a big node
+    assert available_cpus(str(tmp_path)) == 2

@@ -22,7 +22,7 @@ import torch
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict
 from carat.errors import CaratError
-from carat.threads import WAIT_POLICY_ENV, wait_policy
+from carat.threads import WAIT_POLICY_ENV, available_cpus, wait_policy
 from carat.train import dist
 from carat.train.loop import WorkerContext, run_training
 
@@ -43,9 +43,10 @@ def prepare_worker_env(gpu: bool) -> None:
     os.environ.setdefault("LOCAL_SIZE", str(local_world))
     if not gpu and not os.environ.get("OMP_NUM_THREADS"):
         # The user's (or Ray's: it sets OMP_NUM_THREADS to the CPUs a worker reserved) thread count wins;
-        # otherwise share the cores between the local ranks. Oversubscribed OpenMP threads spin-wait: measured,
+        # otherwise share the CPUs this process may use (its affinity and cgroup quota, not the host's count)
+        # between the local ranks. Oversubscribed OpenMP threads spin-wait: measured,
         # a run beside two other jobs on 2 cores fell from ~30 to ~1 sample/s.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cpus() // local_world))
 
 
 def skip_shm_comm_op() -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from carat.atomic import write_text_atomic
+from carat.threads import available_cpus
 
 
 def new_run_name() -> str:
@@ -143,7 +144,7 @@ def environment_report(launcher: str, world: int, device: torch.device) -> dict[
             versions[name] = None
     devices = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [f"cpu ({os.cpu_count()} cores)"]
+        if torch.cuda.is_available() else [f"cpu ({available_cpus()} of {os.cpu_count()} cores usable)"]
     )
     return {
         "launcher": launcher,
