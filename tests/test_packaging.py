@@ -76,6 +76,10 @@ def test_wheel_carries_every_runtime_data_file(wheel):
     assert shipped and shipped <= names, shipped - names
     assert "carat/ds_configs/zero2.json" in names and "carat/data/mosei_std_folds.json" in names
     assert "carat/tune/__main__.py" in names
+    # An SPDX license expression (PEP 639): setuptools deprecates the table form with a 2027-02-18 deadline,
+    # after which an isolated `pip install .` (the Dockerfile's) would stop building.
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
 
 
 def test_installed_wheel_finds_its_ds_configs_and_data(wheel, tmp_path):
