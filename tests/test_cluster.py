@@ -322,4 +322,4 @@ def test_image_builds_on_the_standin_base_and_runs_one_epoch(tmp_path):
                           "carat.train", "--train.epochs=1", "--train.storage_path=/tmp/runs"],
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "verdict" in run.stdout
+    assert "[carat] verdict:" in run.stdout + run.stderr
