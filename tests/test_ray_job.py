@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,10 +26,10 @@ def ray_cli() -> str:
 
 @pytest.fixture()
 def ray_head():
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
-    import os
-
-    env = dict(os.environ, **env)
+    # Token authentication as a cluster deployment runs it (cluster/README.md): one token, passed in the
+    # environment to the head and to the CLI, never read from ~/.ray/auth_token, which a fresh HOME lacks
+    # (the test once passed only where an earlier ray.init had left that file behind).
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     subprocess.run([ray_cli(), "start", "--head", "--num-cpus", "2", "--port", "6397",
                     "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"],
                    check=True, capture_output=True, env=env)
@@ -42,8 +44,7 @@ def test_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
     synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=3),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
     storage = tmp_path / "runs"
-    # Ray 2.60 clusters use token authentication; RAY_AUTH_MODE=token makes the CLI send ~/.ray/auth_token.
-    env = dict(ray_head, RAY_ADDRESS=f"http://127.0.0.1:{DASHBOARD_PORT}", RAY_AUTH_MODE="token")
+    env = dict(ray_head, RAY_ADDRESS=f"http://127.0.0.1:{DASHBOARD_PORT}")
     proc = subprocess.run(
         [ray_cli(), "job", "submit", "--working-dir", ".", "--runtime-env-json",
          json.dumps({"excludes": ["shards/", "runs/", ".git/"], "env_vars": {"DS_ACCELERATOR": "cpu"}}), "--",
