@@ -210,3 +210,34 @@ def test_bad_option_values_are_config_errors(key, value):
 
     with pytest.raises(ConfigError, match=key):
         tiny_config(**{key: value})
+
+
+def test_temporal_conv_starts_as_the_reference_and_keeps_padding_invariance():
+    from tests.model_helpers import stack_samples
+
+    batch = make_batch(LENGTHS)
+    plain = tiny_model(seed=6).eval()
+    conv = tiny_model(seed=7, temporal_conv_kernel=5).eval()
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("temporal_conv" in k for k in missing)
+    with torch.no_grad():
+        # Zero-initialised: the untrained option computes exactly the reference model.
+        torch.testing.assert_close(conv.scores(conv(**batch)), plain.scores(plain(**batch)))
+        perturb_parameters(conv)
+        assert conv.audio_encoder.embedding.temporal_conv.weight.abs().sum() > 0
+        # Sample 0 at its own lengths, then beside a longer sample with random (finite) padding.
+        alone = {}
+        for m, lengths in LENGTHS.items():
+            alone[m], alone[f"{m}_mask"] = batch[m][:1, :lengths[0]], batch[f"{m}_mask"][:1, :lengths[0]]
+        other = {k: v[1:2] for k, v in batch.items()}
+        together = conv.scores(conv(**stack_samples([alone, other])))[:1]
+        torch.testing.assert_close(together, conv.scores(conv(**alone)), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(conv.scores(conv(**batch)), plain.scores(plain(**batch)))
+
+
+@pytest.mark.parametrize("width", [-1, 2, 4])
+def test_temporal_conv_width_must_be_zero_or_odd(width):
+    from carat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.temporal_conv_kernel"):
+        tiny_config(temporal_conv_kernel=width)

@@ -144,7 +144,7 @@ class CARAT(nn.Module):
                 self.feature_dims[m], d, cfg.intermediate_size, cfg.num_heads, getattr(cfg, f"{m}_layers"),
                 getattr(cfg, f"{m}_max_positions"), getattr(cfg, f"{m}_dropout"), eps=cfg.layer_norm_eps,
                 activation=cfg.hidden_act, kernel=cfg.attention, init_std=cfg.init_std,
-                checkpoint_layers=m in cfg.checkpoint_encoders))
+                checkpoint_layers=m in cfg.checkpoint_encoders, conv_kernel=cfg.temporal_conv_kernel))
         for m in MODALITY_ORDER:
             self.add_module(f"{m}_attention", LabelAttention(d, c, cfg.label_pooling))
             self.add_module(f"{m}_proj", ProjectionMLP(d, d // 2, z))

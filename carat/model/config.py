@@ -141,6 +141,12 @@ class ModelConfig:
     on individual raw feature values, during training. The reference has none. Measured on a 1,633-clip
     corpus: even a small model fits the train split (train BCE 0.07) while validation AUC stalls; dropping
     30% of the input values raised a plain attention-pooling model's test AUC from 0.64 to 0.67-0.68."""
+    temporal_conv_kernel: int = 0
+    """Width (odd, in steps) of a residual depthwise temporal convolution after each encoder's input
+    projection; 0 = none, as in the reference. A cue that spans many noisy frames is found by integrating over
+    them (a matched filter: what the synthetic corpora's oracle computes); one attention layer over per-frame
+    projections integrates poorly. Zero-initialised (the model starts as the reference's). Measured in
+    BENCHMARKS.md, Learning, 2026-12-04."""
     label_pooling: Literal["attention", "max", "attention+max"] = "attention"
     """How each modality's encoded steps become its label features Z [C, d]. "attention": the reference's
     label-specific attention (a learned softmax over the steps per label, Z = weighted mean). "max": a max
@@ -178,6 +184,9 @@ class ModelConfig:
         for name in ("text_dropout", "visual_dropout", "audio_dropout", "input_dropout"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
+        width = self.temporal_conv_kernel
+        _require(width == 0 or (width > 0 and width % 2 == 1),
+                 f"model.temporal_conv_kernel={width} must be 0 (none) or an odd width >= 1")
         _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _require(self.layer_norm_eps > 0, f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
         _require(0.0 <= self.prototype_momentum < 1.0,
