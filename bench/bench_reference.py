@@ -2,7 +2,7 @@
 results: BENCHMARKS.md, Training).
 
     OMP_NUM_THREADS=1 nice python bench/bench_reference.py SHARDS [--models tiny wide64 seed] [--clips 256]
-        [--reference-batch 64] [--rounds 2] [--max-steps 12] [--json out.json]
+        [--reference-batch 64] [--rounds 2] [--max-steps 12] [--device cpu|cuda] [--json out.json]
 
 Both paths train the same model (same config, same initial weights) on the same train clips, read once into
 memory (reading is bench_loader.py's subject), with forward + the full CaratLoss + backward + AdamW + the
@@ -15,6 +15,11 @@ memory updates per step:
   to its longest clip, eager attention, the prototype EMA as the reference's per-sample Python loop, SupCon
   with N x N element-wise masks (carat's earlier form, bench_supcon.py).
 - **random-batches**: carat's kernels on the reference's batches: splits the gain into batching and kernels.
+
+On ``--device cuda`` carat's two paths run under bf16 autocast (carat's precision on a GPU) and the reference in
+fp32, as the published code trains; steps are timed between ``torch.cuda.synchronize()`` calls, each path's
+peak memory is reported, and a path that runs out of memory is recorded as OOM with its longest padded
+audio batch instead of ending the run.
 
 Reported per model and path: real clips per second over the steps run (``--max-steps`` batches evenly
 spaced over the path's epoch plan, after one warm-up step), the share of real frames in the padded
@@ -76,8 +81,9 @@ def read_clips(shards: Path, limit: int, seed: int = 0) -> list[dict[str, torch.
     return [clips[i] for i in keep]
 
 
-def collate(clips: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Pad each modality to the batch's longest clip (real frames first, masks True on them)."""
+def collate(clips: list[dict[str, torch.Tensor]], device: torch.device = torch.device("cpu"),
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pad each modality to the batch's longest clip (real frames first, masks True on them), on ``device``."""
     inputs: dict[str, torch.Tensor] = {}
     for m in MODALITIES:
         longest = max(c[m].shape[0] for c in clips)
@@ -87,8 +93,8 @@ def collate(clips: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tenso
         for i, c in enumerate(clips):
             frames[i, :c[m].shape[0]] = c[m]
             mask[i, :c[m].shape[0]] = True
-        inputs[m], inputs[f"{m}_mask"] = frames, mask
-    return inputs, torch.stack([c["labels"] for c in clips])
+        inputs[m], inputs[f"{m}_mask"] = frames.to(device), mask.to(device)
+    return inputs, torch.stack([c["labels"] for c in clips]).to(device)
 
 
 def lengths_of(clips: list[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -132,7 +138,7 @@ def reference_kernels() -> Iterator[None]:
         LabelPrototypes.update, losses_module.supcon_loss = saved_update, saved_supcon
 
 
-def build(model_name: str, attention: str, shards: Path):
+def build(model_name: str, attention: str, shards: Path, device: torch.device):
     preset, extra = MODELS[model_name]
     overrides = [f"--model.attention={attention}"]
     for section, values in extra.items():
@@ -142,15 +148,17 @@ def build(model_name: str, attention: str, shards: Path):
     model = CARAT.from_config(cfg.model)
     if cfg.model.standardize_features:
         model.set_feature_stats(load_feature_stats(shards))
-    model.train()
-    loss_fn = CaratLoss.from_config(cfg.loss, cfg.model)
+    model.to(device).train()
+    loss_fn = CaratLoss.from_config(cfg.loss, cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     return cfg, model, loss_fn, optimizer
 
 
-def train_step(model: CARAT, loss_fn: CaratLoss, optimizer, inputs, labels) -> None:
-    out = model(**inputs)
-    terms = loss_fn(model, out, labels)
+def train_step(model: CARAT, loss_fn: CaratLoss, optimizer, inputs, labels, bf16: bool = False) -> None:
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with precision:
+        out = model(**inputs)
+        terms = loss_fn(model, out, labels)
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     optimizer.step()
@@ -162,28 +170,49 @@ PATHS = ("carat", "random-batches", "reference")
 """random-batches: carat's kernels on the reference's batches, which splits the gain into batching and kernels."""
 
 
-def run_path(path: str, model_name: str, clips, shards: Path, reference_batch: int, max_steps: int) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_path(path: str, model_name: str, clips, shards: Path, reference_batch: int, max_steps: int,
+             device: torch.device = torch.device("cpu")) -> dict:
     attention = "eager" if path == "reference" else "sdpa"
-    cfg, model, loss_fn, optimizer = build(model_name, attention, shards)
+    bf16 = device.type == "cuda" and path != "reference"
+    cfg, model, loss_fn, optimizer = build(model_name, attention, shards, device)
     lengths = lengths_of(clips)
     plan = carat_plan(lengths, cfg.loader) if path == "carat" else reference_plan(len(clips), reference_batch)
     efficiency = padding_efficiency(lengths, plan, (1.0, 1.0, 1.0))
     kernels = reference_kernels() if path == "reference" else contextlib.nullcontext()
-    with kernels:
-        warm = collate([clips[i] for i in plan[0]])
-        train_step(model, loss_fn, optimizer, *warm)
-        # evenly spaced over the epoch plan: carat's plan is sorted by length, so its first batches are its
-        # shortest clips; the spread sample weighs every part of the epoch alike
-        picks = np.unique(np.linspace(0, len(plan) - 1, min(max_steps, len(plan))).round().astype(int))
-        steps = [plan[i] for i in picks]
-        seen, start = 0, time.perf_counter()
-        for batch in steps:
-            train_step(model, loss_fn, optimizer, *collate([clips[i] for i in batch]))
-            seen += len(batch)
-        elapsed = time.perf_counter() - start
-    return {"clips_per_s": seen / elapsed, "steps": len(steps), "clips": seen, "seconds": elapsed,
-            "batches_in_epoch": len(plan), "padding_efficiency": efficiency["audio"],
-            "mean_batch": float(np.mean([len(b) for b in plan]))}
+    # evenly spaced over the epoch plan: carat's plan is sorted by length, so its first batches are its
+    # shortest clips; the spread sample weighs every part of the epoch alike
+    picks = np.unique(np.linspace(0, len(plan) - 1, min(max_steps, len(plan))).round().astype(int))
+    steps = [plan[i] for i in picks]
+    summary = {"batches_in_epoch": len(plan), "padding_efficiency": efficiency["audio"],
+               "mean_batch": float(np.mean([len(b) for b in plan])), "bf16": bf16}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch: np.ndarray = plan[0]
+    try:
+        with kernels:
+            train_step(model, loss_fn, optimizer, *collate([clips[i] for i in batch], device), bf16=bf16)
+            _sync(device)
+            seen, start = 0, time.perf_counter()
+            for batch in steps:
+                train_step(model, loss_fn, optimizer, *collate([clips[i] for i in batch], device), bf16=bf16)
+                seen += len(batch)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        longest = int(max(clips[i]["audio"].shape[0] for i in batch))
+        del model, optimizer
+        torch.cuda.empty_cache()
+        return {**summary, "oom": True, "clips_per_s": float("nan"), "steps": 0, "clips": 0, "seconds": 0.0,
+                "oom_batch": len(batch), "oom_audio_frames": longest}
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return {**summary, "oom": False, "clips_per_s": seen / elapsed, "steps": len(steps), "clips": seen,
+            "seconds": elapsed}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,21 +223,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=12, help="timed steps per path (after one warm-up)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: carat's paths under bf16 autocast, the reference in fp32; peak memory reported")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
 
     clips = read_clips(args.shards, args.clips)
     lengths = lengths_of(clips)
     print(f"{len(clips)} train clips; audio frames median {int(np.median(lengths[:, 2]))}, max "
-          f"{int(lengths[:, 2].max())}; torch threads {torch.get_num_threads()}", flush=True)
+          f"{int(lengths[:, 2].max())}; torch threads {torch.get_num_threads()}; device {device}", flush=True)
     results: dict[str, dict[str, list[dict]]] = {}
     for _ in range(args.rounds):
         for model_name in args.models:
             for path in PATHS:
-                r = run_path(path, model_name, clips, args.shards, args.reference_batch, args.max_steps)
+                r = run_path(path, model_name, clips, args.shards, args.reference_batch, args.max_steps, device)
                 results.setdefault(model_name, {}).setdefault(path, []).append(r)
+                memory = f", peak {r['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in r else ""
+                if r["oom"]:
+                    memory = f", OUT OF MEMORY at a batch of {r['oom_batch']} up to {r['oom_audio_frames']} audio frames"
                 print(f"{model_name:<7} {path:<14} {r['clips_per_s']:8.2f} clips/s  ({r['steps']} steps, mean batch "
-                      f"{r['mean_batch']:.1f}, audio padding efficiency {r['padding_efficiency']:.2f})", flush=True)
+                      f"{r['mean_batch']:.1f}, audio padding efficiency {r['padding_efficiency']:.2f}{memory})",
+                      flush=True)
     print("\n| model | carat clips/s | random batches, carat kernels | reference clips/s | carat / reference | "
           "of which batching / kernels | padded-frame efficiency carat / reference (audio) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

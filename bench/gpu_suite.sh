@@ -22,7 +22,7 @@
 #   model_sweep.md         step 3: its printed table (time and activation memory vs sdpa)
 #   model_sweep.partial.jsonl   step 3 only if it timed out: the points finished before the timeout
 #   train_seed.json        step 4: bench/gpu_train_seed.py's JSON (samples/s, frames/s, peak GiB, MFU)
-#   reference.json         step 5, only if bench/bench_reference.py ever gets a --device option (today: skipped)
+#   reference.json         step 5: bench/bench_reference.py --device cuda --json (carat bf16 vs reference fp32)
 #
 # Steps (each guarded: a failure is recorded and the next step still runs):
 #   1. install .whl/*.whl into /tmp/site (PYTHONPATH=repo:/tmp/site), print versions, `import carat.train`
@@ -30,7 +30,7 @@
 #   3. bench/gpu_model_sweep.py on a reduced grid (needs CUDA)
 #   4. bench/gpu_train_seed.py: seed preset, --launcher none, bf16 (precision auto = bf16 on CUDA), one epoch
 #      capped at $TRAIN_STEPS steps (needs CUDA)
-#   5. bench/bench_reference.py on the GPU (needs CUDA and a --device option, which it does not have: skipped)
+#   5. bench/bench_reference.py --device cuda: carat vs the reference-style path, clips/s, peak memory, OOM (needs CUDA)
 #
 # Knobs (environment; defaults in brackets, SMOKE=1 values after the slash):
 #   SMOKE [0]                 1: shrink every step, for a CPU test of the script itself:
