@@ -144,11 +144,11 @@ class ModelConfig:
     temporal_conv_kernel: int = 0
     """Width (odd, in steps) of a residual depthwise temporal convolution after each encoder's input
     projection; 0 = none, as in the reference. A cue that spans many noisy frames is found by integrating over
-    them (a matched filter: what the synthetic corpora's oracle computes); one attention layer over per-frame
-    projections integrates poorly. Zero-initialised (the model starts as the reference's). Measured, and off
-    in every preset: width 9 in the small preset on its scale-0.1 corpus lowered test macro-AUC from 0.745 to
-    0.696 (train loss fell faster: more capacity to memorise 1,633 clips whose background noise is already
-    smooth); BENCHMARKS.md, Learning, 2026-12-04."""
+    them (a matched filter: what the synthetic corpora's oracle computes), which one attention layer over
+    per-frame projections might do poorly: the hypothesis this option tests. Zero-initialised (the model
+    starts as the reference's). Measured, and off in every preset: width 9 in the small preset on its
+    scale-0.1 corpus lowered test macro-AUC from 0.745 to 0.696 (train loss fell faster: more capacity to
+    memorise 1,633 clips whose background noise is already smooth); BENCHMARKS.md, Learning, 2026-12-04."""
     label_pooling: Literal["attention", "max", "attention+max"] = "attention"
     """How each modality's encoded steps become its label features Z [C, d]. "attention": the reference's
     label-specific attention (a learned softmax over the steps per label, Z = weighted mean). "max": a max

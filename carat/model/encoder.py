@@ -25,9 +25,9 @@ class InputEmbedding(nn.Module):
 
     ``conv_kernel`` > 0 adds a residual depthwise temporal convolution after the projection (carat's option
     ``model.temporal_conv_kernel``; the reference has none): each channel gets a learned filter over
-    neighbouring steps, the matched filter that integrates a cue spread over many low-SNR frames, which a
-    single attention layer over per-frame projections does poorly. Zero-initialised, so at init the module is
-    exactly the reference's embedding. Padded steps are zeroed before it, so a real step's output is the one
+    neighbouring steps, a learned matched filter for cues spread over many low-SNR frames (measured: it does not
+    pay on the synthetic corpora, see ``ModelConfig.temporal_conv_kernel``). Zero-initialised, so at init the
+    module is exactly the reference's embedding. Padded steps are zeroed before it, so a real step's output is the one
     it has in an unpadded batch.
     """
 
