@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.setdefault(model_name, {}).setdefault(path, []).append(r)
                 memory = f", peak {r['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in r else ""
                 if r["oom"]:
-                    memory = f", OUT OF MEMORY at a batch of {r['oom_batch']} up to {r['oom_audio_frames']} audio frames"
+                    memory = (f", OUT OF MEMORY at a batch of {r['oom_batch']} up to {r['oom_audio_frames']} "
+                              "audio frames")
                 print(f"{model_name:<7} {path:<14} {r['clips_per_s']:8.2f} clips/s  ({r['steps']} steps, mean batch "
                       f"{r['mean_batch']:.1f}, audio padding efficiency {r['padding_efficiency']:.2f}{memory})",
                       flush=True)
