@@ -1,7 +1,8 @@
 """What a finished (or interrupted) sweep leaves a researcher: the trials table, plots, and the best config.
 
     <sweep>/trials.csv, trials.parquet   one row per trial: its parameters, status, epochs, final and best
-                                         validation metrics, run directory
+                                         validation metrics, test scores at its best epoch (trials that
+                                         ran every epoch), run directory
     <sweep>/plots/metric_vs_hyperparameters.png   the tuned metric against each searched parameter
     <sweep>/plots/learning_curves.png             the tuned metric per epoch, one line per trial
     <sweep>/best.toml                    the best trial's configuration: ``python -m carat.train --config best.toml``
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +42,23 @@ def epoch_curve(frame: Any, metric: str) -> list[float | None]:
     return [by_epoch.get(e) for e in range(max(by_epoch) + 1)] if by_epoch else []
 
 
+TEST_KEYS: tuple[str, ...] = ("tuned_micro_f1", "tuned_macro_f1", "macro_auc")
+
+
+def test_columns(run_dir: Path) -> dict[str, float | None]:
+    """The trial's test scores at its best epoch, from the results.json its loop writes after the last epoch
+    (None for a trial stopped early: it never reached the test). For reading off what a chosen configuration
+    scores; choose on the validation metric, never on these."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {f"test/{key}": None for key in TEST_KEYS}
+    tuned, test = results.get("test_tuned") or {}, results.get("test") or {}
+    return {"test/tuned_micro_f1": _number(tuned.get("micro_f1")),
+            "test/tuned_macro_f1": _number(tuned.get("macro_f1")), "test/macro_auc": _number(test.get("macro_auc"))}
+
+
 def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path) -> list[dict[str, Any]]:
     """One row per Tune result (``ray.tune.Result``): parameters, status, metric history summaries."""
     rows = []
@@ -63,6 +82,7 @@ def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path)
         row["best_epoch"] = curve.index(max(values)) + 1 if values else None
         for key in SUMMARY_KEYS:
             row[f"final/valid/{key}"] = _number(metrics.get(f"valid/{key}"))
+        row.update(test_columns(runs_dir / f"trial-{trial_id}"))
         row["run_dir"] = str(runs_dir / f"trial-{trial_id}")
         row["curve"] = curve
         row["params"] = dict(result.config or {})
