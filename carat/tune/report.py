@@ -42,21 +42,24 @@ def epoch_curve(frame: Any, metric: str) -> list[float | None]:
     return [by_epoch.get(e) for e in range(max(by_epoch) + 1)] if by_epoch else []
 
 
-TEST_KEYS: tuple[str, ...] = ("tuned_micro_f1", "tuned_macro_f1", "macro_auc")
+TEST_COLUMNS: dict[str, tuple[str, str]] = {
+    "test/tuned_micro_f1": ("test_tuned", "micro_f1"),
+    "test/tuned_macro_f1": ("test_tuned", "macro_f1"),
+    "test/macro_auc": ("test", "macro_auc"),
+}
+"""Trials-table column -> (results.json section, key)."""
 
 
-def test_columns(run_dir: Path) -> dict[str, float | None]:
+def trial_test_scores(run_dir: Path) -> dict[str, float | None]:
     """The trial's test scores at its best epoch, from the results.json its loop writes after the last epoch
     (None for a trial stopped early: it never reached the test). For reading off what a chosen configuration
     scores; choose on the validation metric, never on these."""
-    path = run_dir / "results.json"
     try:
-        results = json.loads(path.read_text())
+        results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
-        return {f"test/{key}": None for key in TEST_KEYS}
-    tuned, test = results.get("test_tuned") or {}, results.get("test") or {}
-    return {"test/tuned_micro_f1": _number(tuned.get("micro_f1")),
-            "test/tuned_macro_f1": _number(tuned.get("macro_f1")), "test/macro_auc": _number(test.get("macro_auc"))}
+        results = {}
+    return {column: _number((results.get(section) or {}).get(key))
+            for column, (section, key) in TEST_COLUMNS.items()}
 
 
 def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path) -> list[dict[str, Any]]:
@@ -82,8 +85,9 @@ def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path)
         row["best_epoch"] = curve.index(max(values)) + 1 if values else None
         for key in SUMMARY_KEYS:
             row[f"final/valid/{key}"] = _number(metrics.get(f"valid/{key}"))
-        row.update(test_columns(runs_dir / f"trial-{trial_id}"))
-        row["run_dir"] = str(runs_dir / f"trial-{trial_id}")
+        run_dir = runs_dir / f"trial-{trial_id}"
+        row.update(trial_test_scores(run_dir))
+        row["run_dir"] = str(run_dir)
         row["curve"] = curve
         row["params"] = dict(result.config or {})
         rows.append(row)
