@@ -287,11 +287,6 @@ EOF
 
 # -- 5. carat vs reference on the GPU ------------------------------------------------------------------------
 step_reference() {
-    if ! grep -q -- '"--device"' bench/bench_reference.py; then
-        STATUS="skipped: CPU-only (bench/bench_reference.py has no --device option; it builds models and batches on the CPU)"
-        echo "$STATUS"
-        return 0
-    fi
     need_cuda || return 0
     [ -f "$SHARDS/manifest.parquet" ] || { echo "no corpus in $SHARDS (step 2 failed)"; return 1; }
     local t
