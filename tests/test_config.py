@@ -28,6 +28,23 @@ def test_tiny_preset_differs_where_declared():
     assert config_to_dict(tiny)["model"] != config_to_dict(seed)["model"]
 
 
+@pytest.mark.parametrize("preset", ["seed", "tiny", "small"])
+def test_every_preset_aligns_at_about_ten_slots_per_second_of_its_corpus(preset):
+    # The seed's ratios are ~10 aligned slots per real second; a preset for a length-scaled corpus keeps that
+    # resolution (or one slot per frame, when a frame already spans more than a tenth of a second).
+    cfg = load_config(preset)
+    for modality, hz in (("visual", cfg.synth.visual_hz), ("audio", cfg.synth.audio_hz)):
+        frames_per_second = hz * cfg.synth.length_scale
+        slots_per_second = getattr(cfg.model, f"{modality}_compression_ratio") * frames_per_second
+        assert slots_per_second == pytest.approx(min(10.0, frames_per_second), rel=0.02), (modality, slots_per_second)
+
+
+def test_slots_per_second_ratios_reject_a_non_positive_rate():
+    from carat.model.config import slots_per_second_ratios
+    with pytest.raises(ConfigError, match="length_scale"):
+        slots_per_second_ratios(30.0, 100.0, 0.0)
+
+
 def test_overrides_are_typed_and_win_over_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('preset = "tiny"\n[train]\nepochs = 7\nseed = 3\n')

@@ -340,6 +340,22 @@ frame. Measured through the real loop (BENCHMARKS.md, Learning, 2026-12-03, seco
 corpus at length_scale 0.025, test macro-AUC 0.794 with one slot per frame against 0.696 with the seed's
 ratios (the pooled floor: 0.735); 8 fixed slots before that did worse still on the five bench corpora."""
 
+SLOTS_PER_SECOND: float = 10.0
+"""The seed's aligned temporal resolution in real time: its compression ratios (1/3 of FACET's 30 Hz, 1/10 of
+COVAREP's 100 Hz) both give ~10 aligned slots per second of speech."""
+
+
+def slots_per_second_ratios(visual_hz: float, audio_hz: float, length_scale: float) -> dict[str, float]:
+    """``visual_compression_ratio`` and ``audio_compression_ratio`` that keep :data:`SLOTS_PER_SECOND` on a corpus
+    whose sequences were shrunk by ``length_scale`` (a frame then stands for 1 / length_scale as much time), at
+    most one slot per frame. At length_scale 1 these are the seed's ratios; at the quickstart's 0.025 both are 1
+    (TINY_ADAPTIVE_SLOTS); at the small preset's 0.25, visual 1 and audio 0.4."""
+    _require(length_scale > 0 and visual_hz > 0 and audio_hz > 0,
+             f"frame rates and length_scale must be > 0; got {visual_hz}, {audio_hz}, {length_scale}")
+    return {f"{modality}_compression_ratio": min(1.0, SLOTS_PER_SECOND / (hz * length_scale))
+            for modality, hz in (("visual", visual_hz), ("audio", audio_hz))}
+
+
 TINY_MODEL_OVERRIDES: dict[str, object] = {**TINY_MODEL_SIZE, **LEARNING_FIX_MODEL, **TINY_ADAPTIVE_SLOTS}
 """The "tiny" preset of ModelConfig: the tiny size with carat's learning fixes and adaptive aligned lengths."""
 
