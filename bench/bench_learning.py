@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+from carat.metrics import card_references, compared_micro_rule, model_tuned_pair
 
 CORPORA: dict[str, dict[str, object]] = {
     "default": {"seed": 0},
@@ -138,10 +139,13 @@ def train_once(work: Path, corpus: Path, corpus_name: str, preset: str, variant:
     ref = card["reference_scorer"]
     oracle = ref.get("oracle") or {}
     history = [json.loads(line) for line in (storage / slug / "history.jsonl").read_text().splitlines() if line]
-    tuned = results.get("test_tuned") or results["test"]
+    # Like with like, as the run's verdict: micro-F1 at one shared threshold, macro-F1 at per-emotion ones.
+    rule = compared_micro_rule(results, card)
+    refs = card_references(card, rule)
+    tuned = model_tuned_pair(results, rule) or results["test"]
     return Row(corpus=corpus_name, preset=preset, variant=variant,
-               floor=_pair(ref["fused"]["tuned_on_valid"]), predict_all=_pair(ref["all_positive_baseline"]),
-               oracle=_pair(oracle.get("tuned_on_valid")), model=_pair(tuned),
+               floor=_pair(refs["floor"]), predict_all=_pair(refs["all_positive"]),
+               oracle=_pair(refs["oracle"]), model=_pair(tuned),
                model_auc=results["test"].get("macro_auc"), floor_auc=ref["fused"].get("macro_roc_auc"),
                oracle_auc=oracle.get("macro_roc_auc"), best_epoch=int(results["best_epoch"]),
                epochs=len(history), seconds=round(seconds, 1))

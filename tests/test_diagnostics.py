@@ -104,7 +104,11 @@ def test_results_carry_the_verdict_and_the_warnings(diagnosed_run):
     card = json.loads((diagnosed_run / "card.json").read_text())
     assert isinstance(results["warnings"], list)
     assert results["verdict"] == json.loads(json.dumps(verdict(results, card)))
-    assert results["verdict"]["model"]["micro_f1"] == results["test_tuned"]["micro_f1"]
+    # A new card has the floor's micro-F1 at one shared threshold: the run is compared under the same rule.
+    assert results["verdict"]["micro_rule"] == "shared"
+    assert results["verdict"]["model"]["micro_f1"] == results["test_tuned_micro"]["micro_f1"]
+    assert results["verdict"]["model"]["macro_f1"] == results["test_tuned"]["macro_f1"]
+    assert results["test_tuned_micro"]["threshold"] == results["tuned_micro_threshold"]
 
 
 def test_a_model_stuck_at_its_prior_is_warned_about(shards, tmp_path, capsys):
@@ -209,6 +213,31 @@ def test_verdict_on_a_hand_made_pair():
                     "predict-every-emotion 0.320 / 0.290, oracle 0.700 / 0.620: beats the floor")
     assert json.loads(json.dumps(v)) == v            # results.json carries it as is
     assert result_warnings(results, _card()) == []
+
+
+def test_verdict_compares_micro_f1_at_one_shared_threshold_when_card_and_run_both_have_it():
+    card = _card()
+    card["reference_scorer"]["fused"]["tuned_micro_on_valid"] = {"micro_f1": 0.45, "macro_f1": 0.20, "threshold": 0.3}
+    card["reference_scorer"]["oracle"]["tuned_micro_on_valid"] = {"micro_f1": 0.74, "macro_f1": 0.55}
+    results = {"test": {"micro_f1": 0.55, "macro_f1": 0.40, "threshold": 0.2},
+               "test_tuned": {"micro_f1": 0.61, "macro_f1": 0.48, "threshold": [0.3] * 6},
+               "test_tuned_micro": {"micro_f1": 0.66, "macro_f1": 0.44, "threshold": 0.35}}
+    v = verdict(results, card)
+    assert v["micro_rule"] == "shared"
+    # micro-F1 from the shared thresholds, macro-F1 from the per-emotion ones: for the model, floor and oracle
+    assert v["model"] == {"micro_f1": 0.66, "macro_f1": 0.48}
+    assert v["floor"] == {"micro_f1": 0.45, "macro_f1": 0.26}
+    assert v["oracle"] == {"micro_f1": 0.74, "macro_f1": 0.62}
+    assert v["margin"] == pytest.approx({"micro_f1": 0.21, "macro_f1": 0.22})
+    assert "micro-F1 at one threshold, macro-F1 at per-emotion thresholds, tuned on valid" in format_verdict(v)
+    # A run from before the shared threshold is compared with the card's per-emotion micro-F1 (like with like).
+    old_run = {k: results[k] for k in ("test", "test_tuned")}
+    v_old = verdict(old_run, card)
+    assert v_old["micro_rule"] == "per_emotion"
+    assert v_old["floor"] == {"micro_f1": 0.39, "macro_f1": 0.26} and v_old["model"]["micro_f1"] == 0.61
+    # An older card without the shared threshold keeps the per-emotion rule for a new run too.
+    assert verdict(results, _card())["floor"] == {"micro_f1": 0.39, "macro_f1": 0.26}
+    assert verdict(results, _card())["model"] == {"micro_f1": 0.61, "macro_f1": 0.48}
 
 
 def test_verdict_below_the_floor_without_oracle_or_tuned_thresholds():

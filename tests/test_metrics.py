@@ -16,6 +16,7 @@ from carat.metrics import (
     compute_metrics,
     format_results_table,
     precision_recall_curve,
+    tune_shared_threshold,
     tune_thresholds,
 )
 
@@ -96,6 +97,32 @@ def test_result_is_json_serialisable_with_scalar_or_vector_threshold():
 def test_bool_labels_accepted():
     y, scores = _random_case(5, n=30)
     assert compute_metrics(y.astype(bool), scores, 0.2) == compute_metrics(y, scores, 0.2)
+
+
+def test_shared_threshold_maximises_micro_f1_against_a_brute_force():
+    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    for seed in range(3):
+        y, scores = _random_case(seed)
+        shared = tune_shared_threshold(y, scores)
+        best = max(skm.f1_score(y, scores > g, average="micro", zero_division=0) for g in grid)
+        assert compute_metrics(y, scores, shared)["micro_f1"] == pytest.approx(best)
+        # 0.2 is on the grid, so the shared optimum is never below it
+        assert compute_metrics(y, scores, shared)["micro_f1"] >= compute_metrics(y, scores, 0.2)["micro_f1"] - 1e-12
+
+
+def test_shared_threshold_beats_per_emotion_thresholds_on_micro_f1_when_one_emotion_is_rare():
+    # A rare, badly scored emotion's F1-optimal threshold is low: its false positives flood the pooled counts.
+    rng = np.random.default_rng(0)
+    n = 400
+    y = np.zeros((n, 6), dtype=np.int64)
+    y[:, :5] = rng.random((n, 5)) < 0.5
+    y[:, 5] = rng.random(n) < 0.05
+    scores = np.clip(0.5 * y + rng.normal(0.25, 0.2, (n, 6)), 0.0, 1.0)
+    scores[:, 5] = 0.3 * rng.random(n)   # uninformative: its F1-optimal threshold predicts it for everyone
+    per_emotion = compute_metrics(y, scores, tune_thresholds(y, scores))
+    shared = compute_metrics(y, scores, tune_shared_threshold(y, scores))
+    assert shared["micro_f1"] > per_emotion["micro_f1"]
+    assert per_emotion["macro_f1"] >= shared["macro_f1"]
 
 
 def test_tuned_thresholds_beat_or_equal_fixed_on_tuning_data():

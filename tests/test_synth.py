@@ -130,7 +130,7 @@ def test_reference_scorer_beats_chance_and_oracle_beats_floor_on_small_corpus():
     # The oracle knows where the cues are: clearly above the time-blind floor on every summary.
     oracle, fused = result["oracle"], result["fused"]
     assert oracle["method"] == ORACLE_METHOD
-    assert set(oracle) == {"method", "threshold_0.5", "tuned_on_valid", "macro_roc_auc"}
+    assert set(oracle) == {"method", "threshold_0.5", "tuned_on_valid", "tuned_micro_on_valid", "macro_roc_auc"}
     assert oracle["tuned_on_valid"]["micro_f1"] >= fused["tuned_on_valid"]["micro_f1"] + 0.05
     assert oracle["tuned_on_valid"]["macro_f1"] >= fused["tuned_on_valid"]["macro_f1"] + 0.05
     assert oracle["macro_roc_auc"] > 0.75 and oracle["macro_roc_auc"] > fused["macro_roc_auc"] + 0.1

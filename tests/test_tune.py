@@ -229,7 +229,7 @@ def test_sweep_runs_both_trials_in_their_own_run_dirs(sweep):
         results = json.loads((run / "results.json").read_text())
         assert results["launcher"] == "ray" and results["world_size"] == 1
         assert float(row["test/macro_auc"]) == pytest.approx(results["test"]["macro_auc"])
-        assert float(row["test/tuned_micro_f1"]) == pytest.approx(results["test_tuned"]["micro_f1"])
+        assert float(row["test/tuned_micro_f1"]) == pytest.approx(results["test_tuned_micro"]["micro_f1"])
         history = (run / "history.jsonl").read_text().splitlines()
         assert len(history) == 1  # one epoch, reported to Tune once
         assert (sweep["dir"] / f"tune-{row['trial_id']}" / "progress.csv").is_file()

@@ -284,13 +284,15 @@ def reference_floor(card_path: Path) -> str | None:
 
     if not card_path.is_file():
         return None
-    reference = json.loads(card_path.read_text()).get("reference_scorer") or {}
-    fused = (reference.get("fused") or {}).get("tuned_on_valid")
-    everything = reference.get("all_positive_baseline")
+    from carat.metrics import card_references
+
+    refs = card_references(json.loads(card_path.read_text()))
+    fused, everything = refs["floor"], refs["all_positive"]
     if not fused or not everything:
         return None
     return (f"[carat] test-split floors from the dataset card: logistic regression on pooled features "
-            f"micro-F1 {fused['micro_f1']:.4f} / macro-F1 {fused['macro_f1']:.4f}; predicting every emotion "
+            f"micro-F1 {fused['micro_f1']:.4f} / macro-F1 {fused['macro_f1']:.4f} (tuned on valid); "
+            f"predicting every emotion "
             f"micro-F1 {everything['micro_f1']:.4f} / macro-F1 {everything['macro_f1']:.4f}")
 
 

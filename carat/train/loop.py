@@ -39,7 +39,7 @@ from carat.errors import CaratError, DataError
 from carat.evaluate import collect_scores
 from carat.metrics import (
     NUM_CLASSES, SUMMARY_METRICS, compute_metrics, constant_prediction, format_results_table, result_warnings,
-    tune_thresholds, tuned_metrics, verdict,
+    tune_shared_threshold, tune_thresholds, tuned_metrics, verdict,
 )
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
@@ -746,6 +746,10 @@ class Trainer:
             tuned = tune_thresholds(valid["labels"], valid["scores"])
             results["tuned_thresholds"] = tuned.tolist()
             results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
+            # Per-emotion F1-optimal thresholds are macro-F1's; micro-F1 gets its own shared one (metrics.py).
+            shared = tune_shared_threshold(valid["labels"], valid["scores"])
+            results["tuned_micro_threshold"] = shared
+            results["test_tuned_micro"] = compute_metrics(test["labels"], test["scores"], shared)
         results["select_metric"] = self.best["metric"]
         results["best_value"] = self.best["value"]
         results["nonfinite_steps"] = self.nonfinite_total
@@ -780,6 +784,7 @@ class Trainer:
                    f"test @{self.cfg.model.threshold:g}": results["test"]}
         if "test_tuned" in results:
             columns["test @tuned"] = results["test_tuned"]
+            columns[f"test @{results['tuned_micro_threshold']:g} (micro)"] = results["test_tuned_micro"]
         table = format_results_table(columns, metrics=(*SUMMARY_METRICS, "macro_auc"))
         self.run.results_table.write_text(table + "\n")
         self.run.plots.mkdir(exist_ok=True)
