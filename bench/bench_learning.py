@@ -8,8 +8,9 @@ scorer that knows the planted signal), epochs and wall time. Then an ablation ta
 reference model and objective, BCE only, + reconstruction, + SupCon, the full fixed objective, and the full one
 with each model fix undone (LSTM aligner, max fusion, no standardisation).
 
-F1 is on the test split with per-emotion thresholds tuned on valid for the model and the floor alike (the
-floor's protocol); AUC is the test macro ROC-AUC.
+F1 is on the test split, for the model, the floor and the oracle alike: micro-F1 at one shared threshold and
+macro-F1 at per-emotion thresholds, each tuned on valid (an older card or run is compared under the per-emotion
+rule for both); AUC is the test macro ROC-AUC.
 
     python bench/bench_learning.py --preset tiny --out /tmp/learning            # ~15 min on 2 cores
     python bench/bench_learning.py --preset small --corpora default --ablations none
