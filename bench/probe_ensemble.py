@@ -27,14 +27,15 @@ from probe_thresholds import split_scores  # noqa: E402  (bench scripts are not 
 
 
 def epoch_tags(run: Path) -> list[str]:
-    """Complete checkpoint tags under RUN/checkpoints, in epoch order."""
-    from carat.train.checkpoint import COMPLETE_FILE
+    """Complete epoch checkpoint tags under RUN/checkpoints, oldest first (the resume logic's own tag order)."""
+    from carat.train.checkpoint import candidate_tags, epoch_of_tag, incomplete_reason
 
     root = run / "checkpoints"
-    tags = [p.name for p in root.iterdir() if (p / COMPLETE_FILE).exists()] if root.is_dir() else []
+    tags = [t for t in reversed(candidate_tags(root))
+            if epoch_of_tag(t) is not None and incomplete_reason(root / t) is None]
     if not tags:
-        raise CaratError(f"{root} holds no complete checkpoint tags")
-    return sorted(tags, key=lambda t: int("".join(ch for ch in t if ch.isdigit()) or 0))
+        raise CaratError(f"{root} holds no complete epoch checkpoint tags")
+    return tags
 
 
 def score_epochs(run: Path) -> list[dict]:
@@ -64,7 +65,7 @@ def ensemble(rows: list[dict]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="run directories with every epoch's checkpoint kept")
-    parser.add_argument("--k", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 5], help="ensemble sizes (epochs averaged)")
     args = parser.parse_args(argv)
     print(f"{'run':<28} {'rule':<34} test micro-F1  macro-F1  AUC")
     for run in args.runs:
@@ -73,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         except CaratError as err:
             print(f"probe_ensemble: error: {err}", file=sys.stderr)
             return 1
-        ranked = sorted(rows, key=lambda r: -r["valid_auc"])
+        ranked = sorted(rows, key=lambda r: -r["valid_auc"])  # stable: ties keep the earlier epoch, as the loop
+        ks = [k for k in args.k if k <= len(rows)]  # a k beyond the run's epochs would be mislabelled
         rules = {"best epoch (the loop's rule)": ranked[:1]}
-        rules.update({f"mean of top {k} by valid AUC": ranked[:k] for k in args.k})
-        rules.update({f"mean of last {k}": rows[-k:] for k in args.k})
+        rules.update({f"mean of top {k} by valid AUC": ranked[:k] for k in ks})
+        rules.update({f"mean of last {k}": rows[-k:] for k in ks})
         for name, chosen in rules.items():
             micro, macro, auc = ensemble(chosen)
             print(f"{str(run)[-28:]:<28} {name:<34} {micro:.3f}         {macro:.3f}     {auc:.3f}", flush=True)
