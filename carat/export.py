@@ -111,8 +111,16 @@ def _is_stage0(state: dict[str, Any]) -> bool:
 
 
 def load_model(path: Path, tag: str | None = None):
-    """(CARAT in eval mode, its CaratConfig) from an exported file or any checkpoint form."""
+    """(CARAT in eval mode, its CaratConfig) from an exported file or any checkpoint form; for an ensemble run
+    directory (train.ensemble_size > 1) the :class:`carat.ensemble.EnsembleModel` of its members."""
+    from carat.ensemble import is_ensemble, load_ensemble
     from carat.model import CARAT
+
+    if is_ensemble(path):
+        if tag is not None:
+            raise CaratError(f"{path} is an ensemble run: --tag selects a checkpoint of one run, give a member's "
+                             f"directory ({path / 'members'}/member-N) to pick one of its tags")
+        return load_ensemble(path)
 
     if path.is_file():
         try:  # weights_only: a model file never gets to run code on load
@@ -135,6 +143,11 @@ def load_model(path: Path, tag: str | None = None):
 
 
 def export(path: Path, out: Path, tag: str | None = None) -> Path:
+    from carat.ensemble import MEMBERS, is_ensemble
+
+    if is_ensemble(path):  # one file holds one model; evaluate and predict read the ensemble directory itself
+        raise CaratError(f"{path} is an ensemble run: export its members one by one ({path / MEMBERS}/member-N), "
+                         f"or give {path} itself to carat.evaluate / carat.predict")
     save_dir, tag = resolve_checkpoint(path, tag)
     weights, state = consolidate(save_dir, tag)
     blob = {"state_dict": weights, "config": state["config"], "carat_version": carat.__version__,

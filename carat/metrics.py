@@ -330,6 +330,32 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- report
+def split_results(valid: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], threshold: float,
+                  tune: bool) -> dict:
+    """A finished run's metrics from its valid and test scores (dicts with ``labels`` and ``scores``): both at
+    the model threshold and, with ``tune``, test at per-emotion thresholds tuned on valid (macro-F1's) and at
+    one shared threshold tuned on valid for micro-F1."""
+    results: dict = {"valid": compute_metrics(valid["labels"], valid["scores"], threshold),
+                     "test": compute_metrics(test["labels"], test["scores"], threshold)}
+    if tune:
+        tuned = tune_thresholds(valid["labels"], valid["scores"])
+        results["tuned_thresholds"] = tuned.tolist()
+        results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
+        shared = tune_shared_threshold(valid["labels"], valid["scores"])
+        results["tuned_micro_threshold"] = shared
+        results["test_tuned_micro"] = compute_metrics(test["labels"], test["scores"], shared)
+    return results
+
+
+def results_columns(results: Mapping, threshold: float) -> dict[str, Mapping]:
+    """The results table's columns (``format_results_table``) for what :func:`split_results` returned."""
+    columns = {f"valid @{threshold:g}": results["valid"], f"test @{threshold:g}": results["test"]}
+    if "test_tuned" in results:
+        columns["test @tuned"] = results["test_tuned"]
+        columns[f"test @{results['tuned_micro_threshold']:g} (micro)"] = results["test_tuned_micro"]
+    return columns
+
+
 def format_results_table(results: Mapping[str, Mapping], *, metrics: Sequence[str] = SUMMARY_METRICS,
                          per_emotion: bool = True, digits: int = 4) -> str:
     """A plain-text table: one column per entry of ``results`` (e.g. "valid @0.2", "test @0.2",

@@ -172,6 +172,39 @@ def test_input_dropout_acts_in_training_only_and_keeps_padding_invariance():
     assert not torch.allclose(t1, t2)
 
 
+def test_blank_modalities_zeroes_at_most_one_modality_per_sample():
+    from carat.model.carat import blank_modalities
+
+    torch.manual_seed(0)
+    frames = tuple(torch.randn(400, 5, d) + 3.0 for d in (4, 3, 2))  # + 3: no real value is exactly 0
+    blanked = torch.stack([(x == 0).flatten(1).all(dim=1) for x in blank_modalities(frames, 1.0)], dim=1)
+    assert torch.all(blanked.sum(dim=1) == 1)  # rate 1: exactly one per sample...
+    assert torch.all(blanked.float().mean(dim=0) > 0.25)  # ...drawn uniformly over the three
+    kept = torch.stack([(x != 0).flatten(1).all(dim=1) for x in blank_modalities(frames, 0.3)], dim=1)
+    assert torch.all(kept.sum(dim=1) >= 2)  # never more than one modality blanked
+    assert 0.2 < 1 - kept.all(dim=1).float().mean() < 0.4
+    for x, y in zip(frames, blank_modalities(frames, 0.0)):
+        torch.testing.assert_close(x, y)
+
+
+def test_modality_dropout_acts_in_training_only_and_on_one_encoder_per_sample():
+    no_dropout = dict(text_dropout=0.0, visual_dropout=0.0, audio_dropout=0.0)
+    model = tiny_model(seed=4, modality_dropout=0.9, **no_dropout)
+    perturb_parameters(model)
+    reference = tiny_model(seed=4, **no_dropout)
+    reference.load_state_dict(model.state_dict())
+    batch = make_batch(LENGTHS)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.scores(model(**batch)), reference.scores(reference(**batch)))
+    model.train(), reference.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        changed = (model(**batch).pooled - reference(**batch).pooled).abs().amax(dim=-1) > 1e-6  # [B, 3]
+    # The encoders are per modality: a blanked modality changes its own pooled output and nothing else.
+    assert changed.any() and torch.all(changed.sum(dim=1) <= 1)
+
+
 def test_max_label_pooling_is_the_masked_max_over_real_steps_for_every_label():
     from tests.model_helpers import stack_samples
 
@@ -203,7 +236,7 @@ def test_attention_plus_max_label_pooling_adds_the_two():
     torch.testing.assert_close(both.visual_attention(h, mask), attention.visual_attention(h, mask) + peak)
 
 
-@pytest.mark.parametrize("key,value", [("label_pooling", "mean"), ("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0),
+@pytest.mark.parametrize("key,value", [("label_pooling", "mean"), ("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0), ("modality_dropout", -0.1),
                                        ("aligner", "conv"), ("prototype_temperature", 0.0)])
 def test_bad_option_values_are_config_errors(key, value):
     from carat.errors import ConfigError

@@ -132,24 +132,56 @@ def main(argv: list[str] | None = None) -> int:
         verify_once(cfg, shard_dir)
         check_corpus_fits_model(cfg, shard_dir)
         with run_dir_lock(run_dir):
-            precheck_resume(cfg, run_dir, shard_dir)
-            if launcher == "ray":
-                from carat.train.launch import launch_ray
-
-                launch_ray(cfg, run_dir, shard_dir)
-            else:
-                from carat.train.launch import launch_in_process
-                from carat.train import dist
-
-                results = launch_in_process(cfg, run_dir, shard_dir, launcher)
-                if dist.rank() != 0:
+            if cfg.train.ensemble_size > 1:
+                if not train_ensemble_members(cfg, run_dir, shard_dir):
                     return 0
-                run_dir = Path(results["run_dir"])  # rank 0's name, broadcast to every rank
+            else:
+                refuse_ensemble_dir(run_dir)
+                precheck_resume(cfg, run_dir, shard_dir)
+                run_dir = launch(cfg, run_dir, shard_dir)
+                if run_dir is None:
+                    return 0
         print_summary(run_dir)
         return 0
     except CaratError as err:
         print(f"carat.train: error: {err}", file=sys.stderr)
         return 1
+
+
+def launch(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> Path | None:
+    """Train one run through train.launcher; its run directory on rank 0 (or the Ray driver), None elsewhere."""
+    if cfg.train.launcher == "ray":
+        from carat.train.launch import launch_ray
+
+        launch_ray(cfg, run_dir, shard_dir)
+        return run_dir
+    from carat.train.launch import launch_in_process
+    from carat.train import dist
+
+    results = launch_in_process(cfg, run_dir, shard_dir, cfg.train.launcher)
+    return Path(results["run_dir"]) if dist.rank() == 0 else None  # rank 0's name, broadcast to every rank
+
+
+def refuse_ensemble_dir(run_dir: Path) -> None:
+    """One model must not be trained into an ensemble's run directory (its results would replace the
+    ensemble's while the members stay)."""
+    from carat.ensemble import is_ensemble, read_manifest
+
+    if is_ensemble(run_dir):
+        size = len(read_manifest(run_dir)["members"])
+        raise ConfigError(f"{run_dir} holds an ensemble of {size} members: rerun it with "
+                          f"--train.ensemble_size={size} (or more, to add members), or choose another run name")
+
+
+def train_ensemble_members(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> bool:
+    """train.ensemble_size > 1: every member through :func:`launch`, then (rank 0) the ensemble's scores."""
+    from carat.ensemble import evaluate_ensemble, train_ensemble
+
+    if not train_ensemble(cfg, run_dir, lambda member, member_dir: launch(member, member_dir, shard_dir),
+                          lambda member, member_dir: precheck_resume(member, member_dir, shard_dir)):
+        return False
+    evaluate_ensemble(cfg, run_dir, shard_dir)
+    return True
 
 
 def verify_once(cfg: CaratConfig, shard_dir: Path) -> None:

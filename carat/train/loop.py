@@ -39,7 +39,7 @@ from carat.errors import CaratError, DataError
 from carat.evaluate import collect_scores
 from carat.metrics import (
     NUM_CLASSES, SUMMARY_METRICS, compute_metrics, constant_prediction, format_results_table, result_warnings,
-    tune_shared_threshold, tune_thresholds, tuned_metrics, verdict,
+    results_columns, split_results, tuned_metrics, verdict,
 )
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
@@ -735,21 +735,11 @@ class Trainer:
         with self.evaluation_weights():
             valid = self.predict_split("valid")
             test = self.predict_split("test")
-        threshold = self.cfg.model.threshold
         results: dict[str, Any] = {
             "best_epoch": self.best["epoch"] + 1,
-            "valid": compute_metrics(valid["labels"], valid["scores"], threshold),
-            "test": compute_metrics(test["labels"], test["scores"], threshold),
+            **split_results(valid, test, self.cfg.model.threshold, self.cfg.train.tune_thresholds),
             "world_size": self.world, "launcher": self.ctx.launcher, "run_dir": str(self.run.root),
         }
-        if self.cfg.train.tune_thresholds:
-            tuned = tune_thresholds(valid["labels"], valid["scores"])
-            results["tuned_thresholds"] = tuned.tolist()
-            results["test_tuned"] = compute_metrics(test["labels"], test["scores"], tuned)
-            # Per-emotion F1-optimal thresholds are macro-F1's; micro-F1 gets its own shared one (metrics.py).
-            shared = tune_shared_threshold(valid["labels"], valid["scores"])
-            results["tuned_micro_threshold"] = shared
-            results["test_tuned_micro"] = compute_metrics(test["labels"], test["scores"], shared)
         results["select_metric"] = self.best["metric"]
         results["best_value"] = self.best["value"]
         results["nonfinite_steps"] = self.nonfinite_total
@@ -780,12 +770,8 @@ class Trainer:
         )
 
         write_json_atomic(self.run.results, results)
-        columns = {f"valid @{self.cfg.model.threshold:g}": results["valid"],
-                   f"test @{self.cfg.model.threshold:g}": results["test"]}
-        if "test_tuned" in results:
-            columns["test @tuned"] = results["test_tuned"]
-            columns[f"test @{results['tuned_micro_threshold']:g} (micro)"] = results["test_tuned_micro"]
-        table = format_results_table(columns, metrics=(*SUMMARY_METRICS, "macro_auc"))
+        table = format_results_table(results_columns(results, self.cfg.model.threshold),
+                                     metrics=(*SUMMARY_METRICS, "macro_auc"))
         self.run.results_table.write_text(table + "\n")
         self.run.plots.mkdir(exist_ok=True)
         plot_training_curves(self.history, self.run.plots)

@@ -1,0 +1,181 @@
+"""Seed ensembles (``train.ensemble_size`` > 1): N independently seeded CARAT runs, scored by their mean.
+
+On a corpus of a few thousand clips one run's test macro-F1 moves by ~0.02 with its seed alone (BENCHMARKS.md,
+Learning): each seed memorises different noise in the train split. The mean of several runs' probabilities
+cancels part of it, where the mean of one run's epochs does not (they are nearly one model). Layout:
+
+    RUN/ensemble.json            members, their seeds, the rule
+    RUN/members/member-0 ...     each a complete run directory (checkpoints, best/, history, results.json)
+    RUN/results.json, results.txt, card.json    the ensemble's own metrics and verdict
+
+Members train one after another through the same launcher and loop as any run, with seeds train.seed,
+train.seed + 1, ...; rerunning the same run name skips finished members and resumes an interrupted one.
+Thresholds are tuned on the ensemble's validation scores, as for one run. ``carat.evaluate`` and
+``carat.predict`` accept RUN and score with the mean of its members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from carat.config import CaratConfig
+from carat.errors import CaratError
+
+MANIFEST = "ensemble.json"
+MEMBERS = "members"
+
+
+def member_name(index: int) -> str:
+    return f"member-{index}"
+
+
+def member_config(cfg: CaratConfig, run_dir: Path, index: int) -> CaratConfig:
+    """Member ``index``: the run's config with its own seed and run directory RUN/members/member-<index>."""
+    train = dataclasses.replace(cfg.train, seed=cfg.train.seed + index, ensemble_size=1,
+                                run_name=member_name(index), storage_path=str(run_dir / MEMBERS))
+    return dataclasses.replace(cfg, train=train)
+
+
+def member_dirs(run_dir: Path) -> list[Path]:
+    """An ensemble run's member directories from its manifest; CaratError when one is missing or unfinished."""
+    manifest = read_manifest(run_dir)
+    dirs = [run_dir / MEMBERS / name for name in manifest["members"]]
+    for path in dirs:
+        if not (path / "results.json").is_file():
+            raise CaratError(f"{run_dir}: ensemble member {path.name} did not finish (no {path / 'results.json'}); "
+                             f"rerun the same train.run_name to finish it")
+    return dirs
+
+
+def is_ensemble(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CaratError(f"{path}: unreadable ensemble manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list) or not manifest["members"]:
+        raise CaratError(f"{path}: an ensemble manifest needs a non-empty 'members' list")
+    if any(not isinstance(m, str) or "/" in m or m in ("", ".", "..") for m in manifest["members"]):
+        raise CaratError(f"{path}: member names must be plain directory names, got {manifest['members']}")
+    return manifest
+
+
+def write_manifest(run_dir: Path, cfg: CaratConfig) -> None:
+    from carat.train.rundir import write_json_atomic
+
+    size = cfg.train.ensemble_size
+    write_json_atomic(run_dir / MANIFEST, {
+        "members": [member_name(i) for i in range(size)],
+        "seeds": [cfg.train.seed + i for i in range(size)],
+        "rule": "mean of the members' probabilities (CARAT.scores)",
+    })
+
+
+class EnsembleModel(nn.Module):
+    """The members as one scorer with CARAT's evaluation interface: ``scores(model(**inputs))`` is the mean of
+    the members' ``scores``, so :func:`carat.evaluate.score_batches` and ``carat.predict`` use it unchanged."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise CaratError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, **inputs: torch.Tensor) -> list:
+        return [member(**inputs) for member in self.members]
+
+    def scores(self, outputs: list) -> torch.Tensor:
+        return torch.stack([m.scores(out) for m, out in zip(self.members, outputs)]).mean(dim=0)
+
+
+def load_ensemble(run_dir: Path) -> tuple[EnsembleModel, CaratConfig]:
+    """(EnsembleModel in eval mode, member 0's config) of a finished ensemble run."""
+    from carat.export import load_model
+
+    loaded = [load_model(path) for path in member_dirs(run_dir)]
+    return EnsembleModel([model for model, _ in loaded]).eval(), loaded[0][1]
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def train_ensemble(cfg: CaratConfig, run_dir: Path, launch: Callable[[CaratConfig, Path], None],
+                   precheck: Callable[[CaratConfig, Path], None]) -> bool:
+    """Train the members that have not finished, one after another, each by ``launch(member_cfg, member_dir)``
+    (the launcher's own entry: Ray Train or the in-process loop). Returns whether this process is rank 0,
+    which then scores the ensemble (:func:`evaluate_ensemble`)."""
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(run_dir, cfg)
+    for index in range(cfg.train.ensemble_size):
+        member = member_config(cfg, run_dir, index)
+        member_dir = run_dir / MEMBERS / member_name(index)
+        precheck(member, member_dir)  # a changed config is refused before a finished member is reused
+        if (member_dir / "results.json").is_file():
+            if main:
+                print(f"[carat] ensemble member {index} (seed {member.train.seed}) already finished: kept")
+            continue
+        if main:
+            print(f"[carat] ensemble member {index + 1}/{cfg.train.ensemble_size} (seed {member.train.seed})",
+                  flush=True)
+        launch(member, member_dir)
+    return main
+
+
+def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
+    """Score the ensemble on valid and test, tune thresholds on valid, judge it against the card and write
+    RUN/results.json, results.txt and card.json (the same files and keys as one run's)."""
+    from carat.evaluate import score_split
+    from carat.metrics import (
+        SUMMARY_METRICS, format_results_table, result_warnings, results_columns, split_results, verdict,
+    )
+    from carat.train.rundir import write_json_atomic
+
+    model, member_cfg = load_ensemble(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid, test = (score_split(model, member_cfg, shard_dir, split, device) for split in ("valid", "test"))
+    dirs = member_dirs(run_dir)
+    members = {path.name: json.loads((path / "results.json").read_text()) for path in dirs}
+    results: dict[str, Any] = {
+        **split_results(valid, test, cfg.model.threshold, cfg.train.tune_thresholds),
+        "ensemble_size": len(members), "launcher": cfg.train.launcher, "run_dir": str(run_dir),
+        "members": [member_summary(name, r) for name, r in members.items()],
+        "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0) for r in members.values())),
+    }
+    card_path = shard_dir / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if card:
+        (run_dir / "card.json").write_text(card_path.read_text())
+    judged = verdict(results, card)
+    if judged is not None:
+        results["verdict"] = judged
+    results["warnings"] = [f"{name}: {w}" for name, r in members.items() for w in r.get("warnings", [])]
+    results["warnings"] += result_warnings(results, card)
+    write_json_atomic(run_dir / "results.json", results)
+    table = format_results_table(results_columns(results, cfg.model.threshold),
+                                 metrics=(*SUMMARY_METRICS, "macro_auc"))
+    (run_dir / "results.txt").write_text(f"ensemble of {len(members)} members\n{table}\n")
+    return results
+
+
+def member_summary(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    """One member's own test figures, kept beside the ensemble's so the gain of averaging is visible."""
+    def f1s(key: str) -> dict[str, float] | None:
+        block = results.get(key)
+        if not isinstance(block, dict):
+            return None
+        return {k: float(block[k]) for k in ("micro_f1", "macro_f1", "macro_auc") if k in block}
+
+    return {"name": name, "best_epoch": results.get("best_epoch"), "test": f1s("test"),
+            "test_tuned": f1s("test_tuned"), "test_tuned_micro": f1s("test_tuned_micro")}
+

@@ -1,0 +1,116 @@
+"""Seed ensembles (train.ensemble_size): members really trained with their own seeds, scored by their mean,
+resumable, and readable by evaluate / predict; export refuses them with a pointer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from carat.data.shards import StorageConfig
+from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.errors import CaratError, ConfigError
+from tests.model_helpers import make_batch, perturb_parameters, tiny_model
+
+LENGTHS = {"text": [7, 20, 3], "visual": [30, 11, 5], "audio": [90, 40, 17]}
+
+
+def test_ensemble_scores_are_the_mean_of_its_members():
+    from carat.ensemble import EnsembleModel
+
+    members = [tiny_model(seed=s) for s in (1, 2)]
+    for m in members:
+        perturb_parameters(m)
+    ensemble = EnsembleModel(members).eval()
+    batch = make_batch(LENGTHS)
+    with torch.no_grad():
+        expected = torch.stack([m.eval().scores(m(**batch)) for m in members]).mean(dim=0)
+        torch.testing.assert_close(ensemble.scores(ensemble(**batch)), expected)
+    assert not torch.allclose(expected, members[0].scores(members[0](**batch)))
+
+
+def test_ensemble_size_must_be_positive():
+    from carat.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="ensemble_size"):
+        TrainConfig(ensemble_size=0)
+
+
+@pytest.mark.parametrize("text,match", [("{", "unreadable"), ('{"members": []}', "non-empty"),
+                                        ('{"members": ["../x"]}', "plain directory names")])
+def test_a_bad_manifest_is_named(tmp_path, text, match):
+    from carat.ensemble import MANIFEST, read_manifest
+
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(CaratError, match=match):
+        read_manifest(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "shards"
+    synthesize_corpus(out, SynthConfig(scale=0.005, length_scale=0.05, seed=3),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    return out
+
+
+def _scores(path: Path) -> np.ndarray:
+    rows = json.loads(path.read_text())["predictions"]
+    return np.array([[r[k] for k in r if k.startswith("score_")] for r in rows])
+
+
+@pytest.mark.slow
+def test_two_member_run_trains_both_seeds_scores_their_mean_and_resumes(shards, tmp_path, capsys):
+    from carat import evaluate, export, predict
+    from carat.train.__main__ import main
+
+    storage = tmp_path / "runs"
+    args = ["--preset", "tiny", "--launcher", "none", f"--train.shard_dir={shards}",
+            f"--train.storage_path={storage}", "--train.run_name=ens", "--train.epochs=1", "--train.seed=5",
+            "--train.ensemble_size=2", "--train.synth_if_missing=false", "--loader.num_workers=0"]
+    assert main(args) == 0
+    run = storage / "ens"
+    members = [run / "members" / f"member-{i}" for i in range(2)]
+    for i, member in enumerate(members):
+        assert (member / "results.json").is_file() and (member / "best").is_dir()
+        assert f"seed = {5 + i}" in (member / "config.toml").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert results["ensemble_size"] == 2 and [m["name"] for m in results["members"]] == ["member-0", "member-1"]
+    assert {"test_tuned", "test_tuned_micro", "tuned_thresholds"} <= set(results)
+    assert (run / "results.txt").read_text().startswith("ensemble of 2 members")
+    out = capsys.readouterr().out
+    assert "ensemble member 1/2 (seed 5)" in out and "ensemble member 2/2 (seed 6)" in out
+
+    # predict on the ensemble directory = the mean of the members' own predictions
+    preds = {}
+    for name, path in (("ens", run), *((m.name, m) for m in members)):
+        preds[name] = tmp_path / f"{name}.json"
+        assert predict.main(["--checkpoint", str(path), "--shards", str(shards), "--split", "test",
+                             "--out", str(preds[name])]) == 0
+    member_scores = [_scores(preds[m.name]) for m in members]
+    assert not np.allclose(*member_scores)  # two seeds, two different models
+    np.testing.assert_allclose(_scores(preds["ens"]), np.mean(member_scores, axis=0), rtol=1e-5, atol=1e-6)
+
+    # evaluate reproduces the run's own ensemble figures
+    assert evaluate.main(["--checkpoint", str(run), "--split", "test", "--out", str(tmp_path / "m.json")]) == 0
+    evaluated = next(v for k, v in json.loads((tmp_path / "m.json").read_text()).items() if k.startswith("test @"))
+    assert evaluated["micro_f1"] == pytest.approx(results["test"]["micro_f1"], abs=1e-9)
+
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "x.pt")]) == 1
+    assert "ensemble run" in capsys.readouterr().err
+
+    # rerunning the same name keeps the finished members and rescores the same ensemble
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already finished: kept") == 2
+    again = json.loads((run / "results.json").read_text())
+    assert again["test"]["micro_f1"] == results["test"]["micro_f1"]
+
+    # a finished member under a changed config is refused, not silently reused...
+    assert main(args + ["--optim.lr=0.5"]) == 1
+    assert "member-0" in capsys.readouterr().err
+    # ...and so is training one model into an ensemble's directory
+    assert main([a for a in args if "ensemble_size" not in a]) == 1
+    assert "ensemble of 2" in capsys.readouterr().err
