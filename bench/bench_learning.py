@@ -77,7 +77,8 @@ class Row:
     model_auc: float | None
     floor_auc: float | None
     oracle_auc: float | None
-    best_epoch: int
+    best_epoch: str
+    """The best epoch; for a seed ensemble (train.ensemble_size) each member's, joined by '+'."""
     epochs: int
     seconds: float
     extra: dict = field(default_factory=dict)
@@ -139,7 +140,10 @@ def train_once(work: Path, corpus: Path, corpus_name: str, preset: str, variant:
     card = json.loads((corpus / "card.json").read_text())
     ref = card["reference_scorer"]
     oracle = ref.get("oracle") or {}
-    history = [json.loads(line) for line in (storage / slug / "history.jsonl").read_text().splitlines() if line]
+    members = [storage / slug / "members" / m["name"] for m in results.get("members", [])]
+    history = [json.loads(line) for line in ((members or [storage / slug])[0] / "history.jsonl").read_text()
+               .splitlines() if line]
+    best = "+".join(str(m["best_epoch"]) for m in results["members"]) if members else str(results["best_epoch"])
     # Like with like, as the run's verdict: micro-F1 at one shared threshold, macro-F1 at per-emotion ones.
     rule = compared_micro_rule(results, card)
     refs = card_references(card, rule)
@@ -148,7 +152,7 @@ def train_once(work: Path, corpus: Path, corpus_name: str, preset: str, variant:
                floor=_pair(refs["floor"]), predict_all=_pair(refs["all_positive"]),
                oracle=_pair(refs["oracle"]), model=_pair(tuned),
                model_auc=results["test"].get("macro_auc"), floor_auc=ref["fused"].get("macro_roc_auc"),
-               oracle_auc=oracle.get("macro_roc_auc"), best_epoch=int(results["best_epoch"]),
+               oracle_auc=oracle.get("macro_roc_auc"), best_epoch=best,
                epochs=len(history), seconds=round(seconds, 1))
 
 

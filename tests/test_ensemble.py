@@ -114,3 +114,51 @@ def test_two_member_run_trains_both_seeds_scores_their_mean_and_resumes(shards, 
     # ...and so is training one model into an ensemble's directory
     assert main([a for a in args if "ensemble_size" not in a]) == 1
     assert "ensemble of 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_every_member_on_two_ranks(shards, tmp_path):
+    import shutil
+    import sys
+
+    from tests.test_train_e2e import cpu_env, ranks_in_checkpoint, run_module
+
+    storage = tmp_path / "runs"
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    proc = run_module(
+        [deepspeed, "--num_gpus", "2", "--master_port", "29563", "--module", "carat.train", "--launcher",
+         "deepspeed", "--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={storage}",
+         "--train.run_name=dsens", "--train.epochs=1", "--train.ensemble_size=2", "--train.synth_if_missing=false",
+         "--loader.num_workers=0"], cpu_env(LOCAL_SIZE="2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = storage / "dsens"
+    for member in ("member-0", "member-1"):
+        results = json.loads((run / "members" / member / "results.json").read_text())
+        assert results["world_size"] == 2
+        assert ranks_in_checkpoint(run / "members" / member / "best") == {0, 1}  # each rank wrote its own shard
+    assert json.loads((run / "results.json").read_text())["ensemble_size"] == 2
+    assert proc.stdout.count("ensemble of 2 members") == 1  # rank 0 alone scores and prints the ensemble
+
+
+@pytest.mark.slow
+def test_a_member_killed_mid_run_resumes_on_the_rerun(shards, tmp_path):
+    import sys
+
+    from tests.test_train_e2e import cpu_env, run_module
+
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "carat.train", "--launcher", "none", "--preset", "tiny",
+           f"--train.shard_dir={shards}", f"--train.storage_path={storage}", "--train.run_name=crash",
+           "--train.epochs=2", "--train.ensemble_size=2", "--train.synth_if_missing=false",
+           "--loader.num_workers=0"]
+    members = storage / "crash" / "members"
+    crashed = run_module(cmd, cpu_env(CARAT_FAIL_AFTER_EPOCH="1:0"))  # member 0 dies after its first epoch
+    assert crashed.returncode != 0
+    assert (members / "member-0" / ".fault-injected-1-0").is_file()
+    assert not (members / "member-0" / "results.json").exists() and not (members / "member-1").exists()
+    assert not (storage / "crash" / "results.json").exists()
+    resumed = run_module(cmd, cpu_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout  # member 0 continued from its epoch-1 checkpoint
+    assert all((members / m / "results.json").is_file() for m in ("member-0", "member-1"))
+    assert json.loads((storage / "crash" / "results.json").read_text())["ensemble_size"] == 2
