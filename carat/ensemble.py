@@ -139,6 +139,7 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
     from carat.metrics import (
         SUMMARY_METRICS, format_results_table, result_warnings, results_columns, split_results, verdict,
     )
+    from carat.atomic import write_text_atomic
     from carat.train.rundir import write_json_atomic
 
     model, member_cfg = load_ensemble(run_dir)
@@ -155,7 +156,7 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
     card_path = shard_dir / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     if card:
-        (run_dir / "card.json").write_text(card_path.read_text())
+        write_text_atomic(run_dir / "card.json", card_path.read_text())
     judged = verdict(results, card)
     if judged is not None:
         results["verdict"] = judged
@@ -164,7 +165,7 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
     write_json_atomic(run_dir / "results.json", results)
     table = format_results_table(results_columns(results, cfg.model.threshold),
                                  metrics=(*SUMMARY_METRICS, "macro_auc"))
-    (run_dir / "results.txt").write_text(f"ensemble of {len(members)} members\n{table}\n")
+    write_text_atomic(run_dir / "results.txt", f"ensemble of {len(members)} members\n{table}\n")
     return results
 
 

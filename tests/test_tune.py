@@ -157,6 +157,17 @@ def test_trial_base_never_synthesizes_and_selects_on_the_tuned_metric(tmp_path):
     assert base.train.launcher == "ray" and base.train.shard_dir == str(tmp_path) and base.train.use_gpu is False
 
 
+def test_trials_train_one_model_and_the_best_config_keeps_the_users_ensemble(tmp_path):
+    from carat.tune.report import best_config
+
+    cfg = load_config("small")
+    assert cfg.train.ensemble_size == 3
+    base = trial_base(cfg, tmp_path, plan_resources(cfg, {"CPU": 4.0}))
+    assert base.train.ensemble_size == 1
+    best = best_config(cfg, base, {"loss.temperature": 0.2})
+    assert best.train.ensemble_size == 3 and best.loss.temperature == pytest.approx(0.2)
+
+
 def test_sweep_name_is_deterministic_never_a_timestamp():
     a, b = load_config("tiny"), load_config("tiny")
     assert sweep_name(a) == sweep_name(b)

@@ -178,10 +178,12 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def best_config(user_cfg: CaratConfig, base: CaratConfig, params: dict[str, Any]) -> CaratConfig:
-    """The best trial's configuration as a training run: the trial's values, the user's own run settings."""
+    """The best trial's configuration as a training run: the trial's values, the user's own run settings
+    (its ensemble size included: trials train one model each)."""
     cfg = apply_params(base, params)
     train = replace(cfg.train, run_name=None, storage_path=user_cfg.train.storage_path,
-                    use_gpu=user_cfg.train.use_gpu, synth_if_missing=user_cfg.train.synth_if_missing)
+                    use_gpu=user_cfg.train.use_gpu, synth_if_missing=user_cfg.train.synth_if_missing,
+                    ensemble_size=user_cfg.train.ensemble_size)
     return replace(cfg, train=train)
 
 

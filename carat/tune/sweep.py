@@ -68,9 +68,12 @@ def plan_resources(cfg: CaratConfig, cluster: dict[str, float]) -> TrialResource
 
 def trial_base(cfg: CaratConfig, shard_dir: Path, resources: TrialResources) -> CaratConfig:
     """The configuration every trial starts from: Ray launcher, the sweep's workers and device, the shards
-    made once before the sweep (a trial never synthesizes), best epoch chosen on the tuned metric."""
+    made once before the sweep (a trial never synthesizes), best epoch chosen on the tuned metric. A trial is
+    one model even under a preset that trains a seed ensemble (small): the search ranks hyperparameters, and
+    best.toml gives the ensemble back (:func:`carat.tune.report.best_config`)."""
     train = replace(cfg.train, launcher="ray", num_workers=resources.workers, use_gpu=resources.gpu,
-                    shard_dir=str(shard_dir), synth_if_missing=False, select_metric=cfg.tune.metric, run_name=None)
+                    shard_dir=str(shard_dir), synth_if_missing=False, select_metric=cfg.tune.metric, run_name=None,
+                    ensemble_size=1)
     return replace(cfg, train=train)
 
 
