@@ -2,7 +2,8 @@
 
 For every corpus (synthetic, varied in seed, signal strength, which modality carries which emotion and feature
 scales; some written as CMU-MultimodalSDK .csd files and read back through ``prepare --source csd``, the path a
-user's data takes) and preset, one run of the real training loop (``python -m carat.train --launcher none``)
+user's data takes) and preset, one run of the real training loop (``python -m carat.train --launcher none``;
+under the small preset a seed ensemble of three, ``train.ensemble_size``)
 and a row: the card's pooled logistic-regression floor, predicting every emotion, the model, the oracle (a
 scorer that knows the planted signal), epochs and wall time. Then an ablation table on the first corpus: the
 reference model and objective, BCE only, + reconstruction, + SupCon, the full fixed objective, and the full one
