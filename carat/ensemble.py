@@ -140,7 +140,7 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
         SUMMARY_METRICS, format_results_table, result_warnings, results_columns, split_results, verdict,
     )
     from carat.atomic import write_text_atomic
-    from carat.train.rundir import write_json_atomic
+    from carat.train.rundir import RunDir, copy_card, write_json_atomic
 
     model, member_cfg = load_ensemble(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,17 +155,17 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
     }
     card_path = shard_dir / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    if card:
-        write_text_atomic(run_dir / "card.json", card_path.read_text())
+    run = RunDir(run_dir)
+    copy_card(shard_dir, run)
     judged = verdict(results, card)
     if judged is not None:
         results["verdict"] = judged
     results["warnings"] = [f"{name}: {w}" for name, r in members.items() for w in r.get("warnings", [])]
     results["warnings"] += result_warnings(results, card)
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run.results, results)
     table = format_results_table(results_columns(results, cfg.model.threshold),
                                  metrics=(*SUMMARY_METRICS, "macro_auc"))
-    write_text_atomic(run_dir / "results.txt", f"ensemble of {len(members)} members\n{table}\n")
+    write_text_atomic(run.results_table, f"ensemble of {len(members)} members\n{table}\n")
     return results
 
 

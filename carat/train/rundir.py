@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from carat.atomic import write_text_atomic
+from carat.atomic import write_atomic, write_text_atomic
 from carat.threads import available_cpus
 
 
@@ -161,6 +161,7 @@ def environment_report(launcher: str, world: int, device: torch.device) -> dict[
 
 
 def copy_card(shard_dir: Path, run: RunDir) -> None:
+    """The corpus' dataset card into the run directory, atomically (a killed run never leaves half a card)."""
     card = shard_dir / "card.json"
     if card.is_file():
-        shutil.copyfile(card, run.card)
+        write_atomic(run.card, lambda tmp: shutil.copyfile(card, tmp))
