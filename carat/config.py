@@ -45,7 +45,7 @@ class TrainConfig:
     launcher: Literal["ray", "deepspeed", "none"] = "ray"
     """ray: Ray Train TorchTrainer workers; deepspeed: under the `deepspeed` launcher; none: one process."""
     num_workers: int = 0
-    """Ray workers (data-parallel ranks). 0 = one per GPU, or 2 on a CPU-only machine."""
+    """Ray workers (data-parallel ranks). 0 = one per GPU; on CPU one per Ray node, at least 2."""
     epochs: int = 15
     """Training epochs (the seed trains 15)."""
     shard_dir: str = "shards"

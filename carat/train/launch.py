@@ -24,6 +24,7 @@ from carat.config import CaratConfig, config_from_dict, config_to_dict
 from carat.errors import CaratError
 from carat.threads import WAIT_POLICY_ENV, available_cpus, wait_policy
 from carat.train import dist
+from carat.train.network import bind_gloo_to_master_route
 from carat.train.loop import WorkerContext, run_training
 
 
@@ -65,6 +66,8 @@ def init_process_group(gpu: bool) -> None:
     import torch.distributed as tdist
 
     backend = "nccl" if gpu else "gloo"
+    if not gpu:
+        bind_gloo_to_master_route()
     if not dist.is_distributed() and "MASTER_ADDR" not in os.environ:
         # A world of one: a file store needs no port, so nothing can race us for one.
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})
@@ -99,7 +102,19 @@ def launch_in_process(cfg: CaratConfig, run_dir: Path, shard_dir: Path, launcher
         launcher=launcher, run_dir=run_dir, shard_dir=shard_dir, report=lambda metrics, path: None,
         resume_dir=checkpoint_to_resume(checkpoints), checkpoint_root=checkpoints,
     )
-    return run_training(cfg, ctx)
+    try:
+        return run_training(cfg, ctx)
+    finally:
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Leave the group before the interpreter exits: a gloo group torn down by static destructors at exit
+    aborted a rank after its results were written (`terminate called without an active exception`, -6)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 # -- Ray Train -----------------------------------------------------------------------------------------------
@@ -173,12 +188,19 @@ def ray_use_gpu(cfg: CaratConfig) -> bool:
     return gpus >= 1 if gpus is not None else use_gpu(cfg)
 
 
+def _cluster_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) if ray.is_initialized() else 1
+
+
 def ray_worker_count(cfg: CaratConfig, gpu: bool) -> int:
-    """train.num_workers, else one per GPU of the Ray cluster (or of this machine), or 2 on CPU."""
+    """train.num_workers, else one per GPU of the Ray cluster (or of this machine), or on CPU one per node of
+    the cluster (at least 2)."""
     if cfg.train.num_workers:
         return cfg.train.num_workers
     if not gpu:
-        return 2
+        return max(2, _cluster_nodes())
     gpus = _cluster_gpus()
     return max(1, int(gpus) if gpus is not None else torch.cuda.device_count())
 
@@ -220,7 +242,9 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     return TorchTrainer(
         ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        # GPU ranks pack (one per GPU, NVLink within a node); CPU ranks spread, so every node's cores work
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                     placement_strategy="PACK" if gpu else "SPREAD"),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

@@ -50,6 +50,7 @@ from carat.train.checkpoint import (
     safe_torch_load, save_torch_atomic, write_completion_marker, write_latest,
 )
 from carat.train.deepspeed_config import build_ds_config, default_ds_config_path, read_ds_config
+from carat.train.network import rank_placement
 from carat.train.optim import build_optimizer, build_scheduler
 from carat.train.rundir import (
     RunDir, append_jsonl, copy_card, environment_report, rewrite_history, truncate_history, write_json_atomic,
@@ -322,11 +323,13 @@ class Trainer:
         return self.engine.module.model
 
     def write_run_files(self) -> None:
+        ranks = dist.gather_objects(rank_placement(self.rank))  # a collective: every rank takes part
         if not self.is_main:
             return
         self.run.create()
         self.run.config.write_text(config_to_toml(self.cfg))
-        write_json_atomic(self.run.environment, environment_report(self.ctx.launcher, self.world, self.device))
+        write_json_atomic(self.run.environment,
+                          environment_report(self.ctx.launcher, self.world, self.device, ranks))
         copy_card(self.ctx.shard_dir, self.run)
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -132,8 +132,9 @@ def rewrite_history(path: Path, history: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in history))
 
 
-def environment_report(launcher: str, world: int, device: torch.device) -> dict[str, Any]:
-    """What ran where: enough to reproduce or explain a result."""
+def environment_report(launcher: str, world: int, device: torch.device,
+                       ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What ran where: enough to reproduce or explain a result. ``ranks``: each rank's host and address."""
     import carat
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "carat": carat.__version__}
@@ -152,6 +153,8 @@ def environment_report(launcher: str, world: int, device: torch.device) -> dict[
         "device_type": device.type,
         "devices": devices,
         "host": socket.gethostname(),
+        "ranks": ranks or [],
+        "hosts": sorted({r["host"] for r in ranks or []}),
         "platform": platform.platform(),
         "versions": versions,
         "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
