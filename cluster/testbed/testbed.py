@@ -8,9 +8,9 @@
 
 Each host is a network namespace with its own address on a private bridge (the addresses exist only inside
 the namespaces made here), its own host name, process tree (a PID namespace whose init is this script) and
-mounts: a private /tmp and /dev/shm (Ray's per-node state, as on a real node) and Debian's /etc/hosts, where
+mounts: a private /tmp/ray and /dev/shm (Ray's per-node state, as on a real node) and Debian's /etc/hosts, where
 a host's own name maps to 127.0.1.1. The rest of the machine's file system is shared by every host, as NFS or
-Lustre would be: keep shards and runs outside /tmp. The controller runs munged and slurmctld, each compute
+Lustre would be. The controller runs munged and slurmctld, each compute
 host slurmd and sshd (a key made for the testbed, so DeepSpeed's pdsh/ssh launcher reaches the other hosts).
 Nothing touches the machine's own SLURM, munge, sshd or Ray: the testbed's config lives in its state folder
 and its daemons listen only inside its namespaces. Stdlib only: it runs before carat is installed.
@@ -19,6 +19,7 @@ and its daemons listen only inside its namespaces. Stdlib only: it runs before c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "munged": "munge", "ss
             "ssh": "openssh-client", "pdsh": "pdsh", "ip": "iproute2", "nsenter": "util-linux",
             "unshare": "util-linux", "srun": "slurm-client"}
 READY_TIMEOUT_S = 90
+RAY_TMP = "/tmp/ray"  # each host mounts its own over it
 
 
 class TestbedError(RuntimeError):
@@ -214,7 +216,7 @@ def start_host(host: Host) -> int:
     log = open(STATE / f"logs/init-{host.name}.log", "ab")
     proc = subprocess.Popen(
         # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup file systems slurmd needs
-        ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
+        ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--uts", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
          "--propagation", "private", sys.executable, str(Path(__file__).resolve()), "_init", host.name,
          "--compute" if host.compute else "--controller"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -226,7 +228,9 @@ def host_init(name: str, compute: bool) -> None:
     """PID 1 of a host: its name and mounts, its daemons as children, reaping orphans until told to stop (the
     kernel then kills everything left in the host's PID namespace)."""
     socket.sethostname(name)
-    mount_tmpfs("/tmp", "1777")
+    # Per-node state that must not be shared: Ray's sockets and session files, shared memory. The rest of /tmp
+    # stays the machine's (a checkout or a venv there must be visible to every host).
+    mount_tmpfs(RAY_TMP, "1777")
     mount_tmpfs("/dev/shm", "1777")
     bind(STATE / f"etc/hosts.{name}", "/etc/hosts")
     bind(STATE / "ssh/ssh_config", "/etc/ssh/ssh_config")
@@ -274,6 +278,13 @@ def bind(source: Path, target: str) -> None:
     sh("mount", "--bind", str(source), target)
 
 
+def only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise TestbedError(f"expected one init process under {pid}, found {children}")
+    return int(children[0])
+
+
 def wait_for(ready, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
@@ -294,7 +305,7 @@ def host_command(name: str, argv: list[str], cwd: str | None = None) -> list[str
     state = read_state()
     if name not in state["hosts"]:
         raise TestbedError(f"no host {name!r} in the testbed (hosts: {', '.join(state['hosts'])})")
-    pid = state["hosts"][name]["pid"]
+    pid = state["hosts"][name]["init"]
     return ["nsenter", "-t", str(pid), "-n", "-u", "-p", "-m", f"--wd={cwd or os.getcwd()}", *argv]
 
 
@@ -302,7 +313,7 @@ def up(nodes: int, install: bool) -> None:
     check_prerequisites(install)
     if (STATE / "state.json").is_file():
         state = read_state()
-        if all(Path(f"/proc/{h['pid']}").exists() for h in state["hosts"].values()):
+        if all(Path(f"/proc/{h.get('init', 0)}").exists() for h in state["hosts"].values()):
             print(f"testbed: already up ({', '.join(state['hosts'])})")
             return
         down()
@@ -310,13 +321,17 @@ def up(nodes: int, install: bool) -> None:
     all_hosts = hosts(nodes)
     write_configs(all_hosts)
     make_network(all_hosts)
-    state = {"subnet": SUBNET, "hosts": {}}
+    state = {"subnet": SUBNET, "hosts": {}, "made_ray_tmp": not Path(RAY_TMP).exists()}
+    Path(RAY_TMP).mkdir(mode=0o1777, exist_ok=True)
     try:
         for host in all_hosts:
-            state["hosts"][host.name] = {"pid": start_host(host), "address": host.address,
-                                         "compute": host.compute}
+            launcher = start_host(host)
+            state["hosts"][host.name] = {"pid": launcher, "address": host.address, "compute": host.compute}
             (STATE / "state.json").write_text(json.dumps(state, indent=1))
             wait_for(lambda h=host: (STATE / f"ready.{h.name}").exists(), f"host {host.name} to boot", 20)
+            # `unshare` stays in the machine's PID namespace; its child, the host's init, is inside the host's
+            state["hosts"][host.name]["init"] = only_child(launcher)
+            (STATE / "state.json").write_text(json.dumps(state, indent=1))
         wait_until_ready([h for h in all_hosts if h.compute])
     except TestbedError as exc:
         raise TestbedError(f"{exc}\n{log_tails()}") from None
@@ -355,9 +370,9 @@ def log_tails() -> str:
 def down() -> None:
     """Stop every host (its init, hence everything in its PID namespace), remove namespaces and state."""
     state_file = STATE / "state.json"
-    if state_file.is_file():
-        for name, host in json.loads(state_file.read_text())["hosts"].items():
-            stop_process(host["pid"])
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"hosts": {}}
+    for host in state["hosts"].values():
+        stop_process(host["pid"])
     names = sh("ip", "netns", "list", check=False).stdout.split("\n")
     for line in names:
         netns = line.split(" ")[0]
@@ -366,6 +381,9 @@ def down() -> None:
             sh("ip", "netns", "del", netns, check=False)
     if STATE.exists():
         shutil.rmtree(STATE)
+    if state.get("made_ray_tmp"):
+        with contextlib.suppress(OSError):  # only if empty: a Ray of the machine's own may have come to use it
+            os.rmdir(RAY_TMP)
 
 
 def stop_process(pid: int) -> None:
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             state = read_state()
             for name, host in state["hosts"].items():
-                alive = Path(f"/proc/{host['pid']}").exists()
+                alive = Path(f"/proc/{host.get('init', 0)}").exists()
                 print(f"{name:6} {host['address']:15} {'up' if alive else 'DEAD'}")
             return subprocess.run(host_command("ctl", ["sinfo", "-N"], cwd="/"), env=slurm_env()).returncode
         elif args.command == "on":

@@ -1,0 +1,306 @@
+"""The shipped SLURM recipes, unchanged, on a real two-host cluster: cluster/testbed (network, UTS, PID and mount
+namespaces; real munged, slurmctld, slurmd, sshd), SLURM's real sbatch/srun/scancel, Ray's `symmetric-run`,
+DeepSpeed's pdsh launcher. Every test proves that both hosts took part (two distinct hosts and addresses among
+the ranks), and the faults end within a bound and resume without losing an epoch."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED = REPO / "cluster" / "testbed"
+SLURM = REPO / "cluster" / "slurm"
+JOB_TIMEOUT_S = 420
+
+
+def why_no_testbed() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    if shutil.which("ip") is None:
+        return "no iproute2 (`ip`)"
+    probe = subprocess.run(["ip", "netns", "add", "carat-tb-pytest"], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", "carat-tb-pytest"], capture_output=True)
+    return None if probe.returncode == 0 else f"cannot make network namespaces: {probe.stderr.strip()}"
+
+
+@dataclass
+class SharedDirs:
+    shared: Path
+    config: Path
+
+    @property
+    def shards(self) -> Path:
+        return self.shared / "shards"
+
+    def runs(self, name: str) -> Path:
+        return self.shared / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    reason = why_no_testbed()
+    if reason:
+        pytest.skip(f"the two-host testbed cannot run here: {reason}")
+    from carat.data.shards import StorageConfig
+    from carat.data.synth import SynthConfig, synthesize_corpus
+
+    up = subprocess.run([str(TESTBED / "up")], capture_output=True, text=True, timeout=900)
+    assert up.returncode == 0, up.stdout + up.stderr
+    # The machine's file system is the cluster's shared one: tmp_path is seen by every host.
+    shared = tmp_path_factory.mktemp("testbed")
+    synthesize_corpus(shared / "shards", SynthConfig(scale=0.005, length_scale=0.05, seed=2),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    config = shared / "tiny.toml"
+    config.write_text('preset = "tiny"\n[train]\nepochs = 1\nlog_every = 1000\n[loader]\nnum_workers = 0\n'
+                      'remainder = "pad"\n')
+    try:
+        yield SharedDirs(shared, config)
+    finally:
+        subprocess.run([str(TESTBED / "down")], capture_output=True, timeout=120)
+
+
+def on(host: str, *argv: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TESTBED / "on"), host, *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, **kwargs)
+
+
+def job_env(tb: SharedDirs, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RAY_", "MASTER_", "GLOO_")) and k not in ("RANK", "LOCAL_RANK",
+                                                                                    "WORLD_SIZE", "LOCAL_SIZE")}
+    env.update(DATA=str(tb.shared), CONFIG=str(tb.config), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def sbatch_argv(tb: SharedDirs, script: str, nodes: int, name: str, wait: bool) -> list[str]:
+    return ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--nodes={nodes}", f"--job-name={name}",
+            f"--output={tb.shared / name}-%j.out", str(SLURM / script)]
+
+
+@dataclass
+class Job:
+    id: str
+    rc: int
+    log: str
+
+
+def run_job(tb: SharedDirs, script: str, nodes: int, name: str, **env: str) -> Job:
+    proc = on("ctl", *sbatch_argv(tb, script, nodes, name, wait=True), env=job_env(tb, **env),
+              timeout=JOB_TIMEOUT_S)
+    job_id = proc.stdout.split()[0].split(";")[0] if proc.stdout.split() else "?"
+    log_file = tb.shared / f"{name}-{job_id}.out"
+    log = log_file.read_text(errors="replace") if log_file.is_file() else proc.stdout + proc.stderr
+    return Job(job_id, proc.returncode, log)
+
+
+def submit(tb: SharedDirs, script: str, nodes: int, name: str, **env: str) -> str:
+    proc = on("ctl", *sbatch_argv(tb, script, nodes, name, wait=False), env=job_env(tb, **env))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split(";")[0].strip()
+
+
+def job_state(job_id: str) -> str:
+    proc = on("ctl", "scontrol", "show", "job", job_id, "-o")
+    return next((f.split("=", 1)[1] for f in proc.stdout.split() if f.startswith("JobState=")), "GONE")
+
+
+def wait_for_job_end(job_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout_s:.0f} s")
+
+
+def wait_for_epochs(run: Path, epochs: int, timeout_s: float) -> None:
+    history = run / "history.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if history.is_file() and len(history.read_text().splitlines()) >= epochs:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{history} never reached {epochs} epoch(s)")
+
+
+def carat_processes(host: str) -> list[str]:
+    proc = on(host, "ps", "-eo", "args")
+    return [line for line in proc.stdout.splitlines() if "carat.train" in line or "raylet" in line]
+
+
+def assert_two_hosts(run: Path) -> None:
+    environment = json.loads((run / "environment.json").read_text())
+    ranks = environment["ranks"]
+    assert len(ranks) == environment["world_size"] == 2, ranks
+    assert {r["host"] for r in ranks} == {"node1", "node2"}, ranks
+    addresses = {r["address"] for r in ranks}
+    assert addresses == {"10.250.77.1", "10.250.77.2"}, ranks  # the testbed's, never loopback
+
+
+def assert_every_sample_once(tb: SharedDirs, run: Path, epochs: int) -> dict:
+    splits = collections.Counter(pq.read_table(tb.shards / "manifest.parquet").column("split").to_pylist())
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    for record in history:  # remainder=pad: the two ranks together see the train split exactly once
+        assert record["perf/samples"] == splits["train"], record
+    results = json.loads((run / "results.json").read_text())
+    assert results["valid"]["n_samples"] == splits["valid"] and results["test"]["n_samples"] == splits["test"]
+    return results
+
+
+# -- the testbed itself ------------------------------------------------------------------------------------
+def test_testbed_hosts_have_their_own_names_addresses_processes_and_debians_hosts_file(testbed):
+    for host, address in (("node1", "10.250.77.1"), ("node2", "10.250.77.2")):
+        assert on(host, "hostname").stdout.strip() == host
+        assert f"inet {address}/24" in on(host, "ip", "-4", "-o", "addr", "show", "eth0").stdout
+        # Debian's default: the host's own name resolves to loopback (what the recipes must not rely on)
+        assert on(host, "hostname", "--ip-address").stdout.split()[0] == "127.0.1.1"
+        processes = on(host, "ps", "-eo", "args").stdout
+        assert "slurmd" in processes and "slurmctld" not in processes and "pytest" not in processes
+    assert on("node1", "ssh", "node2", "hostname").stdout.strip() == "node2"  # the testbed's key, no prompt
+    sinfo = on("ctl", "sinfo", "-h", "-N", "-o", "%N %t").stdout.split()
+    assert sinfo == ["node1", "idle", "node2", "idle"]
+
+
+def test_testbed_up_is_idempotent(testbed):
+    again = subprocess.run([str(TESTBED / "up")], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already up" in again.stdout
+
+
+# -- SLURM with Ray ------------------------------------------------------------------------------------------
+def test_ray_sbatch_trains_across_both_hosts_with_the_one_host_results(testbed):
+    two = run_job(testbed, "ray.sbatch", 2, "ray2", EXTRA_ARGS="--run-name=ray-two")
+    assert two.rc == 0, two.log[-4000:]
+    assert "Ray head 10.250.77.1:" in two.log  # a routable address, not 127.0.1.1
+    run = testbed.runs("ray-two")
+    assert_two_hosts(run)
+    results = assert_every_sample_once(testbed, run, epochs=1)
+    assert results["launcher"] == "ray"
+    assert "micro_f1" in two.log and "n_samples" in two.log  # the results table
+    one = run_job(testbed, "ray.sbatch", 1, "ray1", EXTRA_ARGS="--run-name=ray-one")
+    assert one.rc == 0, one.log[-4000:]
+    single = json.loads((testbed.runs("ray-one") / "results.json").read_text())
+    ranks = json.loads((testbed.runs("ray-one") / "environment.json").read_text())["ranks"]
+    assert {r["host"] for r in ranks} == {"node1"} and len(ranks) == 2
+    # the same two ranks, the same batches: two hosts change where they run, not what they compute
+    for split in ("valid", "test"):
+        for metric in ("micro_f1", "macro_f1", "macro_auc"):
+            assert results[split][metric] == pytest.approx(single[split][metric], abs=1e-6), (split, metric)
+    for node in ("node1", "node2"):
+        assert not carat_processes(node), f"{node} kept Ray or carat running after the job"
+
+
+def test_ray_sbatch_tune_sweeps_across_both_hosts(testbed):
+    job = run_job(testbed, "ray.sbatch", 2, "tune2", CARAT_COMMAND="tune",
+                  EXTRA_ARGS="--tune.num_samples=2 --tune.workers_per_trial=2 --tune.sweep_name=sweep "
+                             "--tune.scheduler=fifo")
+    assert job.rc == 0, job.log[-4000:]
+    sweep = testbed.runs("sweep")
+    trials = [p for p in sweep.glob("trial-*") if (p / "results.json").is_file()]
+    assert len(trials) == 2, list(sweep.iterdir())
+    for trial in trials:
+        assert_two_hosts(trial)
+    assert (sweep / "best.toml").is_file()
+
+
+def test_a_node_that_cannot_start_ends_the_ray_job_naming_it(testbed):
+    """node2 unplugged: the job fails within a bound with an error naming node2 (SLURM cannot start the step
+    there, or Ray on it cannot reach the head), and nothing is left running on node1."""
+    subprocess.run([str(TESTBED / "link"), "node2", "down"], check=True)
+    try:
+        start = time.monotonic()
+        job = run_job(testbed, "ray.sbatch", 2, "ray-unplugged", RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT="60",
+                      EXTRA_ARGS="--run-name=ray-unplugged")
+        elapsed = time.monotonic() - start
+    finally:
+        subprocess.run([str(TESTBED / "link"), "node2", "up"], check=True)
+    assert job.rc != 0
+    assert "node2" in job.log, job.log[-3000:]
+    assert elapsed < 240, f"took {elapsed:.0f} s"
+    assert not carat_processes("node1")
+    wait_for_idle_nodes()
+
+
+def wait_for_idle_nodes(timeout_s: float = 120) -> None:
+    """After a fault, SLURM may have marked a node down: resume it and wait until both take jobs again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = dict(line.split() for line in on("ctl", "sinfo", "-h", "-N", "-o", "%N %t").stdout.splitlines())
+        if all(s == "idle" for s in states.values()) and len(states) == 2:
+            return
+        for node, state in states.items():
+            if state.startswith(("down", "drain", "fail")):
+                on("ctl", "scontrol", "update", f"nodename={node}", "state=resume")
+        time.sleep(1)
+    raise AssertionError(f"nodes not idle again: {states}")
+
+
+# -- SLURM with deepspeed ------------------------------------------------------------------------------------
+def test_deepspeed_sbatch_second_host_killed_mid_epoch_then_rerun_resumes(testbed):
+    """Two ranks over pdsh/ssh (gloo across the two addresses); all of node2's carat processes are killed in
+    epoch 2; the job fails promptly (no rank hangs on its peer); the rerun with the same RUN_NAME resumes after
+    epoch 1 and trains every epoch exactly once."""
+    run = testbed.runs("ds-kill")
+    job_id = submit(testbed, "deepspeed.sbatch", 2, "ds-kill", RUN_NAME="ds-kill",
+                    EXTRA_ARGS="--train.epochs=4")
+    wait_for_epochs(run, 1, timeout_s=240)
+    killed = on("node2", "pkill", "-9", "-f", "carat.train")
+    assert killed.returncode == 0, "no carat process on node2 to kill"
+    assert wait_for_job_end(job_id, timeout_s=120) == "FAILED"
+    assert not carat_processes("node1") and not carat_processes("node2")
+    epochs_before = len((run / "history.jsonl").read_text().splitlines())
+    assert 1 <= epochs_before < 4
+    job = run_job(testbed, "deepspeed.sbatch", 2, "ds-resume", RUN_NAME="ds-kill", EXTRA_ARGS="--train.epochs=4")
+    assert job.rc == 0, job.log[-4000:]
+    assert f"resumed from {run / 'checkpoints'}" in job.log and f"after epoch {epochs_before}" in job.log
+    assert (testbed.shared / "jobs" / job_id / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
+    assert_two_hosts(run)
+    results = assert_every_sample_once(testbed, run, epochs=4)
+    assert results["launcher"] == "deepspeed" and results["world_size"] == 2
+
+
+def test_scancel_mid_epoch_stops_every_rank_on_both_hosts_and_the_rerun_resumes(testbed):
+    run = testbed.runs("ds-scancel")
+    job_id = submit(testbed, "deepspeed.sbatch", 2, "ds-scancel", RUN_NAME="ds-scancel",
+                    EXTRA_ARGS="--train.epochs=3")
+    wait_for_epochs(run, 1, timeout_s=240)
+    assert on("ctl", "scancel", job_id).returncode == 0
+    assert wait_for_job_end(job_id, timeout_s=60) == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while (carat_processes("node1") or carat_processes("node2")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not carat_processes("node1") and not carat_processes("node2"), "ranks outlived scancel"
+    job = run_job(testbed, "deepspeed.sbatch", 2, "ds-scancel-rerun", RUN_NAME="ds-scancel",
+                  EXTRA_ARGS="--train.epochs=3")
+    assert job.rc == 0, job.log[-4000:]
+    assert "resumed from" in job.log
+    assert_every_sample_once(testbed, run, epochs=3)
+
+
+def test_deepspeed_sbatch_with_the_second_host_unreachable_fails_naming_it(testbed):
+    subprocess.run([str(TESTBED / "link"), "node2", "down"], check=True)
+    try:
+        start = time.monotonic()
+        job = run_job(testbed, "deepspeed.sbatch", 2, "ds-unplugged", RUN_NAME="ds-unplugged", SSH_TIMEOUT="10")
+        elapsed = time.monotonic() - start
+    finally:
+        subprocess.run([str(TESTBED / "link"), "node2", "up"], check=True)
+    assert job.rc != 0
+    assert "node node2 is not reachable over ssh" in job.log, job.log[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s"
+    assert not testbed.runs("ds-unplugged").exists()  # nothing started
+    wait_for_idle_nodes()
