@@ -6,6 +6,7 @@ the ranks), and the faults end within a bound and resume without losing an epoch
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import os
 import shutil
@@ -210,10 +211,11 @@ def test_ray_sbatch_tune_sweeps_across_both_hosts(testbed):
                              "--tune.scheduler=fifo")
     assert job.rc == 0, job.log[-4000:]
     sweep = testbed.runs("sweep")
-    trials = [p for p in sweep.glob("trial-*") if (p / "results.json").is_file()]
-    assert len(trials) == 2, list(sweep.iterdir())
-    for trial in trials:
-        assert_two_hosts(trial)
+    with (sweep / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows
+    for row in rows:  # each trial's two ranks, one on each host
+        assert_two_hosts(Path(row["run_dir"]))
     assert (sweep / "best.toml").is_file()
 
 
