@@ -284,6 +284,8 @@ def test_ray_launch_follows_the_clusters_gpus_and_cpus(monkeypatch):
     assert launch.ray_use_gpu(cfg) and launch.ray_worker_count(cfg, True) == 8
     off = load_config("tiny", overrides=["--train.use_gpu=false"])
     assert not launch.ray_use_gpu(off) and launch.ray_worker_count(off, False) == 2
+    monkeypatch.setattr(launch, "_cluster_nodes", lambda: 3)  # CPU nodes: one rank each (they spread)
+    assert launch.ray_worker_count(off, False) == 3
     assert launch.ray_worker_count(load_config("tiny", overrides=["--train.num_workers=3"]), True) == 3
     monkeypatch.setattr(launch, "_cluster_gpus", lambda: 0.0)
     assert not launch.ray_use_gpu(cfg)
