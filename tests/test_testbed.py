@@ -222,19 +222,25 @@ def test_ray_sbatch_tune_sweeps_across_both_hosts(testbed):
 def test_a_node_that_cannot_start_ends_the_ray_job_naming_it(testbed):
     """node2 unplugged: the job fails within a bound with an error naming node2 (SLURM cannot start the step
     there, or Ray on it cannot reach the head), and nothing is left running on node1."""
-    subprocess.run([str(TESTBED / "link"), "node2", "down"], check=True)
-    try:
-        start = time.monotonic()
-        job = run_job(testbed, "ray.sbatch", 2, "ray-unplugged", RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT="60",
-                      EXTRA_ARGS="--run-name=ray-unplugged")
-        elapsed = time.monotonic() - start
-    finally:
-        subprocess.run([str(TESTBED / "link"), "node2", "up"], check=True)
+    job, elapsed = run_with_node2_unplugged(testbed, "ray.sbatch", "ray-unplugged",
+                                            RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT="60",
+                                            EXTRA_ARGS="--run-name=ray-unplugged")
     assert job.rc != 0
     assert "node2" in job.log, job.log[-3000:]
     assert elapsed < 240, f"took {elapsed:.0f} s"
     assert not carat_processes("node1")
     wait_for_idle_nodes()
+
+
+def run_with_node2_unplugged(tb: SharedDirs, script: str, name: str, **env: str) -> tuple[Job, float]:
+    """A two-node job while node2's cable is out (SLURM still believes it is up); the job and its seconds."""
+    subprocess.run([str(TESTBED / "link"), "node2", "down"], check=True)
+    try:
+        start = time.monotonic()
+        job = run_job(tb, script, 2, name, **env)
+        return job, time.monotonic() - start
+    finally:
+        subprocess.run([str(TESTBED / "link"), "node2", "up"], check=True)
 
 
 def wait_for_idle_nodes(timeout_s: float = 120) -> None:
@@ -294,13 +300,8 @@ def test_scancel_mid_epoch_stops_every_rank_on_both_hosts_and_the_rerun_resumes(
 
 
 def test_deepspeed_sbatch_with_the_second_host_unreachable_fails_naming_it(testbed):
-    subprocess.run([str(TESTBED / "link"), "node2", "down"], check=True)
-    try:
-        start = time.monotonic()
-        job = run_job(testbed, "deepspeed.sbatch", 2, "ds-unplugged", RUN_NAME="ds-unplugged", SSH_TIMEOUT="10")
-        elapsed = time.monotonic() - start
-    finally:
-        subprocess.run([str(TESTBED / "link"), "node2", "up"], check=True)
+    job, elapsed = run_with_node2_unplugged(testbed, "deepspeed.sbatch", "ds-unplugged", RUN_NAME="ds-unplugged",
+                                            SSH_TIMEOUT="10")
     assert job.rc != 0
     assert "node node2 is not reachable over ssh" in job.log, job.log[-3000:]
     assert elapsed < 120, f"took {elapsed:.0f} s"
