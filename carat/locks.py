@@ -27,6 +27,10 @@ class LockHeld(CaratError):
     """Another process holds the lock; the message names it (host, pid, since when)."""
 
 
+class LockPathError(CaratError):
+    """The lock file cannot be created (read-only or missing directory); the message names the directory."""
+
+
 class FileLock:
     """An exclusive flock on ``path`` (created if needed). ``blocking=False`` raises :class:`LockHeld` at once
     when another process holds it; ``blocking=True`` waits up to ``timeout`` seconds."""
@@ -48,8 +52,12 @@ class FileLock:
                 if info else "another process")
 
     def acquire(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # the first write of a run or corpus: a read-only or unmakeable path shows here
+            raise LockPathError(f"{self.path.parent}: cannot write there ({err.strerror or err}), so {self.what} "
+                                "cannot be locked; it must be a writable directory") from None
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -26,7 +26,7 @@ from carat.evaluate import score_batches, score_split
 
 
 def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
-    """Batches from a features ``.npz``, with every array checked (names the sample at fault)."""
+    """Batches from a features ``.npz``, with every array checked (names the array and the sample at fault)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     try:
@@ -36,11 +36,13 @@ def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
     missing = [k for m in MODALITIES for k in (m, f"{m}_lengths") if k not in data.files]
     if missing:
         raise DataError(f"{path}: missing arrays {missing}")
-    n = len(data["text"])
-    ids = [str(x) for x in data["ids"]] if "ids" in data.files else [f"sample-{i}" for i in range(n)]
+    n = len(_npz_array(data, "text", path))
+    ids = ([str(x) for x in _npz_array(data, "ids", path)] if "ids" in data.files
+           else [f"sample-{i}" for i in range(n)])
     arrays = {}
     for m in MODALITIES:
-        x, lengths = data[m].astype(np.float32), data[f"{m}_lengths"].astype(np.int64)
+        x = _feature_array(_npz_array(data, m, path), m, path)
+        lengths = _length_array(_npz_array(data, f"{m}_lengths", path), f"{m}_lengths", ids, path)
         if x.ndim != 3 or x.shape[0] != n or x.shape[2] != FEATURE_DIMS[m] or lengths.shape != (n,):
             raise DataError(f"{path}: {m} has shape {x.shape} / lengths {lengths.shape}; expected "
                             f"[{n}, L, {FEATURE_DIMS[m]}] and [{n}]")
@@ -66,10 +68,53 @@ def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
     return batches
 
 
+def _npz_array(data: np.lib.npyio.NpzFile, name: str, path: Path) -> np.ndarray:
+    """One array of the .npz. numpy refuses an object array only when it is read (allow_pickle=False): named
+    here, since loading it would mean unpickling, i.e. running code from the file."""
+    try:
+        return data[name]
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise DataError(f"{path}: array {name!r} is unreadable: {err}") from None
+        raise DataError(f"{path}: array {name!r} is an object array (pickled Python objects), which carat never "
+                        "loads; save it as a plain numeric array (ids as strings)") from None
+
+
+def _feature_array(x: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Features as float32; DataError naming the array for anything that is not numbers."""
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{path}: array {name!r} has dtype {x.dtype}; features must be numbers (float32)")
+    return x.astype(np.float32)
+
+
+def _length_array(lengths: np.ndarray, name: str, ids: list[str], path: Path) -> np.ndarray:
+    """Frame counts as int64. Whole-valued floats are accepted exactly; a fractional one is an error naming the
+    array and sample, since truncating it would silently change which frames the model sees."""
+    if lengths.dtype.kind in "iu":
+        return lengths.astype(np.int64)
+    if lengths.dtype.kind != "f":
+        raise DataError(f"{path}: array {name!r} has dtype {lengths.dtype}; lengths must be integers")
+    flat = lengths.reshape(-1)
+    fractional = np.flatnonzero(~np.isfinite(flat) | (flat != np.round(flat)))
+    if fractional.size:
+        i = int(fractional[0])
+        who = ids[i] if lengths.ndim == 1 and i < len(ids) else f"at index {i}"
+        raise DataError(f"{path}: array {name!r}: sample {who} has length {flat[i]!r}, not a whole number "
+                        f"({fractional.size} such); lengths count frames: store them as integers")
+    return lengths.astype(np.int64)
+
+
 def write_predictions(out: Path, keys, scores: np.ndarray, threshold: float | np.ndarray) -> None:
     labels = (scores > np.asarray(threshold)).astype(int)
     rows = [{"id": str(k), **{f"score_{e}": float(s[i]) for i, e in enumerate(EMOTIONS)},
              **{e: int(y[i]) for i, e in enumerate(EMOTIONS)}} for k, s, y in zip(keys, scores, labels)]
+    try:
+        _write_rows(out, rows, threshold)
+    except OSError as err:  # a read-only or missing place: the path and the reason, in one line
+        raise DataError(f"{out}: cannot write the predictions there ({err.strerror or err})") from None
+
+
+def _write_rows(out: Path, rows: list[dict], threshold: float | np.ndarray) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         with out.open("w", newline="") as handle:
@@ -99,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.suffix not in (".json", ".csv"):
             raise CaratError(f"--out {args.out}: use a .json or .csv file name")
+        batches = npz_batches(args.npz) if args.npz is not None else None  # a bad input fails before the model
         model, cfg = load_model(args.checkpoint, args.tag)
         device = torch.device(args.device)
-        if args.npz is not None:
-            pred = score_batches(model, npz_batches(args.npz), device)
+        if batches is not None:
+            pred = score_batches(model, batches, device)
         else:
             pred = score_split(model, cfg, args.shards.resolve(), args.split, device)
         threshold = cfg.model.threshold if args.threshold is None else args.threshold

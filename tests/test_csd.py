@@ -182,9 +182,16 @@ def test_custom_folds_and_config_errors(fx, tmp_path):
 
     vids = sorted({e["video_id"] for e in fx.expected.values()})
     folds = tmp_path / "folds.json"
-    folds.write_text(json.dumps({"train": vids[:-1] + [fx.no_fold_video], "valid": [], "test": vids[-1:]}))
+    folds.write_text(json.dumps({"train": vids[:-2] + [fx.no_fold_video], "valid": vids[-2:-1],
+                                 "test": vids[-1:]}))
     card = read_card(_prepare(fx, tmp_path / "out", cfg=PrepareConfig(reference=False), folds_path=folds))
-    assert card["counts"] == {"train": 3 * len(vids), "test": 3, "total": 3 * len(vids) + 3}
+    n_train = 3 * (len(vids) - 2) + 3
+    assert card["counts"] == {"train": n_train, "valid": 3, "test": 3, "total": n_train + 6}
+    # an empty split is refused before anything is written (issue 26): no corpus lacks a split
+    folds.write_text(json.dumps({"train": vids[:-1], "valid": [], "test": vids[-1:]}))
+    with pytest.raises(DataError, match="split 'valid' has no usable segments"):
+        _prepare(fx, tmp_path / "empty", cfg=PrepareConfig(reference=False), folds_path=folds)
+    assert not (tmp_path / "empty").exists()
     folds.write_text(json.dumps({"train": vids}))
     with pytest.raises(DataError, match="folds.json: folds JSON needs lists"):
         _prepare(fx, tmp_path / "out2", folds_path=folds)

@@ -358,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaratError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, a path made read-only mid-run: the file and the reason, in one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (shards written so far are kept and reused on a rerun)", file=sys.stderr)
         return 130

@@ -225,10 +225,28 @@ def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bo
         report.append(f"  {name:<7} batches {r['batches']:>6}  cost {r['cost']:.3f}  "
                       + "  ".join(f"{m} {r[m]:.3f}" for m in MODALITIES))
     if plots:
-        out = Path(plots_dir) if plots_dir is not None else corpus_dir / "plots"
-        budgets = sorted({max(1, loader.token_budget // 8), max(1, loader.token_budget // 2), loader.token_budget,
-                          loader.token_budget * 4})
+        report.append(_write_plots(card, lengths, split, loader, weights, corpus_dir, plots_dir))
+    return "\n".join(report)
+
+
+def _write_plots(card: dict[str, Any], lengths: dict[str, np.ndarray], split: str, loader: LoaderConfig,
+                 weights: tuple[float, ...], corpus_dir: Path, plots_dir: Path | None) -> str:
+    """Write the three plots; the report line says where. The default place is inside the corpus, which may be
+    read-only (a shared or mounted corpus): then the summary still prints and the line says how to get plots.
+    A ``plots_dir`` the user named that cannot be written is a DataError naming it."""
+    from carat.data.outdir import check_writable_dir
+
+    out = Path(plots_dir) if plots_dir is not None else corpus_dir / "plots"
+    budgets = sorted({max(1, loader.token_budget // 8), max(1, loader.token_budget // 2), loader.token_budget,
+                      loader.token_budget * 4})
+    try:
+        check_writable_dir(out, "plots")
         written = [plot_lengths(lengths, out / PLOT_FILES[0]), plot_prevalence(card, out / PLOT_FILES[1]),
                    plot_padding(lengths[split], budgets, loader.max_batch_size, weights, out / PLOT_FILES[2])]
-        report.append("plots: " + ", ".join(str(p) for p in written))
-    return "\n".join(report)
+    except (DataError, OSError) as err:
+        if plots_dir is not None:
+            raise err if isinstance(err, DataError) else DataError(
+                f"{out}: cannot write plots there ({err.strerror or err})") from None
+        return (f"plots not written: {out} cannot be written (a read-only corpus?); pass --plots DIR to write them "
+                "elsewhere, or --no-plots")
+    return "plots: " + ", ".join(str(p) for p in written)

@@ -21,11 +21,14 @@ population and fd passing cost more than reading the batch) remains as ``reuse_b
 ``feature_dtype="stored"`` skips the CPU cast and yields float16 features, for a consumer that casts on its
 device.
 
-*Errors.* A sample that cannot be read (truncated or corrupt tar, bad ``.npy``, json or shape not matching
-the manifest, non-finite values) raises :class:`~carat.errors.DataError` naming shard and key
-(``on_error="raise"``), or is skipped, counted and named (``on_error="skip"``): its batch still comes out with
-the remaining samples (weight 1 each), or, if nothing of it survived, as a one-sample zero-weight filler, so
-step counts never change. Shards missing or of the wrong size are a DataError when the loader is built.
+*Errors.* A sample that cannot be read (truncated or corrupt tar, bytes that differ from the hash recorded at
+write time, bad ``.npy``, json or shape not matching the manifest, non-finite values) raises
+:class:`~carat.errors.DataError` naming shard and key (``on_error="raise"``), or is skipped, counted and named
+(``on_error="skip"``): its batch still comes out with the remaining samples (weight 1 each), or, if nothing of
+it survived, as a one-sample zero-weight filler, so step counts never change. Workers never raise for bad
+samples: they send them with the batch and the main process raises, so the error stays one line (torch would
+wrap a worker's exception in its traceback). Shards missing or of the wrong size are a DataError when the
+loader is built.
 
 The configuration (:class:`~carat.data.loader_config.LoaderConfig`, with the batch cost's modality weights)
 lives in :mod:`carat.data.loader_config`.
@@ -124,28 +127,31 @@ class PlannedBatches(IterableDataset):
         filler = slot == FILLER
         rows = self.rows(slot)
         samples, skips = reader.read(rows)
-        self._raise_if_any(skips)
         if not samples:
-            return replace(empty_filler(), skipped=[] if filler else skips)
+            return replace(empty_filler(), skipped=self._reported(skips, filler))
         batch = collate(samples, weight=0.0 if filler else 1.0, alloc=alloc)
         bad = nonfinite_rows(batch.features())  # values are checked here, batched over the padded tensors
         if bad:
-            new = [(self._shard_of(batch.keys[i], rows), batch.keys[i], why) for i, why in bad.items()]
-            self._raise_if_any(new)
-            skips = skips + new
+            skips = skips + [(self._shard_of(batch.keys[i], rows), batch.keys[i], why) for i, why in bad.items()]
             keep = [i for i in range(len(samples)) if i not in bad]
             batch = select_rows(batch, keep) if keep else empty_filler()
-        return replace(batch, skipped=[] if filler else skips)  # a filler's copy is not a lost sample
+        return replace(batch, skipped=self._reported(skips, filler))
+
+    def _reported(self, skips: list[Skip], filler: bool) -> list[Skip]:
+        """The skips a batch carries to the main process: a filler's copy is not a lost sample (skip), but a
+        bad one still stops the run (raise)."""
+        return skips if not filler or self.on_error == "raise" else []
 
     def _shard_of(self, key: str, rows: np.ndarray) -> str:
         row = next(r for r in rows.tolist() if self.index.keys[r] == key)
         return str(self.shard_dir / self.index.shards[int(self.index.shard_ids[row])])
 
-    def _raise_if_any(self, skips: list[Skip]) -> None:
-        if skips and self.on_error == "raise":
-            shard, key, why = skips[0]
-            raise DataError(f"{shard}: sample {key!r}: {why}"
-                            + (f" (and {len(skips) - 1} more)" if len(skips) > 1 else ""))
+
+
+def skip_error(skips: list[Skip]) -> DataError:
+    """The one-line error of ``on_error="raise"`` for the first of ``skips``."""
+    shard, key, why = skips[0]
+    return DataError(f"{shard}: sample {key!r}: {why}" + (f" (and {len(skips) - 1} more)" if len(skips) > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------------- the loader
@@ -203,6 +209,8 @@ class BatchLoader:
         return self.plan.dropped_samples
 
     def _count_skips(self, skips: list[Skip]) -> None:
+        if skips and self.dataset.on_error == "raise":
+            raise skip_error(skips)
         self.skipped += len(skips)
         self.skipped_samples.extend(tuple(s) for s in skips)
 

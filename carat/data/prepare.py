@@ -301,10 +301,15 @@ def _ensure_loaded(refs_by_split: dict[str, list[SegmentRef]], loaded: set[str],
 def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConfig, storage: Any = None, *,
                    labels_path: Path | None = None, folds_path: Path | None = None,
                    csd_files: dict[str, Path] | None = None, progress: bool = False) -> Path:
-    """Convert a CMU-MOSEI source into shards + ``manifest.parquet`` + ``card.json`` in ``out_dir``."""
-    from carat.data.shards import StorageConfig, write_corpus
+    """Convert a CMU-MOSEI source into shards + ``manifest.parquet`` + ``card.json`` in ``out_dir``.
+
+    Nothing is written before the source is listed and every split found non-empty; ``out_dir`` is locked
+    while it is written (a second writer gets :class:`~carat.locks.LockHeld`)."""
+    from carat.data.outdir import check_writable_dir, corpus_write_lock
+    from carat.data.shards import StorageConfig
 
     out = Path(out_dir)
+    check_writable_dir(out, "the corpus")  # before the (long) listing of the source
     # Real data goes here now: an interrupted train-time synthesis' marker must not make carat.train treat
     # these shards as its own leftovers (carat.train.__main__.SYNTH_IN_PROGRESS).
     (out / ".synth-in-progress").unlink(missing_ok=True)
@@ -317,36 +322,65 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
         refs = source.list_refs(progress=progress)
         if cfg.on_error == "skip" and "error" in (cfg.nan_policy, cfg.inf_policy):
             refs = _scan_non_finite(source, refs, cfg, progress)
-        total = sum(len(r) for r in refs.values())
-        if total == 0:
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(issues.skipped.items())) or "the source is empty"
-            raise DataError(f"{input_path}: no usable segments ({reasons})")
-        loaded: set[str] = set()
-
-        def load(ref: SegmentRef) -> Segment:
-            seg = sanitize_segment(source.load_raw(ref), log, lambda m: source.describe(ref, m))
-            loaded.add(ref.key)
-            return seg
-
-        collector = (ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
-                                        seed=cfg.seed) if cfg.reference else None)
-        stats = FeatureStatsAccumulator(storage.dtype)
-        tracked = stats.wrap(collector.wrap(load) if collector else load)
-        index = write_corpus(refs, tracked, out, storage, progress=progress)
-        reloaded = _ensure_loaded(refs, loaded, tracked) if index.shards_reused else 0
-        stats.complete(refs, load)  # a no-op after _ensure_loaded; kept so the stats never depend on it
-        reference = None
-        if collector is not None:
-            collector.complete(load)
-            reference = collector.score(progress=progress)
-        card = build_card(
-            out, source=source.name, config={"prepare": asdict(cfg), "storage": asdict(storage)},
-            issues=issues, source_files=source.source_files, reference=reference, non_finite=log.to_dict(),
-            notes=source.notes, feature_stats=stats.to_card(), extra={"write": {"shards_reused": index.shards_reused,
-                                                  "segments_loaded_after_write": reloaded}})
-        write_card(out, card)
-        for line in log.alarms():
-            print(f"[carat] warning: {line} (see non_finite in {out / 'card.json'})", file=sys.stderr, flush=True)
+        refuse_empty_splits(refs, issues, input_path)
+        with corpus_write_lock(out):
+            _write_prepared(source, refs, out, cfg, storage, issues, log, progress)
     finally:
         source.close()
+    report_skipped(issues, out)
     return out
+
+
+def refuse_empty_splits(refs: dict[str, list[SegmentRef]], issues: IssueLog, input_path: Path | str) -> None:
+    """DataError naming the first split without usable segments (a corpus needs all three), with what the
+    source skipped; raised before anything is written."""
+    skipped = ", ".join(f"{r}: {n}" for r, n in sorted(issues.skipped.items()))
+    why = f"segments skipped: {skipped}" if skipped else "no segment was skipped"
+    if sum(len(r) for r in refs.values()) == 0:
+        raise DataError(f"{input_path}: no usable segments ({why if skipped else 'the source is empty'})")
+    for split in SPLITS:
+        if not refs.get(split):
+            raise DataError(f"{input_path}: split {split!r} has no usable segments ({why}); train, valid and test "
+                            "each need some: check the folds (--folds) and the source files. Nothing was written")
+
+
+def report_skipped(issues: IssueLog, out: Path) -> None:
+    """Segments the source left out, by reason, on the console (the card lists their first keys)."""
+    if not issues.total_skipped:
+        return
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(issues.skipped.items()))
+    print(f"[carat] skipped {issues.total_skipped} segments ({reasons}); the first keys of each reason are "
+          f"listed under issues.skipped in {out / 'card.json'}", file=sys.stderr, flush=True)
+
+
+def _write_prepared(source: Source, refs: dict[str, list[SegmentRef]], out: Path, cfg: PrepareConfig,
+                    storage: Any, issues: IssueLog, log: NonFiniteLog, progress: bool) -> None:
+    """Shards, manifest and card of the listed ``refs`` into ``out`` (whose lock the caller holds)."""
+    from carat.data.shards import write_corpus
+
+    loaded: set[str] = set()
+
+    def load(ref: SegmentRef) -> Segment:
+        seg = sanitize_segment(source.load_raw(ref), log, lambda m: source.describe(ref, m))
+        loaded.add(ref.key)
+        return seg
+
+    collector = (ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
+                                    seed=cfg.seed) if cfg.reference else None)
+    stats = FeatureStatsAccumulator(storage.dtype)
+    tracked = stats.wrap(collector.wrap(load) if collector else load)
+    index = write_corpus(refs, tracked, out, storage, progress=progress)
+    reloaded = _ensure_loaded(refs, loaded, tracked) if index.shards_reused else 0
+    stats.complete(refs, load)  # a no-op after _ensure_loaded; kept so the stats never depend on it
+    reference = None
+    if collector is not None:
+        collector.complete(load)
+        reference = collector.score(progress=progress)
+    card = build_card(
+        out, source=source.name, config={"prepare": asdict(cfg), "storage": asdict(storage)},
+        issues=issues, source_files=source.source_files, reference=reference, non_finite=log.to_dict(),
+        notes=source.notes, feature_stats=stats.to_card(),
+        extra={"write": {"shards_reused": index.shards_reused, "segments_loaded_after_write": reloaded}})
+    write_card(out, card)
+    for line in log.alarms():
+        print(f"[carat] warning: {line} (see non_finite in {out / 'card.json'})", file=sys.stderr, flush=True)

@@ -3,10 +3,15 @@
 Every rank reads the manifest (never the tars) to plan an epoch (:mod:`carat.data.plan`); the same rows give
 the reader each sample's shard and byte range (:mod:`carat.data.tar_reader`). Shards missing or of the wrong
 size are a :class:`~carat.errors.DataError` here, when the loader is built, not mid-epoch.
+
+Each row carries its sample's hash from the manifest (:func:`carat.data.shards.sample_hash`), which the reader
+checks on every read. A corpus written before hashes existed has none: it loads, with a note printed once per
+process and corpus that its samples are not checked.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from carat.data.segment import SPLITS
-from carat.data.shards import read_manifest, read_shard_table
+from carat.data.shards import read_manifest, read_shard_table, sample_hashes_of
 from carat.errors import ConfigError, DataError
 
 
@@ -33,6 +38,8 @@ class SplitIndex:
     nbytes: np.ndarray
     labels: np.ndarray
     """[N, 6] uint8."""
+    hashes: np.ndarray | None = None
+    """[N] uint64 sample hashes recorded at write time; None for a corpus written before them."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -59,9 +66,27 @@ def load_split_index(shard_dir: Path, split: str) -> SplitIndex:
         offsets=rows.column("offset").to_numpy().astype(np.int64),
         nbytes=rows.column("nbytes").to_numpy().astype(np.int64),
         labels=np.array(rows.column("labels").to_pylist(), dtype=np.uint8).reshape(-1, 6),
+        hashes=sample_hashes_of(rows, shard_dir / "manifest.parquet"),
     )
     _check_shard_files(shard_dir, index)
+    if index.hashes is None:
+        note_unhashed_corpus(shard_dir)
     return index
+
+
+_NOTED: set[Path] = set()
+"""Corpora already noted as unhashed in this process (the loader is rebuilt every epoch)."""
+
+
+def note_unhashed_corpus(shard_dir: Path) -> None:
+    """Say once per process that an older corpus' samples are read without a content check."""
+    where = Path(shard_dir).resolve()
+    if where in _NOTED:
+        return
+    _NOTED.add(where)
+    print(f"[carat] note: {where} has no per-sample hashes (written by an older carat): its samples are read "
+          f"without a content check. `python -m carat.data verify {where}` checks the shards' sha256; rewriting "
+          "the corpus with the command that made it adds the hashes.", file=sys.stderr, flush=True)
 
 
 def _check_shard_files(shard_dir: Path, index: SplitIndex) -> None:

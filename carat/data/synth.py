@@ -452,14 +452,24 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
     ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
     gets the mean/std-pooled logistic-regression floor and the oracle that knows the planted cues (on bounded
     subsamples, as ``reference_scorer["fused"]`` and ``["oracle"]``); it always gets the train split's
-    per-dimension feature statistics. Returns ``out_dir``.
+    per-dimension feature statistics. ``out_dir`` is locked while it is written: a second writer gets
+    :class:`~carat.locks.LockHeld` at once. Returns ``out_dir``.
     """
+    from carat.data.outdir import corpus_write_lock
+    from carat.data.shards import StorageConfig
+
+    storage = storage if storage is not None else StorageConfig()
+    with corpus_write_lock(Path(out_dir)) as out:
+        _write_synthetic_corpus(out, cfg, storage, progress=progress, reference=reference)
+    return Path(out_dir)
+
+
+def _write_synthetic_corpus(out: Path, cfg: SynthConfig, storage: Any, *, progress: bool, reference: bool) -> None:
+    """Shards, manifest and card of ``cfg``'s corpus into ``out`` (whose lock the caller holds)."""
     from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
     from carat.data.featstats import FeatureStatsAccumulator
-    from carat.data.shards import StorageConfig, write_corpus
+    from carat.data.shards import write_corpus
 
-    out = Path(out_dir)
-    storage = storage if storage is not None else StorageConfig()
     corpus = SyntheticCorpus(cfg)
     refs = corpus.refs()
     collector = ReferenceCollector(refs, max_train=cfg.reference_max_train, max_eval=cfg.reference_max_eval,
@@ -485,7 +495,6 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
         extra={"write": {"shards_reused": index.shards_reused}, "planted_signal": planted_signal(corpus)},
     )
     write_card(out, card)
-    return out
 
 
 __all__ = [

@@ -125,11 +125,19 @@ def write_synthetic_csd(out_dir: Path | str, cfg: SynthConfig) -> Path:
     """Write the corpus of ``cfg`` as the four CMU-MOSEI ``.csd`` files (and ``synth_csd.json``) in ``out_dir``.
 
     One real video at a time is generated and written, so memory holds one video, never the corpus. Each file is
-    written under a temporary name and renamed when complete. Returns ``out_dir``."""
+    written under a temporary name and renamed when complete; ``out_dir`` is locked meanwhile (a second writer
+    gets :class:`~carat.locks.LockHeld`). Returns ``out_dir``."""
+    from carat.data.outdir import corpus_write_lock
+
+    with corpus_write_lock(Path(out_dir)) as out:
+        _write_csd_files(out, cfg)
+    return Path(out_dir)
+
+
+def _write_csd_files(out: Path, cfg: SynthConfig) -> None:
+    """The four .csd files and synth_csd.json of ``cfg`` into ``out`` (whose lock the caller holds)."""
     import h5py
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     corpus = SyntheticCorpus(cfg)
     layout = video_layout(corpus)
     paths = {kind: out / name for kind, name in CSD_FILES.items()}
@@ -166,7 +174,6 @@ def write_synthetic_csd(out_dir: Path | str, cfg: SynthConfig) -> Path:
         "videos": {split: len(videos) for split, videos in layout.items()},
         "csd_key_of": key_map,
     }, indent=1) + "\n")
-    return out
 
 
 __all__ = ["write_synthetic_csd", "csd_key_map", "video_layout", "segment_seconds", "CSD_ROOTS", "GAP_SECONDS"]
