@@ -17,6 +17,10 @@
    main + workers (the per-core figure, robust to other jobs on shared cores: getrusage of this process and
    its reaped workers), and CPU microseconds per sample in the main process and in the workers; plus a
    per-stage breakdown of the one-core path.
+4. The per-sample hash check (xxh3-64 of each sample's bytes against the manifest, on every read): loader CPU
+   per sample with and without it, same float16 shards, same run, passes alternated (in process and with one
+   DataLoader worker), and the hash alone per sample. ``--hash-check-only`` runs just this part (and writes
+   only the float16 shards).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from carat.data.loader import build_loader
 from carat.data.loader_config import LoaderConfig
 from carat.data.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
-from carat.data.shards import StorageConfig, write_corpus
+from carat.data.shards import StorageConfig, sample_hash, write_corpus
 from carat.data.shm_pool import SharedBufferPool
 from carat.data.split_index import load_split_index
 from carat.data.synth import SynthConfig, SyntheticCorpus
@@ -146,12 +150,13 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.tar"))
 
 
-def bench_storage(source: RealisticSource, workdir: Path) -> tuple[list[str], dict[str, Path]]:
+def bench_storage(source: RealisticSource, workdir: Path,
+                  dtypes: tuple[str, ...] = ("float16", "float32")) -> tuple[list[str], dict[str, Path]]:
     lines = ["| dtype | shards | bytes | bytes/sample | write s | max abs err text / visual / audio | max rel err |",
              "|---|---|---|---|---|---|---|"]
     dirs = {}
     refs = source.refs()
-    for dtype in ("float16", "float32"):
+    for dtype in dtypes:
         out = workdir / dtype
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
@@ -196,7 +201,7 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def time_loader(shard_dir: Path, cfg: LoaderConfig, repeats: int) -> dict[str, float]:
+def time_loader(shard_dir: Path, cfg: LoaderConfig, repeats: int, check_hashes: bool = True) -> dict[str, float]:
     """Full eval passes: best wall samples/s and frames/s, median samples per CPU-second and per-sample CPU.
 
     CPU-seconds count the main process and its DataLoader workers (reaped when the pass ends, so per-epoch
@@ -206,6 +211,8 @@ def time_loader(shard_dir: Path, cfg: LoaderConfig, repeats: int) -> dict[str, f
     runs = []
     for _ in range(repeats):
         loader = build_loader(shard_dir, "train", cfg, rank=0, world_size=1, epoch=0, train=False)
+        if not check_hashes:  # as for a corpus written before per-sample hashes: the reader skips the check
+            loader.dataset.index.hashes = None
         (m0, w0), t0 = cpu_seconds(), time.perf_counter()
         n = frames = 0
         for batch in loader:
@@ -248,16 +255,68 @@ def stage_breakdown(shard_dir: Path, cfg: LoaderConfig) -> str:
             f"finiteness check {us[2]:.0f} us, to_batch (float32 cast, masks) {us[3]:.0f} us")
 
 
+def hash_alone(shard_dir: Path) -> tuple[float, float]:
+    """(us per sample, GB/s) of the per-sample hash alone, each sample hashed right after its ranged read, as in
+    the loader (so its bytes are in cache, as there)."""
+    import os
+
+    index = load_split_index(shard_dir, "train")
+    spent, nbytes = 0.0, 0
+    fds = {sid: os.open(shard_dir / rel, os.O_RDONLY) for sid, rel in enumerate(index.shards)}
+    try:
+        for r in range(len(index)):
+            data = os.pread(fds[int(index.shard_ids[r])], int(index.nbytes[r]), int(index.offsets[r]))
+            t0 = time.process_time()
+            sample_hash(data)
+            spent += time.process_time() - t0
+            nbytes += len(data)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return spent / len(index) * 1e6, nbytes / spent / 1e9
+
+
+def bench_hash_check(shard_dir: Path, repeats: int) -> list[str]:
+    """Loader CPU per sample with and without the per-sample hash check: same shards, same run, passes
+    alternated so drift in the shared machine's load hits both alike; medians over ``repeats`` pairs."""
+    us, gbps = hash_alone(shard_dir)
+    lines = ["| workers | CPU us/sample with hash check | without | ratio with / without (median of pairs) | "
+             "hash alone / without | samples per CPU-s with |", "|---|---|---|---|---|---|"]
+    for workers in (0, 1):
+        cfg = LoaderConfig(num_workers=workers, pin_memory=False)
+        pairs = [(time_loader(shard_dir, cfg, 1, check_hashes=True), time_loader(shard_dir, cfg, 1, check_hashes=False))
+                 for _ in range(repeats)]
+        with_us = float(np.median([1e6 / a["sps_cpu"] for a, _ in pairs]))
+        without_us = float(np.median([1e6 / b["sps_cpu"] for _, b in pairs]))
+        ratio = float(np.median([b["sps_cpu"] / a["sps_cpu"] for a, b in pairs]))
+        lines.append(f"| {workers} | {with_us:.1f} | {without_us:.1f} | {ratio:.3f} | {us / without_us:.1%} | "
+                     f"{float(np.median([a['sps_cpu'] for a, _ in pairs])):,.0f} |")
+    lines.append(f"\nxxh3-64 alone: {us:.1f} us per sample ({gbps:.1f} GB/s) over the same samples")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/carat-bench-loader"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the written shards")
+    parser.add_argument("--hash-check-only", action="store_true",
+                        help="only part 4: loader CPU with and without the per-sample hash check (float16 shards)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = LoaderConfig()
     lengths = full_lengths()
+    if args.hash_check_only:
+        rng = np.random.default_rng(7)
+        subset = lengths[rng.choice(len(lengths), size=args.samples, replace=False)]
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        _, dirs = bench_storage(RealisticSource(subset), args.workdir, dtypes=("float16",))
+        print(f"## per-sample hash check ({args.samples} segments, float16, {args.repeats} alternated pairs)")
+        print("\n".join(bench_hash_check(dirs["float16"], args.repeats)))
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        return
     print("## padding efficiency (real / padded frames)")
     print("\n".join(bench_padding(lengths, cfg)))
 
@@ -288,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['sps_cpu']:,.0f} | {r['fps_cpu'] / 1e6:.2f} M | {r['main_us']:.0f} | {r['workers_us']:.0f} |",
                   flush=True)
         print(stage_breakdown(shard_dir, LoaderConfig(num_workers=0)))
+    print(f"\n## per-sample hash check (float16, {args.repeats} alternated pairs)")
+    print("\n".join(bench_hash_check(dirs["float16"], args.repeats)))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 
