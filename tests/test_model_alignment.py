@@ -186,3 +186,30 @@ def test_pooling_model_is_padding_invariant_and_has_no_alignment_parameters():
         single = model.scores(model(**alone))
         batched = model.scores(model(**stack_samples([alone, other])))
     torch.testing.assert_close(batched[:1], single, rtol=1e-5, atol=1e-6)
+
+
+def test_no_alignment_feeds_every_frame_and_refuses_clips_longer_than_the_positions():
+    from carat.errors import DataError
+    from tests.model_helpers import make_batch, perturb_parameters, stack_samples
+
+    model = tiny_model(aligner="none", ctc_target_length=None)  # the reference's aligned mode
+    assert not any(n.startswith(("visual_align", "audio_align")) for n, _ in model.named_parameters())
+    perturb_parameters(model)
+    model.eval()
+    lengths = {"text": [5, 30], "visual": [9, 40], "audio": [12, 61]}
+    alone = make_batch({m: [v[0]] for m, v in lengths.items()}, seed=3)
+    other = make_batch({m: [v[1]] for m, v in lengths.items()}, seed=4)
+    with torch.no_grad():
+        out = model(**alone)
+        assert out.visual_slot_mask.shape == alone["visual_mask"].shape and out.visual_slot_mask.all()
+        batched = model.scores(model(**stack_samples([alone, other])))
+    torch.testing.assert_close(batched[:1], model.scores(out), rtol=1e-5, atol=1e-6)
+    too_long = make_batch({"text": [5], "visual": [65], "audio": [12]}, seed=5)  # tiny: 64 visual positions
+    with pytest.raises(DataError, match=r"visual: batch index \[0\] has \[65\] real frames.*visual_max_positions=64"):
+        model(**too_long)
+    padded = stack_samples([alone, make_batch({"text": [5], "visual": [70], "audio": [12]}, seed=6)])
+    with pytest.raises(DataError, match="visual_max_positions"):
+        model(**padded)
+    cut = {k: v[:1] for k, v in padded.items()}  # the short sample alone, padded to 70: padding is cut to 64
+    with torch.no_grad():
+        torch.testing.assert_close(model.scores(model(**cut)), model.scores(out), rtol=1e-5, atol=1e-6)

@@ -1,9 +1,17 @@
 """Soft alignment of an unaligned modality to a target length (the reference's ``CTCModule``).
 
+The names are historic: MulT (Tsai et al., ACL 2019) introduced a module of this shape as a "CTC module",
+one that a connectionist temporal classification loss could train, and CARAT's code kept the name (its
+``CTCModule``, ``*_ctc`` parameters) and called the output length the CTC target length (carat's
+``model.ctc_target_length``). No CTC loss is involved, in CARAT's published code or here: the module is a
+learned soft assignment of input frames to a number of output slots, trained only through the losses
+downstream of it, and ``ctc_target_length`` is simply the number of aligned slots.
+
 A 2-layer LSTM (hidden = width + 1) reads the frames; for each input frame a softmax over the width + 1 output
 slots gives where that frame goes (slot 0 = blank, dropped); P [B, L_out, L_in] is the transposed result and the
 aligned sequence is P @ x [B, L_out, feature dim]. No CTC loss is applied (as in the reference). The idea comes
-from MulT's CTC module (Tsai et al., ACL 2019).
+from MulT's CTC module (Tsai et al., ACL 2019). :class:`SegmentPooling` is carat's parameter-free alternative and
+:class:`NoAlignment` the reference's aligned mode (frames passed through as they are).
 
 carat additions (padding never matters):
 - the LSTM runs on a packed sequence, so it never reads past a sample's last real frame;
@@ -34,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
+
+from carat.errors import DataError
 
 
 def target_lengths(lengths: torch.Tensor, fixed: int | None, ratio: float, min_len: int,
@@ -239,3 +249,30 @@ class SegmentPooling(nn.Module):
         frames = torch.arange(mask.shape[1], device=mask.device)[None, None, :]
         inside = (frames >= start[..., None]) & (frames < stop[..., None]) & valid[..., None]
         return inside.float() / inside.sum(dim=-1, keepdim=True).clamp_min(1)
+
+
+class NoAlignment(nn.Module):
+    """No alignment: the frames go to the encoder as they are, one encoder step per frame, with their own mask.
+
+    The reference's aligned mode (``aligned=True`` in the published code: corpora already aligned to the words,
+    where every modality has the text's length), which has no alignment module at all. Same interface as
+    :class:`SoftAlignment`: forward(frames, mask) -> (frames, mask). Padding beyond the longest sample is cut to
+    ``max_positions``; a sample with more real frames than that is an error (DataError), never an index error.
+    """
+
+    def __init__(self, max_positions: int, modality: str) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        self.modality = modality
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self.max_positions
+        if frames.shape[1] <= limit:
+            return frames, mask
+        lengths = mask.sum(dim=1)
+        over = torch.nonzero(lengths > limit).flatten().tolist()
+        if over:
+            raise DataError(f"{self.modality}: batch index {over} has {lengths[over].tolist()} real frames, more "
+                            f"than model.{self.modality}_max_positions={limit}, and model.aligner='none' feeds "
+                            f"every frame to the encoder; raise it or use model.aligner='lstm' or 'pool'")
+        return frames[:, :limit], mask[:, :limit]

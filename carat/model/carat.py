@@ -1,6 +1,8 @@
 """CARAT: ContrAstive feature Reconstruction and AggregaTion for multi-modal multi-label emotion recognition
-(Peng et al., AAAI 2024, arXiv 2312.10201; reference code github.com/chengzju/CARAT), as fixed in
-/work/shared/design/carat-model.md.
+(Peng et al., AAAI 2024, arXiv 2312.10201; reference code github.com/chengzju/CARAT), as fixed in the project's
+design note (carat-model.md). Configured as the reference (carat.model.config.REFERENCE_MODEL / REFERENCE_LOSS),
+it reproduces the authors' code's outputs, losses, gradients and memory update to float32 precision
+(tests/test_reference_parity.py, on numbers saved from their code).
 
 Forward: LayerNorm per modality -> soft alignment of visual and audio -> three BERT encoders -> label attention
 (Z_m [B, C, d]) -> latent projection e_m and decode r_m -> prototypes P_m -> first-round (FRR) and second-round
@@ -8,23 +10,28 @@ Forward: LayerNorm per modality -> soft alignment of visual and audio -> three B
 Training adds the 9-stage contrastive stack and the shuffle augmentation; ``update_memory`` then moves the
 prototypes and the queue.
 
-Where carat deliberately differs from the published code:
+Where carat deliberately differs from the published code (the README's "How carat differs from the published
+code" lists each with the option that restores the reference):
 - Masking: padded frames never matter. The alignment LSTM runs packed, P has zero columns for padded frames,
   aligned slots beyond a sample's own target are masked; encoders and label attention mask padding with the
   most negative finite number (never -inf, so no NaN). A sample's eval outputs do not depend on its batch.
-- Alignment length: fixed ``ctc_target_length`` (reference, 400) or adaptive per sample (see alignment.py).
+- Alignment length: fixed ``ctc_target_length`` (the seed's 400; the authors' code uses 500, or 50 with its
+  --unaligned_mask_same_length) or adaptive per sample (see alignment.py). ``aligner="none"`` is the reference's
+  aligned mode (no alignment module).
 - Long text: more real steps than ``text_max_positions`` is an explicit error or a counted truncation.
 - Queue init: random unit rows with id -1 that match nothing and are left out of SupCon (memory.py).
 - Vectorised exact state updates: the prototype EMA in closed form (equal to the reference's loop) and the
   shuffle augmentation by argsort of random numbers (same distribution as its numpy permutation loops); the
   queue is a ring buffer that also handles more rows than its size.
 - Distributed: prototypes and queue are updated from features gathered across ranks (``update_memory``).
-- Loss: per-class pos_weight and per-sample weights (losses.py); SupCon computed in float32, in anchor chunks
-  under checkpointing (same value, O(chunk x N) instead of O(N^2) memory for the 8,192-row queue).
+- Loss: per-class pos_weight (all 1 in the reference) and per-sample weights (losses.py); SupCon computed in
+  float32, in anchor chunks under checkpointing (same value, O(chunk x N) instead of O(N^2) memory for the
+  8,192-row queue).
 - Prototypes and queue stay float32 when the model is cast to bf16 (an EMA at momentum 0.99 needs it).
 - Not here but in other parts: coef_lr is applied to the encoders (optimizer side, by the ``*_encoder`` name
   prefixes); the Jaccard accuracy of an empty-vs-empty sample is 1 (metrics side).
-- The threshold is 0.2 (``ModelConfig.threshold``) and applied by ``predict`` / the metrics.
+- The threshold (``ModelConfig.threshold``: the seed's 0.2; the authors' 0.35 by default, 0.25 in their script)
+  is applied by ``predict`` and the metrics with one rule: float32 score > float32 threshold.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carat.errors import DataError
-from carat.model.alignment import SegmentPooling, SoftAlignment
+from carat.model.alignment import NoAlignment, SegmentPooling, SoftAlignment
 from carat.model.config import ModelConfig
 from carat.model.encoder import ModalityEncoder
 from carat.model.heads import CrossModalReconstruction, LabelAttention, LabelClassifiers, ProjectionMLP
@@ -175,6 +182,8 @@ class CARAT(nn.Module):
     def _build_aligner(self, cfg: ModelConfig, m: str) -> nn.Module:
         common = dict(fixed_target=cfg.ctc_target_length, compression_ratio=getattr(cfg, f"{m}_compression_ratio"),
                       min_target_len=cfg.min_target_len)
+        if cfg.aligner == "none":
+            return NoAlignment(getattr(cfg, f"{m}_max_positions"), m)
         if cfg.aligner == "pool":
             return SegmentPooling(cfg.alignment_width(m), **common)
         return SoftAlignment(self.feature_dims[m], cfg.alignment_width(m), **common,

@@ -1,8 +1,12 @@
 """Configuration of the CARAT network (:class:`ModelConfig`) and of its training objective (:class:`LossConfig`).
 
-Defaults are the seed (published) configuration of CARAT (Peng et al., AAAI 2024) as fixed in
-``/work/shared/design/carat-model.md``. ``TINY_MODEL_OVERRIDES`` / ``TINY_LOSS_OVERRIDES`` give the "tiny"
-preset used by tests and the quickstart (a few thousand parameters per encoder, short aligned sequences).
+Defaults are the seed configuration: the configuration of the variable-length derivative of CARAT (Peng et al.,
+AAAI 2024) this project started from, not the authors' published one (that is the ``official`` preset,
+``carat.config``). "Reference" in this module always means the authors' published code (github.com/chengzju/CARAT);
+every option whose default differs from it says so, and :data:`REFERENCE_MODEL` / :data:`REFERENCE_LOSS` set the
+reference's behaviour (``tests/test_reference_parity.py`` checks it against numbers from the authors' code).
+``TINY_MODEL_OVERRIDES`` / ``TINY_LOSS_OVERRIDES`` give the "tiny" preset used by tests and the quickstart (a few
+thousand parameters per encoder, short aligned sequences).
 
 The decision threshold (seed 0.2) lives in :class:`ModelConfig` (``threshold``): it is part of the prediction
 rule (``CARAT.predict``), not of the objective.
@@ -17,7 +21,8 @@ from typing import Literal
 from carat.errors import ConfigError
 
 ALIGNED_MODALITIES: tuple[str, ...] = ("visual", "audio")
-"""Modalities passed through the soft alignment ("CTC module"); text is never aligned."""
+"""Modalities passed through the alignment (the reference's "CTC module": no CTC loss, see alignment.py); text is
+never aligned."""
 ENCODED_MODALITIES: tuple[str, ...] = ("text", "visual", "audio")
 
 
@@ -73,8 +78,10 @@ class ModelConfig:
     "truncate" keeps the first text_max_positions steps and counts the truncated samples
     (CaratOutput.text_truncated, CARAT.text_truncated_total)."""
     ctc_target_length: int | None = 400
-    """Aligned length of visual and audio (the reference's fixed CTC target). None = adaptive length per
-    sample: round(L_in * <modality>_compression_ratio) clipped to [min_target_len, max_target_len]."""
+    """Aligned length of visual and audio: the number of slots the alignment produces (a historic name: no CTC
+    loss is involved, see carat/model/alignment.py). The seed's 400; the authors' code uses 500, or 50 with its
+    --unaligned_mask_same_length. None = adaptive length per sample: round(L_in * <modality>_compression_ratio)
+    clipped to [min_target_len, max_target_len]. Unused with aligner="none"."""
     visual_compression_ratio: float = 0.333
     """Adaptive alignment: aligned visual slots per raw FACET frame. FACET runs at ~30 Hz, so 1/3 gives
     ~10 slots per second, the same temporal resolution as audio_compression_ratio."""
@@ -116,14 +123,16 @@ class ModelConfig:
     set by the training code through CARAT.set_feature_stats, saved with the model) before the per-frame
     LayerNorm. The reference only LayerNorms each frame over its feature dimension: with COVAREP/FACET
     magnitudes spanning 0.05-450 that normalisation is dominated by a few large dimensions. False = reference."""
-    aligner: Literal["lstm", "pool"] = "lstm"
+    aligner: Literal["lstm", "pool", "none"] = "lstm"
     """How visual and audio are brought to the aligned length. "lstm": the reference's soft alignment (a
     2-layer LSTM predicts, per frame, a softmax over the slots; aligned = P @ x). Its LSTM outputs are bounded
     to +-1, so the softmax over the slots can never be sharp: measured at init, per-frame slot entropy 0.999 of
     the maximum and aligned slots with cosine 0.999 to each other, i.e. every slot is the same sum over the
     whole clip (BENCHMARKS.md, Learning). "pool": each sample's own frames are cut into its target number of
     contiguous, equal segments and each slot is the mean of one segment (adaptive average pooling per
-    sample, no parameters, O(frames)): a local cue stays local and the slot keeps the frames' scale."""
+    sample, no parameters, O(frames)): a local cue stays local and the slot keeps the frames' scale. "none":
+    no alignment, every frame is one encoder step (the reference's aligned mode, aligned=True, for corpora
+    already aligned to the words); a clip longer than <modality>_max_positions is an error."""
     score_rule: Literal["reference", "with_lsr", "lsr"] = "reference"
     """CARAT.scores: "reference" = (mean over the 3 aggregation rows of sigmoid + sigmoid(out_4)) / 2;
     "with_lsr" also averages in sigmoid(out_1), the classifiers on the label-specific representations Z
@@ -210,6 +219,8 @@ class ModelConfig:
         self._check_choices()
 
     def _check_alignment(self) -> None:
+        if self.aligner == "none":  # no aligned lengths: each modality's max positions bound its frames
+            return
         limit = min(self.visual_max_positions, self.audio_max_positions)
         if self.ctc_target_length is not None:
             _require(1 <= self.ctc_target_length <= limit,
@@ -237,7 +248,8 @@ class ModelConfig:
                  f"model.modality_fusion={self.modality_fusion!r}: use 'max' or 'sum'")
         _require(self.label_pooling in ("attention", "max", "attention+max"),
                  f"model.label_pooling={self.label_pooling!r}: use 'attention', 'max' or 'attention+max'")
-        _require(self.aligner in ("lstm", "pool"), f"model.aligner={self.aligner!r}: use 'lstm' or 'pool'")
+        _require(self.aligner in ("lstm", "pool", "none"),
+                 f"model.aligner={self.aligner!r}: use 'lstm', 'pool' or 'none'")
         for m in self.checkpoint_encoders:
             _require(m in ENCODED_MODALITIES,
                      f"model.checkpoint_encoders has {m!r}; allowed: {', '.join(ENCODED_MODALITIES)}")
@@ -255,7 +267,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Weights and constants of the CARAT objective. Defaults = the seed configuration."""
+    """Weights and constants of the CARAT objective. Defaults = the seed configuration.
+
+    The term names are the reference's: ``lsr`` = label-specific representations (the label-attention
+    features Z), ``aug`` = the first-round reconstruction (FRR, which the reference calls the augmented
+    features), ``beta`` = the second-round reconstruction (SRR), ``total_aug_clf`` = the aggregation head on the
+    three SRR rows, ``shuffle_aug_clf`` = the same head on the sample/modality-shuffled rows, ``cl`` = the
+    supervised contrastive term.
+    """
 
     lsr_clf_weight: float = 0.01
     """BCE on the label-specific representations' logits (out_1)."""
@@ -276,7 +295,8 @@ class LossConfig:
     shuffle_aug_clf_weight: float = 0.1
     """BCE of the aggregation head on the sample/modality-shuffled SRR rows."""
     recon_clf_weight: float = 0.0
-    """BCE of the per-label classifiers on the reconstructions r_m (parsed but unused in the reference)."""
+    """BCE of the per-label classifiers on the reconstructions r_m (the reference parses a weight for it but
+    computes no such term: keep 0 for the reference's objective)."""
     detach_recon_targets: bool = False
     """Stop the gradient of the reconstruction MSE terms at their target Z_m. The reference does not, so
     the MSE can also be lowered by moving Z_m towards its reconstructions, and the cheapest way to do that is
@@ -303,6 +323,33 @@ class LossConfig:
             _require(math.isfinite(value) and value > 0, f"loss.{name}={value} must be > 0")
 
 
+REFERENCE_MODEL: dict[str, object] = {
+    "aligner": "lstm",
+    "standardize_features": False,
+    "modality_fusion": "max",
+    "score_rule": "reference",
+    "prototype_temperature": 1.0,
+    "label_pooling": "attention",
+    "input_dropout": 0.0,
+    "modality_dropout": 0.0,
+    "temporal_conv_kernel": 0,
+}
+"""The behaviour of the authors' published model, every ModelConfig option that has a carat alternative set to
+the reference's choice (all are the defaults). For the reference's aligned mode set ``aligner="none"``. What no
+option restores (padding masked, the queue's initial state) is listed in the README, "How carat differs from
+the published code"."""
+
+REFERENCE_LOSS: dict[str, object] = {
+    "pos_weight": (1.0,) * 6,
+    "detach_recon_targets": False,
+    "recon_clf_weight": 0.0,
+    "final_clf_weight": 1.0,
+}
+"""The authors' published objective's form: no per-class positive weights, reconstruction targets not detached,
+no recon_clf term, out_4's BCE at weight 1. The other term weights are numbers of a configuration, not of the
+form (the seed's and the official preset's are in carat.config)."""
+
+
 LEARNING_FIX_MODEL: dict[str, object] = {
     "aligner": "pool",
     "standardize_features": True,
@@ -312,7 +359,8 @@ LEARNING_FIX_MODEL: dict[str, object] = {
     "score_rule": "with_lsr",
 }
 """carat's measured changes to the reference model (each field's docstring says what was measured; the full
-table is in BENCHMARKS.md, Learning). Used by the tiny and small presets; the seed preset stays as published."""
+table is in BENCHMARKS.md, Learning). Used by the tiny and small presets; the seed and official presets keep the
+reference's behaviour (:data:`REFERENCE_MODEL`)."""
 
 LEARNING_FIX_LOSS: dict[str, object] = {"detach_recon_targets": True, "cl_weight": 0.1, "lsr_clf_weight": 1.0}
 """carat's measured changes to the reference objective: reconstruction targets detached, SupCon at 0.1 (its
