@@ -108,7 +108,8 @@ class TrainConfig:
     verify_corpus: Literal["quick", "full", "off"] = "quick"
     """Check of the corpus before training (``python -m carat.data verify``): quick = manifest against shard
     table, sizes and the tar header at every sample's offset (seconds); full = also sha256 and every sample
-    decoded (finite, non-empty, labels); off = only the loader's size check."""
+    decoded (finite, non-empty, labels); off = only the loader's checks (shard sizes when it is built, each
+    sample's hash as it is read: damaged payloads stop the run naming shard and key at any setting)."""
 
     def __post_init__(self) -> None:
         if self.max_nonfinite_steps < 0:

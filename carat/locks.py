@@ -56,8 +56,8 @@ class FileLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # the first write of a run or corpus: a read-only or unmakeable path shows here
-            raise LockPathError(f"{self.path.parent}: cannot write there ({err.strerror or err}), so {self.what} "
-                                "cannot be locked; it must be a writable directory") from None
+            raise LockPathError(f"{self.path.parent}: cannot write there ({err.strerror or err}), which {self.what} "
+                                "needs; choose a writable path") from None
         deadline = time.monotonic() + self.timeout
         while True:
             try:
