@@ -29,13 +29,14 @@ from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
 from carat.data.synth import SynthConfig
 from carat.errors import ConfigError
 from carat.model.config import (
-    TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig, check_pos_weight, slots_per_second_ratios,
+    REFERENCE_LOSS, REFERENCE_MODEL, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig,
+    check_pos_weight, slots_per_second_ratios,
 )
 from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
 from carat.train.optim import OptimConfig
 from carat.tune.config import TuneConfig
 
-PRESETS: tuple[str, ...] = ("seed", "tiny", "small")
+PRESETS: tuple[str, ...] = ("seed", "official", "tiny", "small")
 
 
 @dataclass
@@ -225,10 +226,91 @@ _SMALL: dict[str, dict[str, Any]] = {
 (10x longer clips than the quickstart's): ~15 minutes on 2 cores through Ray (BENCHMARKS.md, Learning)."""
 
 
+_SOURCE = "github.com/chengzju/CARAT at 3210086"
+_REFERENCE_MODEL_NOTE = "the reference's model (carat.model.config.REFERENCE_MODEL)"
+_REFERENCE_LOSS_NOTE = "the reference's objective (carat.model.config.REFERENCE_LOSS)"
+
+OFFICIAL: dict[str, tuple[Any, str]] = {
+    "model.hidden_size": (256, "models/configs/*_config.json and main.py --hidden_size (paper: d = 256)"),
+    "model.intermediate_size": (256, "models/configs/*_config.json"),
+    "model.num_heads": (8, "models/configs/*_config.json"),
+    "model.text_dropout": (0.3, "models/configs/text_config.json: hidden and attention dropout 0.3"),
+    "model.visual_dropout": (0.3, "models/configs/visual_config.json: hidden and attention dropout 0.3"),
+    "model.audio_dropout": (0.3, "models/configs/audio_config.json: hidden and attention dropout 0.3"),
+    "model.init_std": (0.02, "models/configs/*_config.json initializer_range"),
+    "model.text_layers": (6, "train.sh (main.py default 6; paper: l_t = 6)"),
+    "model.visual_layers": (4, "train.sh (main.py default 3; paper: l_v = 4)"),
+    "model.audio_layers": (4, "train.sh (main.py default 3; paper: l_a = 4)"),
+    "model.visual_max_positions": (500, "models/configs/visual_config.json max_position_embeddings"),
+    "model.audio_max_positions": (500, "models/configs/audio_config.json max_position_embeddings"),
+    "model.ctc_target_length": (500, "models/models.py: the unaligned mode's aligner length (50 with "
+                                     "--unaligned_mask_same_length). train.sh trains --aligned, on word-aligned "
+                                     "data without an aligner (model.aligner='none' on aligned data); carat's "
+                                     "corpora are unaligned, so the unaligned mode"),
+    "model.projection_size": (64, "main.py --proj_size (paper: d_z = 64)"),
+    "model.queue_size": (8192, "main.py --moco_queue (paper: 8192)"),
+    "model.prototype_momentum": (0.99, "main.py --proto_m"),
+    "model.threshold": (0.25, "train.sh --binary_threshold (main.py default 0.35)"),
+    **{f"model.{key}": (value, _REFERENCE_MODEL_NOTE) for key, value in REFERENCE_MODEL.items()},
+    "loss.lsr_clf_weight": (0.01, "train.sh (main.py default 1.0)"),
+    "loss.aug_clf_weight": (0.1, "train.sh (main.py default 1.0)"),
+    "loss.cl_weight": (1.0, "train.sh"),
+    "loss.recon_mse_weight": (1.0, "train.sh"),
+    "loss.aug_mse_weight": (1.0, "train.sh"),
+    "loss.beta_mse_weight": (0.0, "train.sh (main.py default 1.0; the paper names six loss weights, 0.01, 0.1, 1, "
+                                  "1, 0.1 and 1, without a one-to-one map to the script's nine)"),
+    "loss.total_aug_clf_weight": (1.0, "train.sh"),
+    "loss.shuffle_aug_clf_weight": (0.1, "train.sh (main.py default 1.0)"),
+    "loss.temperature": (0.07, "models/losses.py SupConLoss"),
+    "loss.base_temperature": (0.07, "models/losses.py SupConLoss"),
+    **{f"loss.{key}": (value, _REFERENCE_LOSS_NOTE) for key, value in REFERENCE_LOSS.items()},
+    "optim.lr": (5e-5, "train.sh --lr (main.py default 1e-4)"),
+    "optim.warmup_fraction": (0.1, "main.py --warmup_proportion, BertAdam's warmup_linear"),
+    "optim.epoch_decay": (1.0, "none in main.py: --lr_decay is parsed and never used"),
+    "optim.weight_decay": (0.01, "main.py: BertAdam weight_decay"),
+    "optim.decay_input_norm": (True, "main.py decays every parameter whose name has neither 'bias' nor "
+                                     "'LayerNorm': the input norms (*_norm.norm2d.weight) included"),
+    "optim.coef_lr": (1.0, "main.py parses --coef_lr 0.1 but gives every group lr x 1.0"),
+    "optim.betas": ((0.9, 0.999), "BertAdam defaults b1, b2 (paper: Adam)"),
+    "optim.eps": (1e-6, "BertAdam default e"),
+    "optim.grad_clip": (1.0, "main.py clip_grad_norm_(all parameters, 1.0) before each step; BertAdam's "
+                             "per-parameter clip at 1.0 then never acts"),
+    "loader.max_batch_size": (64, "main.py --batch_size (clips per step on one GPU)"),
+    "loader.remainder": ("drop", "main.py: the train loader drops its last partial batch"),
+    "train.epochs": (20, "main.py --epochs, train.sh (paper: 20 epochs)"),
+    "train.select_metric": ("micro_f1", "main.py keeps the epoch with the best validation micro-F1 (paper: best "
+                                        "validation F1); carat scores every validation sample, the reference "
+                                        "a shuffled subset that drops the last partial batch"),
+    "train.seed": (1, "train.sh --seed 1 (the same number; not the same random stream)"),
+}
+"""The ``official`` preset: the authors' published configuration (their train.sh and main.py, models/ at the
+commit the parity test's golden files come from) as far as carat can express it, each value with its source,
+which ``--show-config`` prints. Where their code and the paper (Peng et al., AAAI 2024) disagree, the code wins
+and the source names the paper's value. What carat cannot express (BertAdam's missing bias correction, their
+unmasked padding and noise-initialised queue, their validation subset) is in the README, "How carat differs
+from the published code". The text position table stays carat's 600 (theirs holds 60: their text is cut to 50
+words; carat's corpora have up to 374)."""
+
+
+def _sections(flat: dict[str, tuple[Any, str]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, (value, _) in flat.items():
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+PRESET_SOURCES: dict[str, dict[str, str]] = {"official": {key: f"{_SOURCE}, {source}"
+                                                          for key, (_, source) in OFFICIAL.items()}}
+"""Per preset, where each of its values comes from (``--show-config`` prints it above the key)."""
+
+
 def preset_values(name: str) -> dict[str, dict[str, Any]]:
     """The overrides a preset applies on top of the seed defaults."""
     if name == "seed":
         return {}
+    if name == "official":
+        return _sections(OFFICIAL)
     if name in ("tiny", "small"):
         table = _TINY if name == "tiny" else _SMALL
         return {section: dict(values) for section, values in table.items()}
@@ -455,10 +537,13 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def describe_config(cfg: CaratConfig) -> str:
-    """The resolved config as commented TOML: every key, its value, and what it means."""
+    """The resolved config as commented TOML: every key, its value, and what it means; under a preset with
+    sources (``official``), also where the preset's value comes from and whether this config overrides it."""
     import textwrap
 
     data = config_to_dict(cfg)
+    sources = PRESET_SOURCES.get(cfg.preset, {})
+    preset = json.loads(json.dumps(preset_values(cfg.preset))) if sources else {}
     lines = [f"preset = {_toml_value(data.pop('preset'))}"]
     for section, values in data.items():
         cls = type(getattr(cfg, section))
@@ -467,6 +552,12 @@ def describe_config(cfg: CaratConfig) -> str:
         for key, value in values.items():
             for doc_line in textwrap.wrap(docs.get(key, ""), 100):
                 lines.append(f"# {doc_line}")
+            source = sources.get(f"{section}.{key}")
+            if source is not None:
+                expected = preset[section][key]
+                note = "" if value == expected else f" [overridden here; the preset's value: {_toml_value(expected)}]"
+                for doc_line in textwrap.wrap(f"{cfg.preset}: {source}{note}", 100):
+                    lines.append(f"# {doc_line}")
             lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,9 @@ from carat.config import (
 from carat.errors import ConfigError
 
 
-def test_seed_defaults_match_the_published_configuration():
+def test_seed_defaults_are_the_seed_configuration():
+    # The configuration of the variable-length derivative carat started from (not the authors' published one:
+    # that is the official preset below).
     cfg = load_config("seed")
     assert isinstance(cfg, CaratConfig)
     assert cfg.train.epochs == 15
@@ -28,7 +30,45 @@ def test_tiny_preset_differs_where_declared():
     assert config_to_dict(tiny)["model"] != config_to_dict(seed)["model"]
 
 
-@pytest.mark.parametrize("preset", ["seed", "tiny", "small"])
+def test_official_preset_is_the_authors_published_configuration():
+    # Their train.sh / main.py / models at the parity test's commit (values checked against that code).
+    cfg = load_config("official")
+    m, loss, opt = cfg.model, cfg.loss, cfg.optim
+    assert (m.hidden_size, m.intermediate_size, m.num_heads) == (256, 256, 8)
+    assert (m.text_dropout, m.visual_dropout, m.audio_dropout) == (0.3, 0.3, 0.3)
+    assert (m.text_layers, m.visual_layers, m.audio_layers) == (6, 4, 4)
+    assert (m.threshold, m.ctc_target_length, m.projection_size, m.queue_size) == (0.25, 500, 64, 8192)
+    assert (m.aligner, m.modality_fusion, m.score_rule, m.prototype_temperature, m.standardize_features) == (
+        "lstm", "max", "reference", 1.0, False)
+    assert loss.pos_weight == (1.0,) * 6 and not loss.detach_recon_targets and loss.recon_clf_weight == 0.0
+    assert (loss.lsr_clf_weight, loss.aug_clf_weight, loss.cl_weight, loss.recon_mse_weight, loss.aug_mse_weight,
+            loss.beta_mse_weight, loss.total_aug_clf_weight, loss.shuffle_aug_clf_weight) == (
+        0.01, 0.1, 1.0, 1.0, 1.0, 0.0, 1.0, 0.1)
+    assert (opt.lr, opt.warmup_fraction, opt.epoch_decay, opt.coef_lr, opt.grad_clip) == (5e-5, 0.1, 1.0, 1.0, 1.0)
+    assert opt.decay_input_norm and opt.weight_decay == 0.01
+    assert (cfg.loader.max_batch_size, cfg.train.epochs, cfg.train.select_metric) == (64, 20, "micro_f1")
+
+
+def test_show_config_names_the_source_of_every_official_value():
+    from carat.config import OFFICIAL, PRESET_SOURCES, describe_config
+
+    lines = describe_config(load_config("official")).splitlines()
+    for key in OFFICIAL:
+        section, name = key.split(".")
+        at = lines.index(f"[{section}]") + 1
+        at += next(i for i, line in enumerate(lines[at:]) if line.startswith(f"{name} = "))
+        comments = []
+        while lines[at - 1].startswith("#"):
+            at -= 1
+            comments.insert(0, lines[at][2:])
+        assert "official: github.com/chengzju/CARAT at 3210086, " in " ".join(comments), key
+    assert set(PRESET_SOURCES["official"]) == set(OFFICIAL)
+    overridden = describe_config(load_config("official", overrides=["--optim.lr=1e-4"]))
+    assert "[overridden here; the preset's value: 5e-05]" in overridden.replace("\n# ", " ")
+    assert "official:" not in describe_config(load_config("seed"))
+
+
+@pytest.mark.parametrize("preset", ["seed", "official", "tiny", "small"])
 def test_every_preset_aligns_at_about_ten_slots_per_second_of_its_corpus(preset):
     # The seed's ratios are ~10 aligned slots per real second; a preset for a length-scaled corpus keeps that
     # resolution (or one slot per frame, when a frame already spans more than a tenth of a second).
@@ -112,7 +152,7 @@ def test_override_syntax_errors():
                          ids=lambda p: p.name)
 def test_every_shipped_config_file_loads(path):
     cfg = load_config(file=path)
-    assert cfg.preset == "seed"
+    assert cfg.preset == ("official" if path.name == "official.toml" else "seed")
 
 
 def test_split_overrides_keeps_values_with_their_keys():

@@ -67,6 +67,26 @@ def test_param_groups_partition_and_exclusions():
     assert by["base_lr/decay"]["lr"] == pytest.approx(3e-5) and by["base_lr/decay"]["lr_scale"] == 1.0
 
 
+def test_decay_input_norm_decays_what_the_reference_decays():
+    # The reference decays every parameter whose name contains neither "bias" nor "LayerNorm"; through the parity
+    # test's name table (its unaligned case has every kind of parameter) that is carat's decayed set with
+    # decay_input_norm, and carat's own rule differs from it by the three input LayerNorm weights only.
+    from carat.model import CARAT
+    from tests.test_reference_parity import golden, name_table, reference_configs
+
+    g = golden("b")
+    model = CARAT.from_config(reference_configs(g)[0])
+    table = name_table(g.config["layers"], g.aligned)
+    reference = {ours for theirs, ours in table.items() if "bias" not in theirs and "LayerNorm" not in theirs}
+
+    def decayed(cfg):
+        ids = {id(p) for group in param_groups(model, cfg) if group["weight_decay"] > 0 for p in group["params"]}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    assert decayed(OptimConfig(decay_input_norm=True)) == reference
+    assert reference - decayed(OptimConfig()) == {"text_norm.weight", "visual_norm.weight", "audio_norm.weight"}
+
+
 def test_wrapped_model_names_still_match():
     wrapper = nn.Module()
     wrapper.module = ToyCARAT()

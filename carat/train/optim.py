@@ -1,22 +1,35 @@
 """CARAT's optimisation: AdamW over four parameter groups and a warmup / linear-decay / epoch-decay schedule.
 
-The seed (the CARAT reference, which takes it from BERT fine-tuning) uses ``BertAdam`` with lr 3e-5, linear
-warmup over the first 20% of steps then linear decay to 0 (BERT's ``warmup_linear``), the lr further
-multiplied by 0.98 per epoch, weight decay 0.01 except on biases and LayerNorm weights, and gradient
-clipping at 1.0.
+What the authors' published code (github.com/chengzju/CARAT, main.py and models/optimization.py) does:
+``BertAdam`` with lr 1e-4 by default (5e-5 in their train.sh), linear warmup over the first 10% of all steps then
+linear decay to 0 (BERT's ``warmup_linear``), no per-epoch decay (``--lr_decay`` is parsed and never used),
+weight decay 0.01 on every parameter whose name contains neither "bias" nor "LayerNorm" (so their per-frame
+input LayerNorms, ``*_norm.norm2d.weight``, are decayed), the global gradient norm clipped at 1.0 before each
+step and, inside BertAdam, each parameter's gradient clipped to norm 1.0. Their ``--coef_lr`` (0.1) is parsed
+and used for nothing: every group trains at lr. The ``official`` preset (carat.config) sets these values.
 
-Differences from the reference, on purpose:
+The ``seed`` defaults are the configuration of the document this project started from, not the authors': lr
+3e-5, warmup over 20% of steps, the lr further multiplied by 0.98 per epoch, weight decay 0.01 except on every
+1-d parameter (biases and all LayerNorm weights), coef_lr 0.1 applied, global clipping at 1.0.
 
-- **AdamW instead of BertAdam.** BertAdam is Adam *without bias correction* and clips *each parameter's*
-  gradient to norm 1 inside the optimizer. carat uses :class:`torch.optim.AdamW` (bias-corrected moments,
-  the same decoupled weight decay) and clips the *global* gradient norm at ``grad_clip`` in the training
-  loop or by DeepSpeed (``gradient_clipping``), which is what ZeRO can do on sharded gradients. Without bias
-  correction the first steps are smaller; warmup makes the two close after the first few percent of steps.
-- **coef_lr is applied.** The reference builds separate parameter groups for its modality encoders
-  ("pretrained-style" modules that, as in CLIP4Clip, should move slower than the freshly initialised fusion
-  and classifier parts) but passes every group the same lr, so its ``coef_lr=0.1`` has no effect. carat
-  applies it: parameters under ``coef_lr_modules`` train at ``lr * coef_lr``. Set ``coef_lr=1.0`` to
-  reproduce the reference's effective behaviour.
+How carat differs, and why:
+
+- **AdamW instead of BertAdam.** BertAdam is Adam *without bias correction*: its step is
+  lr * m_t / (sqrt(v_t) + eps) with the raw moment averages, so early steps are *larger* than Adam's, by
+  (1 - 0.9^t) / sqrt(1 - 0.999^t) for a steady gradient: 3.2x at step 1, ~6.5x around step 12, 3.2x at step 100,
+  1.26x at step 1,000 (the warmup keeps the lr small over most of that stretch). carat uses
+  :class:`torch.optim.AdamW` (bias-corrected moments, the same decoupled weight decay), the optimizer DeepSpeed's
+  ZeRO stages support; no option restores BertAdam (it would need a custom optimizer under ZeRO and under its
+  CPU offload).
+- **Clipping.** carat clips the *global* gradient norm at ``grad_clip`` (DeepSpeed's ``gradient_clipping``,
+  which works on ZeRO's sharded gradients). That is the reference's clipping exactly: after a global clip at 1.0
+  no parameter's gradient norm exceeds 1.0, so BertAdam's per-parameter clip at 1.0 never acts.
+- **Weight decay exemptions.** carat exempts every 1-d parameter; the reference's name rule decays the input
+  LayerNorm weights too. ``decay_input_norm=true`` (set by the official preset) restores that.
+- **coef_lr is applied.** The reference builds separate parameter groups for "pretrained-style" modules (as in
+  CLIP4Clip, whose code it follows) but passes every group the same lr. carat applies ``coef_lr`` to the
+  parameters under ``coef_lr_modules`` (the modality encoders); ``coef_lr=1.0`` (the official preset)
+  reproduces the reference's effective behaviour.
 """
 
 from __future__ import annotations
@@ -43,17 +56,26 @@ class OptimConfig:
     eps: float = 1e-6
     """Adam denominator epsilon (BERT's 1e-6 rather than torch's 1e-8)."""
     weight_decay: float = 0.01
-    """Decoupled weight decay; never applied to biases and norm weights (any parameter with ndim <= 1)."""
+    """Decoupled weight decay; never applied to biases and norm weights (any parameter with ndim <= 1), except
+    the input LayerNorm weights with decay_input_norm."""
+    decay_input_norm: bool = False
+    """Also decay the weights of the per-frame input LayerNorms (text_norm, visual_norm, audio_norm), as the
+    reference does (its exemption rule matches names containing "bias" or "LayerNorm", and its input norms are
+    named ``*_norm.norm2d``). False = carat's rule: no 1-d parameter is decayed."""
     warmup_fraction: float = 0.2
-    """Fraction of all training steps with a linear warmup from 0 to lr; then linear decay to 0 at the end."""
+    """Fraction of all training steps with a linear warmup from 0 to lr; then linear decay to 0 at the end
+    (the seed's 0.2; the reference's 0.1)."""
     epoch_decay: float = 0.98
-    """The lr is further multiplied by epoch_decay ** epoch (epoch counted from 0)."""
+    """The lr is further multiplied by epoch_decay ** epoch (epoch counted from 0). The seed's 0.98; the
+    reference has none (1.0: its --lr_decay is parsed but unused)."""
     coef_lr: float = 0.1
-    """LR multiplier of the parameters under coef_lr_modules (the reference builds but never applies it)."""
+    """LR multiplier of the parameters under coef_lr_modules (the reference parses 0.1 but never applies it:
+    1.0 reproduces it)."""
     coef_lr_modules: tuple[str, ...] = ("text_encoder", "visual_encoder", "audio_encoder")
     """Module names whose parameters train at lr * coef_lr (matched as whole dotted name components)."""
     grad_clip: float = 1.0
-    """Global gradient-norm clipping threshold, applied by the training loop / DeepSpeed; 0 disables."""
+    """Global gradient-norm clipping threshold, applied by the training loop / DeepSpeed; 0 disables. 1.0 is the
+    reference's (which BertAdam's per-parameter clip at 1.0 then never changes)."""
 
     def __post_init__(self) -> None:
         _check_positive_finite("lr", self.lr)
@@ -100,12 +122,23 @@ def _under_any(name: str, modules: tuple[str, ...]) -> bool:
     return any(f".{m}." in dotted for m in modules)
 
 
+INPUT_NORMS: tuple[str, ...] = ("text_norm", "visual_norm", "audio_norm")
+"""CARAT's per-frame input LayerNorms (the reference's ``*_norm.norm2d``)."""
+
+
+def is_input_norm_weight(name: str) -> bool:
+    """Whether a parameter name is an input LayerNorm's weight, also inside a wrapper ('module.text_norm.weight')."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in INPUT_NORMS
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Trainable parameters split into (coef_lr yes/no) x (weight decay yes/no) groups.
 
     Each group dict carries ``params``, ``lr`` (= cfg.lr * lr_scale, the schedule's base), ``lr_scale``
     (coef_lr or 1), ``weight_decay`` and a ``name`` such as "coef_lr/decay". Parameters with ndim <= 1
-    (biases, LayerNorm/BatchNorm weights, scalars) get no weight decay. Empty groups are left out (ZeRO
+    (biases, LayerNorm/BatchNorm weights, scalars) get no weight decay, except the input LayerNorm weights
+    with ``cfg.decay_input_norm``. Empty groups are left out (ZeRO
     optimizers dislike empty groups). A coef_lr_modules entry that matches no parameter is a ConfigError
     (a typo would otherwise silently train the encoders at full lr).
     """
@@ -115,7 +148,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     }
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets[(_under_any(name, cfg.coef_lr_modules), p.ndim > 1)].append(p)
+            decay = p.ndim > 1 or (cfg.decay_input_norm and is_input_norm_weight(name))
+            buckets[(_under_any(name, cfg.coef_lr_modules), decay)].append(p)
     if not any(buckets.values()):
         raise ConfigError(f"{type(model).__name__} has no trainable parameters to optimise")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -191,7 +225,7 @@ class WarmupLinearEpochDecay(LambdaLR):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
                     cfg: OptimConfig) -> WarmupLinearEpochDecay:
-    """The seed schedule on ``optimizer`` (a torch optimizer: the one from :func:`build_optimizer`).
+    """The configured schedule on ``optimizer`` (a torch optimizer: the one from :func:`build_optimizer`).
 
     With DeepSpeed, pass it (or :func:`scheduler_factory`'s callable) as ``deepspeed.initialize(...,
     lr_scheduler=...)``: ZeRO optimizers keep the wrapped optimizer's param_group dicts, so setting their
