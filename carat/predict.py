@@ -144,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.suffix not in (".json", ".csv"):
             raise CaratError(f"--out {args.out}: use a .json or .csv file name")
-        batches = npz_batches(args.npz) if args.npz is not None else None  # a bad input fails before the model
         model, cfg = load_model(args.checkpoint, args.tag)
         device = torch.device(args.device)
-        if batches is not None:
-            pred = score_batches(model, batches, device)
+        if args.npz is not None:
+            pred = score_batches(model, npz_batches(args.npz), device)
         else:
             pred = score_split(model, cfg, args.shards.resolve(), args.split, device)
         threshold = cfg.model.threshold if args.threshold is None else args.threshold

