@@ -244,9 +244,10 @@ def _write_plots(card: dict[str, Any], lengths: dict[str, np.ndarray], split: st
         written = [plot_lengths(lengths, out / PLOT_FILES[0]), plot_prevalence(card, out / PLOT_FILES[1]),
                    plot_padding(lengths[split], budgets, loader.max_batch_size, weights, out / PLOT_FILES[2])]
     except (DataError, OSError) as err:
+        if plots_dir is not None and isinstance(err, DataError):
+            raise
         if plots_dir is not None:
-            raise err if isinstance(err, DataError) else DataError(
-                f"{out}: cannot write plots there ({err.strerror or err})") from None
+            raise DataError(f"{out}: cannot write plots there ({err.strerror or err})") from None
         return (f"plots not written: {out} cannot be written (a read-only corpus?); pass --plots DIR to write them "
                 "elsewhere, or --no-plots")
     return "plots: " + ", ".join(str(p) for p in written)

@@ -147,7 +147,6 @@ class PlannedBatches(IterableDataset):
         return str(self.shard_dir / self.index.shards[int(self.index.shard_ids[row])])
 
 
-
 def skip_error(skips: list[Skip]) -> DataError:
     """The one-line error of ``on_error="raise"`` for the first of ``skips``."""
     shard, key, why = skips[0]
