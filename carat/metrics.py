@@ -1,12 +1,13 @@
 """Multi-label emotion recognition metrics for CMU-MOSEI (numpy only).
 
-The metrics of the CARAT paper (Ge et al., "Learning Robust Multi-Modal Representation for Multi-Label
-Emotion Recognition via Adversarial Masking and Perturbation", and its predecessors TAILOR and AMP):
+The metrics CARAT reports (Peng et al., AAAI 2024, as multi-modal multi-label emotion recognition papers before
+it, e.g. TAILOR, report them), as its published code computes them (utils/eval.py) except where said:
 
 - accuracy: the sample-wise Jaccard index |y AND y_hat| / |y OR y_hat| averaged over samples. A sample with
   no true and no predicted label is a perfect prediction and scores 1 (sklearn's ``jaccard_score(...,
   average="samples", zero_division=1)``). ``accuracy_reference`` scores that case 0, as the published code
-  does (it divides by ``max(|y OR y_hat|, eps)``); report it only to compare with papers.
+  does (when |y OR y_hat| is 0 it sets the denominator to 1, so the sample scores 0 / 1); report it only to
+  compare with papers.
 - hamming_loss: the fraction of wrong (sample, emotion) decisions.
 - micro / macro precision, recall, F1 and per-emotion precision, recall, F1, support, with sklearn's
   ``zero_division=0`` semantics: a ratio whose denominator is 0 is 0.
@@ -15,8 +16,8 @@ Emotion Recognition via Adversarial Masking and Perturbation", and its predecess
   ``roc_auc_score(..., average="macro")`` on those columns; None when no emotion has both). It does not
   depend on a threshold, so it moves smoothly between epochs where F1 at a fixed threshold jumps.
 
-A prediction is positive when its score is ``> threshold`` (the design note's rule) (seed threshold 0.2); thresholds may differ per
-emotion. Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError)
+A prediction is positive when its score is above the threshold, compared in float32 (:func:`above_threshold`: the
+one rule of ``CARAT.predict``, carat.predict's files and the authors' code); thresholds may differ per emotion. Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError)
 naming the problem.
 
 The end of the module judges a run against its dataset card: :func:`verdict` (the model's test scores next to
@@ -112,9 +113,19 @@ def validate_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------------- metrics
+def above_threshold(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """The decision rule, everywhere in carat: ``float32(score) > float32(threshold)`` (broadcast), a bool array.
+
+    ``CARAT.predict`` compares its float32 scores with the threshold in float32 (torch casts a Python float to
+    the tensor's dtype), and so do the authors' code and the scores carat writes; comparing in float64 instead
+    would call a score of exactly float32(0.2) = 0.2000000030 positive at threshold 0.2, where predict says no.
+    """
+    return np.asarray(scores, dtype=np.float32) > np.asarray(threshold, dtype=np.float32)
+
+
 def binarize(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
-    """Predicted labels [N, 6] (int 0/1): score ``> threshold``, the design note's rule (thresholds broadcast)."""
-    return (_check_scores(scores) > _check_threshold(threshold)[None, :]).astype(np.int64)
+    """Predicted labels [N, 6] (int 0/1): :func:`above_threshold` (thresholds broadcast per emotion)."""
+    return above_threshold(_check_scores(scores), _check_threshold(threshold)[None, :]).astype(np.int64)
 
 
 def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
@@ -150,7 +161,7 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float | n
     """
     y, s = validate_inputs(y_true, scores)
     t = _check_threshold(threshold)
-    y_pred = (s > t[None, :]).astype(np.int64)
+    y_pred = above_threshold(s, t[None, :]).astype(np.int64)
 
     tp = (y & y_pred).sum(axis=0)
     fp = ((1 - y) & y_pred).sum(axis=0)
@@ -251,7 +262,7 @@ def tune_thresholds(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray | S
     g = np.unique(g)
     tuned = np.empty(NUM_CLASSES)
     for c in range(NUM_CLASSES):
-        pred = s[None, :, c] > g[:, None]                     # [G, N]
+        pred = above_threshold(s[None, :, c], g[:, None])     # [G, N]
         pos = y[None, :, c].astype(bool)
         tp = (pred & pos).sum(axis=1)
         fp = (pred & ~pos).sum(axis=1)
@@ -275,7 +286,7 @@ def tune_shared_threshold(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarr
     """
     y, s = validate_inputs(y_true, scores)
     g = np.unique(DEFAULT_THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64))
-    pred = s[None] > g[:, None, None]                          # [G, N, C]
+    pred = above_threshold(s[None], g[:, None, None])          # [G, N, C]
     pos = y[None].astype(bool)
     tp = (pred & pos).sum(axis=(1, 2))
     fp = (pred & ~pos).sum(axis=(1, 2))

@@ -23,6 +23,7 @@ from carat.data.batch import Batch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.errors import CaratError, DataError
 from carat.evaluate import score_batches, score_split
+from carat.metrics import above_threshold
 
 
 def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
@@ -105,7 +106,7 @@ def _length_array(lengths: np.ndarray, name: str, ids: list[str], path: Path) ->
 
 
 def write_predictions(out: Path, keys, scores: np.ndarray, threshold: float | np.ndarray) -> None:
-    labels = (scores > np.asarray(threshold)).astype(int)
+    labels = above_threshold(scores, threshold).astype(int)  # the one rule: float32 score > float32 threshold
     rows = [{"id": str(k), **{f"score_{e}": float(s[i]) for i, e in enumerate(EMOTIONS)},
              **{e: int(y[i]) for i, e in enumerate(EMOTIONS)}} for k, s, y in zip(keys, scores, labels)]
     try:

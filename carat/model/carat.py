@@ -318,8 +318,9 @@ class CARAT(nn.Module):
         return sum(heads) / len(heads)
 
     def predict(self, out: CaratOutput) -> torch.Tensor:
-        """[B, C] bool: scores above ``ModelConfig.threshold``."""
-        return self.scores(out) > self.threshold
+        """[B, C] bool: scores above ``ModelConfig.threshold``, compared in float32 (the rule carat.metrics'
+        ``above_threshold`` applies to saved scores, and the authors' code's)."""
+        return self.scores(out).float() > torch.tensor(self.threshold, dtype=torch.float32)
 
     @torch.no_grad()
     def update_memory(self, out: CaratOutput, labels: torch.Tensor,
