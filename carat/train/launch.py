@@ -110,11 +110,14 @@ def launch_in_process(cfg: CaratConfig, run_dir: Path, shard_dir: Path, launcher
 
 def destroy_process_group() -> None:
     """Leave the group before the interpreter exits: a gloo group torn down by static destructors at exit
-    aborted a rank after its results were written (`terminate called without an active exception`, -6)."""
+    aborted a rank after its results were written (`terminate called without an active exception`, -6).
+    Through DeepSpeed, which drops its own references to the group too: a later run in this process (the tests
+    call ``main`` repeatedly) then starts a fresh one."""
+    import deepspeed.comm
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()
 
 
 # -- Ray Train -----------------------------------------------------------------------------------------------
