@@ -252,6 +252,8 @@ OFFICIAL: dict[str, tuple[Any, str]] = {
     "model.prototype_momentum": (0.99, "main.py --proto_m"),
     "model.threshold": (0.25, "train.sh --binary_threshold (main.py default 0.35)"),
     **{f"model.{key}": (value, _REFERENCE_MODEL_NOTE) for key, value in REFERENCE_MODEL.items()},
+    "model.queue_init": ("noise", "models/models.py: the queue starts as Gaussian noise normalised over dim 0, its "
+                                  "labels Gaussian floats"),
     "loss.lsr_clf_weight": (0.01, "train.sh (main.py default 1.0)"),
     "loss.aug_clf_weight": (0.1, "train.sh (main.py default 1.0)"),
     "loss.cl_weight": (1.0, "train.sh"),
@@ -282,13 +284,13 @@ OFFICIAL: dict[str, tuple[Any, str]] = {
                                         "validation F1); carat scores every validation sample, the reference "
                                         "a shuffled subset that drops the last partial batch"),
     "train.seed": (1, "train.sh --seed 1 (the same number; not the same random stream)"),
+    "train.precision": ("fp32", "main.py trains in float32 (no autocast); --train.precision=auto for bf16 on GPU"),
 }
 """The ``official`` preset: the authors' published configuration (their train.sh and main.py, models/ at the
 commit the parity test's golden files come from) as far as carat can express it, each value with its source,
 which ``--show-config`` prints. Where their code and the paper (Peng et al., AAAI 2024) disagree, the code wins
 and the source names the paper's value. What carat cannot express (BertAdam's missing bias correction, their
-unmasked padding and noise-initialised queue, their validation subset) is in the README, "How carat differs
-from the published code". The text position table stays carat's 600 (theirs holds 60: their text is cut to 50
+unmasked padding, their validation subset) is in the README, "How carat differs from the published code". The text position table stays carat's 600 (theirs holds 60: their text is cut to 50
 words; carat's corpora have up to 374)."""
 
 

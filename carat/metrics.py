@@ -17,8 +17,9 @@ it, e.g. TAILOR, report them), as its published code computes them (utils/eval.p
   depend on a threshold, so it moves smoothly between epochs where F1 at a fixed threshold jumps.
 
 A prediction is positive when its score is above the threshold, compared in float32 (:func:`above_threshold`: the
-one rule of ``CARAT.predict``, carat.predict's files and the authors' code); thresholds may differ per emotion. Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError)
-naming the problem.
+one rule of ``CARAT.predict``, carat.predict's files and the authors' code); thresholds may differ per emotion.
+Every function validates its inputs and raises :class:`carat.errors.DataError` (a ValueError) naming the
+problem.
 
 The end of the module judges a run against its dataset card: :func:`verdict` (the model's test scores next to
 the card's pooled-feature floor, the predict-every-emotion baseline and, when the card has one, the oracle)

@@ -40,6 +40,7 @@ def test_official_preset_is_the_authors_published_configuration():
     assert (m.threshold, m.ctc_target_length, m.projection_size, m.queue_size) == (0.25, 500, 64, 8192)
     assert (m.aligner, m.modality_fusion, m.score_rule, m.prototype_temperature, m.standardize_features) == (
         "lstm", "max", "reference", 1.0, False)
+    assert m.queue_init == "noise" and load_config("seed").model.queue_init == "empty"
     assert loss.pos_weight == (1.0,) * 6 and not loss.detach_recon_targets and loss.recon_clf_weight == 0.0
     assert (loss.lsr_clf_weight, loss.aug_clf_weight, loss.cl_weight, loss.recon_mse_weight, loss.aug_mse_weight,
             loss.beta_mse_weight, loss.total_aug_clf_weight, loss.shuffle_aug_clf_weight) == (

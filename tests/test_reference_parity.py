@@ -655,3 +655,46 @@ def test_a_changed_loss_weight_is_caught(weight):
 def test_each_carat_option_off_the_reference_is_caught(change):
     bad = failures(compare_case("b", Mutation(**change)))
     assert bad, f"{change} left every quantity within tolerance"
+
+
+def _supcon_reference_sum(features: np.ndarray, ids: np.ndarray, anchors: int, temperature: float) -> float:
+    """The README's SupCon formula, written out in float64: the sum over the first ``anchors`` rows (the rest
+    are contrast rows only here) of -mean_{p in P(i)} [s_ip / T - log sum_{a != i} exp(s_ia / T)], 0 without
+    positives; ids < 0 match nothing."""
+    sims = features @ features.T / temperature
+    total = 0.0
+    for i in range(anchors):
+        others = np.arange(len(features)) != i
+        positives = others & (ids == ids[i]) & (ids[i] >= 0)
+        if positives.any():
+            log_denominator = np.log(np.exp(sims[i, others]).sum())
+            total -= (sims[i, positives] - log_denominator).mean()
+    return total
+
+
+def test_the_reference_noise_queue_scales_the_first_supcon_by_batch_over_batch_plus_queue():
+    # model.queue_init="noise" (the reference's initial queue, README quirk 1): column-normalised noise rows that
+    # match no class are contrast rows and anchors without positives, so SupCon is the batch anchors' sum over
+    # n + Q rows, i.e. the batch's value times n / (n + Q) (x0.30 at the seed's 3,456 batch rows and 8,192 queue).
+    from carat.model.losses import supcon_loss
+    from carat.model.memory import ContrastiveQueue
+
+    g = golden("a")
+    rows = torch.from_numpy(g.data["train/contrast/rows"])
+    ids = torch.from_numpy(g.data["train/contrast/ids"])
+    torch.manual_seed(0)
+    queue = ContrastiveQueue(300, rows.shape[1], "noise")
+    norms = queue.features.norm(dim=1)
+    assert torch.allclose(queue.features.norm(dim=0), torch.ones(rows.shape[1]))  # columns, not rows
+    assert abs(float(norms.pow(2).mean()) - rows.shape[1] / 300) < 1e-5
+    features = torch.cat([rows, queue.features])
+    all_ids = torch.cat([ids, queue.ids])
+    value = supcon_loss(features, all_ids, queue.filled().new_ones(len(features)), 0.07, 0.07)
+    expected = _supcon_reference_sum(features.double().numpy(), all_ids.numpy(), len(rows), 0.07) / len(features)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    carat_init = ContrastiveQueue(300, rows.shape[1], "empty")
+    batch_only = supcon_loss(torch.cat([rows, carat_init.features]), torch.cat([ids, carat_init.ids]),
+                             torch.cat([torch.ones(len(rows), dtype=torch.bool), carat_init.filled()]), 0.07, 0.07)
+    assert float(batch_only) == pytest.approx(
+        _supcon_reference_sum(rows.double().numpy(), ids.numpy(), len(rows), 0.07) / len(rows), rel=1e-5)
+    assert 3456 / (3456 + 8192) == pytest.approx(0.30, abs=0.005)

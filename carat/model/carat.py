@@ -19,7 +19,8 @@ code" lists each with the option that restores the reference):
   --unaligned_mask_same_length) or adaptive per sample (see alignment.py). ``aligner="none"`` is the reference's
   aligned mode (no alignment module).
 - Long text: more real steps than ``text_max_positions`` is an explicit error or a counted truncation.
-- Queue init: random unit rows with id -1 that match nothing and are left out of SupCon (memory.py).
+- Queue init: random unit rows with id -1 that match nothing and are left out of SupCon (memory.py);
+  ``queue_init="noise"`` is the reference's noise.
 - Vectorised exact state updates: the prototype EMA in closed form (equal to the reference's loop) and the
   shuffle augmentation by argsort of random numbers (same distribution as its numpy permutation loops); the
   queue is a ring buffer that also handles more rows than its size.
@@ -172,7 +173,7 @@ class CARAT(nn.Module):
         self.reconstruct = CrossModalReconstruction(d)
         self.classifiers = LabelClassifiers(d, c)
         self.agg = ProjectionMLP(c * d, d, c)
-        self.queue = ContrastiveQueue(cfg.queue_size, z)
+        self.queue = ContrastiveQueue(cfg.queue_size, z, cfg.queue_init)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "CARAT":

@@ -100,6 +100,12 @@ class ModelConfig:
     """EMA momentum of the positive / negative label prototypes."""
     queue_size: int = 8192
     """Rows in the contrastive memory queue (ring buffer)."""
+    queue_init: Literal["empty", "noise"] = "empty"
+    """What the queue holds before the batches overwrite it. "empty": rows that SupCon leaves out (carat). "noise":
+    the reference's Gaussian noise, normalised per feature column, with ids that match no class: extra
+    negatives, and anchors without positives that count in SupCon's mean, so the loss starts at the batch's
+    value times n / (n + queue_size) for n batch rows (x0.30 at the seed's sizes) until the noise is
+    overwritten (carat/model/memory.py)."""
     threshold: float = 0.2
     """Decision threshold on CARAT.scores for CARAT.predict (metrics may tune their own)."""
     attention: Literal["sdpa", "eager"] = "sdpa"
@@ -248,6 +254,8 @@ class ModelConfig:
                  f"model.modality_fusion={self.modality_fusion!r}: use 'max' or 'sum'")
         _require(self.label_pooling in ("attention", "max", "attention+max"),
                  f"model.label_pooling={self.label_pooling!r}: use 'attention', 'max' or 'attention+max'")
+        _require(self.queue_init in ("empty", "noise"),
+                 f"model.queue_init={self.queue_init!r}: use 'empty' or 'noise'")
         _require(self.aligner in ("lstm", "pool", "none"),
                  f"model.aligner={self.aligner!r}: use 'lstm', 'pool' or 'none'")
         for m in self.checkpoint_encoders:
@@ -333,10 +341,11 @@ REFERENCE_MODEL: dict[str, object] = {
     "input_dropout": 0.0,
     "modality_dropout": 0.0,
     "temporal_conv_kernel": 0,
+    "queue_init": "noise",
 }
 """The behaviour of the authors' published model, every ModelConfig option that has a carat alternative set to
-the reference's choice (all are the defaults). For the reference's aligned mode set ``aligner="none"``. What no
-option restores (padding masked, the queue's initial state) is listed in the README, "How carat differs from
+the reference's choice (all are the defaults except queue_init). For the reference's aligned mode set
+``aligner="none"``. What no option restores (padding is masked) is listed in the README, "How carat differs from
 the published code"."""
 
 REFERENCE_LOSS: dict[str, object] = {
@@ -422,7 +431,7 @@ TINY_LOSS_OVERRIDES: dict[str, object] = {"recon_mse_weight": 0.1, "aug_mse_weig
 a strong-signal synthetic corpus (where pooled logistic regression reaches test micro-F1 0.98): at weight 1.0
 the MSE terms, reachable by making every label feature Z the same constant, win against the classifiers in a
 16-wide model, and it stays at the label prior (valid micro-F1 0.44) at lr 1e-3 and 3e-4 alike; at 0.1
-it learns (0.57 after 4 epochs). The seed keeps the published 1.0."""
+it learns (0.57 after 4 epochs). The seed keeps 1.0 (the authors' train.sh value too)."""
 
 
 def check_pos_weight(loss: LossConfig, model: ModelConfig) -> None:

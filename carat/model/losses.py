@@ -4,7 +4,8 @@ queue. ``CaratLoss`` returns every term separately and their weighted sum as ``"
 
 carat differences from the reference: BCE has a per-class ``pos_weight`` (all 1.0 = reference); a per-sample
 ``sample_weight`` (0 for filler samples) removes samples from every term (weighted means; SupCon drops their
-rows); empty queue rows (id -1) are neither anchors nor contrast rows; SupCon runs in float32 even under
+rows); empty queue rows (id -1) are neither anchors nor contrast rows (the reference's initial noise rows, id -2
+with model.queue_init="noise", are both, without positives); SupCon runs in float32 even under
 autocast (a 0.07 temperature amplifies bf16 rounding of the similarities 14x).
 """
 
@@ -44,7 +45,8 @@ def contrastive_class_ids(labels: torch.Tensor, num_stages: int = NUM_STAGES) ->
 def supcon_loss(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, temperature: float,
                 base_temperature: float, chunk_rows: int = 2048, num_ids: int | None = None) -> torch.Tensor:
     """Supervised contrastive loss with every valid row as an anchor (the reference's ``SupConLoss`` with
-    ``batch_size = N``): features [N, z] L2-normalised, ids [N] (EMPTY_ID matches nothing), valid [N] bool.
+    ``batch_size = N``): features [N, z] L2-normalised, ids [N] (a negative id, EMPTY_ID or NOISE_ID, matches
+    nothing), valid [N] bool.
 
     For anchor i over the contrast set A(i) = {valid j != i} and positives P(i) = {j in A(i): id_j = id_i}:
     loss_i = -(T / T_base) * mean_{p in P(i)} log( exp(s_ip / T) / sum_{a in A(i)} exp(s_ia / T) ),
@@ -82,10 +84,11 @@ _MASKED_LOGIT = -1e9
 def _positive_class_sums(features: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
                          num_ids: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per contrastive class: the sum of its valid rows' features [K, z] and their count [K]; row 0 of each
-    collects EMPTY_ID (ids are shifted by one), which never counts as a positive. ``num_ids`` (ids lie in
-    0..num_ids-1) fixes K without reading ``ids.max()``: on a GPU that read is a host sync every step."""
+    collects the negative ids (EMPTY_ID, NOISE_ID; ids are shifted by one), which never count as positives.
+    ``num_ids`` (ids lie in 0..num_ids-1) fixes K without reading ``ids.max()``: on a GPU that read is a host
+    sync every step."""
     slot = (ids.long() - EMPTY_ID).clamp_min(0)
-    member = (valid & (ids != EMPTY_ID)).to(features.dtype)
+    member = (valid & (ids >= 0)).to(features.dtype)
     if num_ids is not None:
         num_slots = num_ids - EMPTY_ID
     else:
@@ -109,7 +112,7 @@ def _supcon_anchor_sum(features: torch.Tensor, ids: torch.Tensor, valid: torch.T
     row_max = logits.detach().amax(dim=1, keepdim=True)
     log_denominator = row_max.squeeze(1) + (logits - row_max).exp().sum(dim=1).log()
     anchor_ids = ids[start:stop]
-    is_member = valid[start:stop] & (anchor_ids != EMPTY_ID)
+    is_member = valid[start:stop] & (anchor_ids >= 0)
     slot = (anchor_ids.long() - EMPTY_ID).clamp_min(0)
     self_logit = (anchors * features[start:stop]).sum(dim=1)
     positive_logit_sum = (anchors * class_sum[slot]).sum(dim=1) - torch.where(is_member, self_logit, 0.0)

@@ -6,10 +6,14 @@ positive and a negative prototype in the latent space, EMAs of L2-normalised lat
 :func:`ema_closed_form` computes the identical sequential result in one vectorised step.
 
 Queue (MoCo-style, He et al. CVPR 2020): a ring buffer of normalised latent rows and their contrastive class
-ids, used as extra anchors / contrast rows by SupCon. carat initialises it harmlessly: rows are random unit
-vectors and ids are -1, an id the losses treat as "empty" (matches nothing, and empty rows are left out of the
-contrast set entirely), so the loss before the queue fills is SupCon over the filled part only. (The reference
-fills it with column-normalised Gaussian noise and Gaussian float "labels" that act as random negatives.)
+ids, used as extra anchors / contrast rows by SupCon. carat initialises it harmlessly (``init="empty"``): rows
+are random unit vectors and ids are -1, an id the losses treat as "empty" (matches nothing, and empty rows are
+left out of SupCon entirely), so the loss before the queue fills is SupCon over the filled part only. The
+reference (``init="noise"``, model.queue_init) fills it with Gaussian noise normalised along the feature
+*columns* (rows of norm ~sqrt(z / size), 0.09 at z = 64, size 8,192) and Gaussian float "labels" that equal no
+class id: until overwritten, those rows are extra negatives and anchors without positives, which contribute 0
+but count in SupCon's mean, so its first-step SupCon is the batch's value times n / (n + size) for n batch rows
+(64 x 54 = 3,456 rows against 8,192 at the seed's sizes: x0.30).
 
 Both are updated only from features gathered across all data-parallel ranks, so every rank holds the same state,
 and both keep float32 buffers when the model is cast to bf16 (:class:`Float32State`).
@@ -22,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 EMPTY_ID = -1
-"""Class id of a queue row that holds no feature yet."""
+"""Class id of a queue row that holds no feature yet (left out of SupCon)."""
+
+NOISE_ID = -2
+"""Class id of a queue row that holds the reference's initial noise: a row of SupCon (contrast row, and an anchor
+that has no positive) that matches no class."""
 
 
 def ema_closed_form(state: torch.Tensor, items: torch.Tensor, selected: torch.Tensor,
@@ -115,13 +123,19 @@ class LabelPrototypes(Float32State):
 
 
 class ContrastiveQueue(Float32State):
-    """Ring buffer of ``size`` normalised rows [size, z] with class ids [size] (EMPTY_ID until written)."""
+    """Ring buffer of ``size`` rows [size, z] with class ids [size]: until written, random unit rows with EMPTY_ID
+    (``init="empty"``) or the reference's column-normalised noise with NOISE_ID (``init="noise"``)."""
 
-    def __init__(self, size: int, latent_size: int) -> None:
+    def __init__(self, size: int, latent_size: int, init: str = "empty") -> None:
         super().__init__()
+        if init not in ("empty", "noise"):
+            raise ValueError(f"queue init {init!r}: use 'empty' or 'noise'")
         self.size = size
-        self.register_buffer("features", F.normalize(torch.randn(size, latent_size), dim=1))
-        self.register_buffer("ids", torch.full((size,), EMPTY_ID, dtype=torch.long))
+        noise = torch.randn(size, latent_size)
+        # The reference normalises its initial queue over dim 0 (each feature column), not per row.
+        features = F.normalize(noise, dim=0) if init == "noise" else F.normalize(noise, dim=1)
+        self.register_buffer("features", features)
+        self.register_buffer("ids", torch.full((size,), EMPTY_ID if init == "empty" else NOISE_ID, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -139,5 +153,5 @@ class ContrastiveQueue(Float32State):
         self.ptr.fill_((int(self.ptr) + n) % self.size)
 
     def filled(self) -> torch.Tensor:
-        """[size] bool: rows that hold a real feature."""
+        """[size] bool: rows SupCon uses (every row but the empty ones: written rows, and initial noise rows)."""
         return self.ids != EMPTY_ID
