@@ -27,7 +27,7 @@ batches of the whole epoch plan (padding efficiency), and the ratio carat / refe
 alternate within each round.
 
 Models: ``tiny`` (the quickstart's), ``wide64`` (tiny at hidden size 64: the 64-wide model of the issue),
-``seed`` (the published size; its step over 64 padded clips takes seconds on a CPU: few steps).
+``seed`` (the seed preset's size, 512 wide; its step over 64 padded clips takes seconds on a CPU: few steps).
 """
 
 from __future__ import annotations
