@@ -252,8 +252,8 @@ def loaded_model(g: Golden, model_cfg: ModelConfig) -> CARAT:
 class Recorder:
     """Forward hooks that keep carat's intermediates under the golden files' names."""
 
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: dict[str, list] = field(default_factory=dict)
+    """Module key -> its outputs, in call order (de_proj_m: e_m then the stand-in; classifiers: Z, FRR, SRR, r)."""
 
     @contextmanager
     def attached(self, model: CARAT) -> Iterator["Recorder"]:
