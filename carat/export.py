@@ -25,17 +25,28 @@ from carat.errors import CaratError
 MODULE_PREFIX = "model."  # the training wrapper holds CARAT as `.model` next to the loss
 
 
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory (its resolved config beside its checkpoints), not a DeepSpeed save dir."""
+    return (path / "config.toml").is_file() and not (path / "latest").is_file()
+
+
 def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, str]:
-    """Accept a run directory (its best model), a DeepSpeed save dir (its `latest` tag), or a tag folder."""
+    """Accept a run directory (its best model: there is no other), a DeepSpeed save dir (its newest complete
+    tag, with a warning for newer damaged ones), or a tag folder."""
     if (path / "best" / "best").is_dir() and tag is None:
         return path / "best", "best"
-    if (path / "checkpoints").is_dir() and tag is None and not (path / "best").is_dir():
-        path = path / "checkpoints"
+    if tag is None and is_run_dir(path):
+        # the run's last epoch is not its best: scoring it silently would report another model's figures
+        raise CaratError(f"{path} has no best model ({path / 'best'} is missing: the run never finished an epoch, "
+                         f"or best/ was removed); score one epoch's checkpoint with --checkpoint "
+                         f"{path / 'checkpoints'} --tag epoch-NNN, or rerun the training")
     if tag is None and ((path / "latest").is_file() or any(path.glob("*/carat_complete.json"))):
         from carat.train.checkpoint import find_resume_point
 
-        point = find_resume_point(path)  # the newest complete tag; `latest` may be missing or torn
+        point = find_resume_point(path)  # the newest complete tag; `latest` may be missing, torn or damaged
         if point is not None and point.tag is not None:
+            if point.warning():
+                print(f"[carat] warning: {point.warning()}", file=sys.stderr, flush=True)
             return path, point.tag
         if (path / "latest").is_file():
             return path, (path / "latest").read_text().strip()
@@ -62,16 +73,24 @@ def read_client_state(save_dir: Path, tag: str) -> dict[str, Any]:
 
 
 def check_complete(save_dir: Path, tag: str) -> None:
-    """A torn tag (a save that a kill interrupted, a truncated file) is an error naming what is wrong.
-    Checkpoints from before completion markers (no tag in ``save_dir`` has one) are taken as they are."""
-    from carat.train.checkpoint import COMPLETE_FILE, incomplete_reason
+    """A torn or damaged tag (a save that a kill interrupted, a truncated file, bytes that no longer match the
+    marker's sha256) is an error naming the file. Checkpoints from before completion markers (no tag in
+    ``save_dir`` has one) are taken as they are; markers from before hashes are checked by size, with a note."""
+    from carat.train.checkpoint import COMPLETE_FILE, incomplete_reason, unhashed_note
 
     tag_dir = save_dir / tag
     has_markers = (tag_dir / COMPLETE_FILE).exists() or any(save_dir.glob(f"*/{COMPLETE_FILE}"))
     reason = incomplete_reason(tag_dir) if has_markers else None
-    if reason is not None:
-        raise CaratError(f"{tag_dir} is an incomplete checkpoint ({reason}); pick a complete tag with --tag "
-                         f"(tags: {', '.join(sorted(p.name for p in save_dir.iterdir() if p.is_dir()))})")
+    if reason is None:
+        if has_markers and unhashed_note(tag_dir):
+            print(f"[carat] note: {unhashed_note(tag_dir)}", file=sys.stderr, flush=True)
+        return
+    if tag == "best":  # a best model has nothing to fall back to
+        raise CaratError(f"best model {tag_dir} is damaged or incomplete: {reason}; restore it from a copy, or "
+                         f"score one epoch's checkpoint with --checkpoint {save_dir.parent / 'checkpoints'} "
+                         "--tag epoch-NNN")
+    raise CaratError(f"{tag_dir} is a damaged or incomplete checkpoint ({reason}); pick another tag with --tag "
+                     f"(tags: {', '.join(sorted(p.name for p in save_dir.iterdir() if p.is_dir()))})")
 
 
 def consolidate(save_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -123,12 +142,15 @@ def load_model(path: Path, tag: str | None = None):
         return load_ensemble(path)
 
     if path.is_file():
+        from carat.train.checkpoint import require_finite
+
         try:  # weights_only: a model file never gets to run code on load
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for foreign or corrupt files
             raise CaratError(f"{path} is not a readable carat export: {err}") from None
         if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
             raise CaratError(f"{path} is not a carat export (expected keys state_dict and config)")
+        require_finite(blob["state_dict"], path)
         weights, cfg = blob["state_dict"], config_from_dict(blob["config"])
     else:
         save_dir, tag = resolve_checkpoint(path, tag)
@@ -153,10 +175,18 @@ def export(path: Path, out: Path, tag: str | None = None) -> Path:
     blob = {"state_dict": weights, "config": state["config"], "carat_version": carat.__version__,
             "source": {"checkpoint": str(save_dir), "tag": tag, "epoch": state.get("epoch"),
                        "world_size": state.get("world_size")}}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from carat.train.checkpoint import save_torch
+
     tmp = temp_path(out)
-    torch.save(blob, tmp)
-    publish(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_torch(blob, tmp)
+        publish(tmp, out)
+    except OSError as err:  # a full disk or a read-only folder: say which file, not torch's `unexpected pos`
+        raise CaratError(f"{err.strerror or err} while writing {err.filename or out}: free space there or "
+                         "choose another --out") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -46,8 +46,9 @@ from carat.train import dist
 from carat.train.averaging import WeightAverage
 from carat.train.checkpoint import (
     CheckpointError, KeptCopy, ResumePoint, checkpoint_write_errors, clear_tag, corpus_fingerprint, resume_refusal,
-    find_resume_point, fsync_files, list_tag_files, load_checkpoint_file, recover_dir, replace_dir,
-    safe_torch_load, save_torch_atomic, write_completion_marker, write_latest,
+    find_resume_point, list_tag_files, load_checkpoint_file, recover_dir, replace_dir, require_intact,
+    safe_torch_load, save_torch_atomic, seal_files, torch_save_reports_os_errors, write_completion_marker,
+    write_latest,
 )
 from carat.train.deepspeed_config import build_ds_config, default_ds_config_path, read_ds_config
 from carat.train.network import rank_placement
@@ -354,20 +355,23 @@ class Trainer:
             if self.is_main:
                 clear_tag(tag_dir)  # a torn tag of an earlier attempt, or the tag being replaced
             dist.barrier()
-            self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(record),
-                                        save_latest=False)
+            with torch_save_reports_os_errors():  # a full disk: ENOSPC naming the file, not `unexpected pos`
+                self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(record),
+                                            save_latest=False)
             # DeepSpeed keeps rank 0's client state only; RNG streams differ per rank, so each rank saves its own.
             save_torch_atomic(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
             mine = list_tag_files(tag_dir)
-            fsync_files(tag_dir, list(mine))
+            digests = seal_files(tag_dir, list(mine))  # each rank hashes (and fsyncs) what it wrote
             # Under Ray every rank saves into its own folder: the marker lists the files of all of them.
             files: dict[str, int] = {}
-            for part in dist.gather_objects(mine):
-                files.update(part)
+            hashes: dict[str, str] = {}
+            for sizes, part in dist.gather_objects((mine, digests)):
+                files.update(sizes)
+                hashes.update(part)
             if self.is_main:
                 write_completion_marker(tag_dir, files, {
                     "epoch": self.epoch, "global_step": self.global_step, "world_size": self.world,
-                    "corpus": self.corpus, "record": record})
+                    "corpus": self.corpus, "record": record}, hashes)
                 write_latest(root, tag)
         dist.barrier()
 
@@ -392,6 +396,8 @@ class Trainer:
         point = find_resume_point(self.ctx.resume_dir)
         if point is not None and point.warning():
             self.warn(point.warning())
+        if point is not None and point.note() and self.is_main:
+            print(f"[carat] note: {point.note()}", flush=True)
         return point if point is not None and point.tag is not None else None
 
     def resume(self, point: ResumePoint) -> None:
@@ -731,6 +737,7 @@ class Trainer:
     def final_evaluation(self) -> dict[str, Any]:
         """Reload the best epoch's weights, score valid and test, tune per-class thresholds on valid."""
         if (self.run.best / "best").is_dir():
+            require_intact(self.run.best / "best", "best model")  # the model scored on test is the one saved
             with safe_torch_load():
                 _, state = self.engine.load_checkpoint(str(self.run.best), tag="best", load_module_only=True,
                                                        load_optimizer_states=False, load_lr_scheduler_states=False)
