@@ -219,6 +219,26 @@ def test_ray_sbatch_tune_sweeps_across_both_hosts(testbed):
     assert (sweep / "best.toml").is_file()
 
 
+def test_ray_rank_killed_on_the_second_host_mid_epoch_restarts_from_the_last_checkpoint(testbed):
+    """Ray Train's FailureConfig (train.max_failures): node2's rank is killed in epoch 2, the worker group
+    restarts from the epoch-1 checkpoint within the same job, and every epoch is trained exactly once."""
+    run = testbed.runs("ray-kill")
+    job_id = submit(testbed, "ray.sbatch", 2, "ray-kill", EXTRA_ARGS="--run-name=ray-kill --train.epochs=3")
+    wait_for_epochs(run, 1, timeout_s=240)
+    # history.jsonl is written before Ray Train registers the epoch's checkpoint: wait for the checkpoint
+    # Ray persisted, then give its controller a moment (a kill before that restarts from scratch, correctly)
+    deadline = time.monotonic() + 60
+    while not list(run.glob("checkpoint_*/epoch-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    assert on("node2", "pkill", "-9", "-f", "RayTrainWorker").returncode == 0, "no rank on node2 to kill"
+    assert wait_for_job_end(job_id, timeout_s=300) == "COMPLETED"
+    log = (testbed.shared / f"ray-kill-{job_id}.out").read_text(errors="replace")
+    assert "resumed from" in log and "after epoch 1" in log
+    assert_two_hosts(run)
+    assert_every_sample_once(testbed, run, epochs=3)
+
+
 def test_a_node_that_cannot_start_ends_the_ray_job_naming_it(testbed):
     """node2 unplugged: the job fails within a bound with an error naming node2 (SLURM cannot start the step
     there, or Ray on it cannot reach the head), and nothing is left running on node1."""
