@@ -29,6 +29,7 @@ from carat.atomic import write_text_atomic
 from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
 from carat.data.shards import sha256_file
 from carat.errors import DataError
+from carat.metrics import above_threshold, tune_shared_threshold, tune_thresholds
 
 CARD_FILE = "card.json"
 CARD_VERSION = 1
@@ -174,39 +175,6 @@ def _f1_summary(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     }
 
 
-def tune_thresholds_f1(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Per-emotion threshold maximising F1 on (y, scores) over a grid 0.05..0.95 (0.5 if no positives); ties go
-    to the smaller threshold. All grid points at once from counts (F1 = 2 tp / (2 tp + fp + fn), 0 where nothing
-    is predicted or present): sklearn's f1_score per point was ~40% of synthesizing the quickstart corpus."""
-    grid = np.linspace(0.05, 0.95, 19)
-    best = np.full(y.shape[1], 0.5)
-    for e in range(y.shape[1]):
-        pos = y[:, e] > 0.5
-        if not pos.any():
-            continue
-        pred = scores[None, :, e] >= grid[:, None]  # [G, N]
-        tp = (pred & pos).sum(axis=1)
-        wrong = (pred & ~pos).sum(axis=1) + (~pred & pos).sum(axis=1)
-        f1 = np.divide(2.0 * tp, 2.0 * tp + wrong, out=np.zeros(len(grid)), where=(2 * tp + wrong) > 0)
-        best[e] = grid[int(np.argmax(f1))]
-    return best
-
-
-def shared_threshold_micro_f1(y: np.ndarray, scores: np.ndarray) -> float:
-    """One threshold for every emotion maximising micro-F1 on (y, scores) over the same grid (0.5 if nothing is
-    positive); ties go to the smaller threshold. The micro-F1 counterpart of tune_thresholds_f1, whose
-    per-emotion optima are macro-F1's (carat.metrics.tune_shared_threshold says why they differ)."""
-    grid = np.linspace(0.05, 0.95, 19)
-    pos = y[None] > 0.5
-    if not pos.any():
-        return 0.5
-    pred = scores[None] >= grid[:, None, None]  # [G, N, C]
-    tp = (pred & pos).sum(axis=(1, 2))
-    wrong = (pred & ~pos).sum(axis=(1, 2)) + (~pred & pos).sum(axis=(1, 2))
-    f1 = np.divide(2.0 * tp, 2.0 * tp + wrong, out=np.zeros(len(grid)), where=(2 * tp + wrong) > 0)
-    return float(grid[int(np.argmax(f1))])
-
-
 def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, xs: list[np.ndarray]) -> list[np.ndarray]:
     """One-vs-rest logistic regression on standardised features; probabilities for each of ``xs``.
 
@@ -267,16 +235,18 @@ def score_view(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, An
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits["train"], splits["valid"], splits["test"]
     p_va, p_te = _fit_predict(x_tr, y_tr, [x_va, x_te])
-    thresholds = tune_thresholds_f1(y_va, p_va) if len(y_va) else np.full(len(EMOTIONS), 0.5)
-    shared = shared_threshold_micro_f1(y_va, p_va) if len(y_va) else 0.5
+    # The run's own rule (carat.metrics: grid, float32 `>`, ties): the verdict compares model and floor alike.
+    # A logistic regression's natural threshold, 0.5, is where ties lean.
+    thresholds = tune_thresholds(y_va, p_va, default=0.5) if len(y_va) else np.full(len(EMOTIONS), 0.5)
+    shared = tune_shared_threshold(y_va, p_va, default=0.5) if len(y_va) else 0.5
     has_both = [e for e in range(len(EMOTIONS)) if 0 < y_te[:, e].sum() < len(y_te)]
     auc = float(roc_auc_score(y_te[:, has_both], p_te[:, has_both], average="macro")) if has_both else None
     return {
-        "threshold_0.5": _f1_summary(y_te, p_te >= 0.5),
-        "tuned_on_valid": {**_f1_summary(y_te, p_te >= thresholds),
+        "threshold_0.5": _f1_summary(y_te, above_threshold(p_te, 0.5)),
+        "tuned_on_valid": {**_f1_summary(y_te, above_threshold(p_te, thresholds)),
                            "thresholds": [round(float(t), 3) for t in thresholds]},
         # micro-F1 at one threshold tuned for it on valid: what a run's micro-F1 is compared with.
-        "tuned_micro_on_valid": {**_f1_summary(y_te, p_te >= shared), "threshold": round(shared, 3)},
+        "tuned_micro_on_valid": {**_f1_summary(y_te, above_threshold(p_te, shared)), "threshold": round(shared, 3)},
         "macro_roc_auc": auc,
     }
 

@@ -1,9 +1,9 @@
 """The loader's configuration section (``[loader]``): token-budget batching, rank balancing, shard reading.
 
 *Cost weights.* ``modality_weights`` scale frames per modality in the batch cost; the default (1, 1, 1)
-counts padded frames, since carat's per-modality CTC aligners run an LSTM over raw frames whose per-step
-work is similar across modalities. Audio (~100 Hz) has ~3.5x the frames of visual (~30 Hz) and ~30x the
-text steps, so it sets the cost of every realistic batch.
+counts padded frames, since carat's per-modality aligners (historically "CTC" modules; no CTC loss is
+involved) run an LSTM over raw frames whose per-step work is similar across modalities. Audio (~100 Hz) has
+~3.5x the frames of visual (~30 Hz) and ~30x the text steps, so it sets the cost of every realistic batch.
 
 Kept apart from :mod:`carat.data.loader` so that composing the configuration tree (:mod:`carat.config`)
 does not import torch's DataLoader or WebDataset.

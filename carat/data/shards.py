@@ -1,6 +1,6 @@
 """Deterministic, resumable WebDataset shard storage for segments, with a Parquet manifest.
 
-Layout under ``out_dir`` (see ``/work/notes/contracts.md``)::
+Layout under ``out_dir`` (the corpus format, also in the project's data-formats design notes)::
 
     <split>/<split>-000000.tar ...   samples sorted by SegmentRef.sort_key (audio, visual, text, key)
     manifest.parquet                 one row per sample (MANIFEST_SCHEMA)
