@@ -101,7 +101,9 @@ class TrainConfig:
     stops with an error naming the step, the loss terms and the batch's samples. 0 = stop at the first."""
     loss_explosion_factor: float = 20.0
     """Warn (once per epoch) when a step's loss exceeds this many times the median of the last 50 steps'
-    losses: the usual sign of a learning rate too high, before the loss turns NaN. 0 = never warn."""
+    losses: the usual sign of a learning rate too high, before the loss turns NaN. Stop the run as diverged
+    (an error, exit status 1) when the loss stays above this many times the initial loss scale, the first
+    step's loss: three steps in a row, or an epoch's median step loss. 0 = neither."""
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Console level of Ray Train's own logger (ray.train) under the Ray launcher. At INFO it prints each
     report's whole metric dict and every checkpoint path, per rank, per epoch; its log files in the Ray

@@ -109,6 +109,15 @@ def test_results_carry_the_verdict_and_the_warnings(diagnosed_run):
     assert results["verdict"]["model"]["micro_f1"] == results["test_tuned_micro"]["micro_f1"]
     assert results["verdict"]["model"]["macro_f1"] == results["test_tuned"]["macro_f1"]
     assert results["test_tuned_micro"]["threshold"] == results["tuned_micro_threshold"]
+    # The input-independent baseline: the train split's prevalence from the card, scored under the same rule.
+    prior = results["prior_baseline"]
+    assert prior["source"] == "train"
+    assert prior["scores"] == [card["label_prevalence"]["train"][e] for e in EMOTIONS]
+    assert results["verdict"]["prior"] == {"micro_f1": prior["test_tuned_micro"]["micro_f1"],
+                                           "macro_f1": prior["test_tuned"]["macro_f1"]}
+    assert results["scores_depend_on_input"] is True
+    assert results["verdict"]["beats_baselines"] == (results["verdict"]["beats_floor"]
+                                                     and results["verdict"]["beats_prior"])
 
 
 def test_a_model_stuck_at_its_prior_is_warned_about(shards, tmp_path, capsys):
@@ -247,10 +256,10 @@ def test_verdict_below_the_floor_without_oracle_or_tuned_thresholds():
     assert v["model"] == {"micro_f1": 0.32, "macro_f1": 0.29}
     assert v["beats_floor"] is False and v["beats_floor_macro"] is True and v["beats_floor_micro"] is False
     line = format_verdict(v)
-    assert "oracle" not in line and line.endswith("beats the floor on macro-F1 only")
+    assert "oracle" not in line and line.endswith("does not beat the floor (above it on macro-F1 only)")
     assert "(at threshold 0.2; the floor's thresholds are tuned on valid)" in line
     results["test"]["macro_f1"] = 0.2
-    assert format_verdict(verdict(results, _card())).endswith(": at or below the floor")
+    assert format_verdict(verdict(results, _card())).endswith(": does not beat the floor")
     warnings = result_warnings(results, _card())
     assert warnings == ["test micro-F1 0.3200 at threshold 0.2 is not above predicting every emotion (0.3200) "
                         "and below the pooled-feature floor 0.3900 (logistic regression on mean+std pooled "

@@ -1,10 +1,16 @@
 """Issue 10, part 3: a non-finite loss is caught at its step (skipped, counted), too many in a row stop the
-run with the step, the loss terms and the samples named; a loss explosion is warned about."""
+run with the step, the loss terms and the samples named; a loss spike is warned about.
+
+Issue 26, items 1 and 6: divergence is a failure. A loss that explodes (against the initial loss scale, so an
+explosion from the first steps counts), weights or optimizer state that turn non-finite, or validation scores
+that no longer depend on the input end the run with one line saying what happened, where, and what to change,
+a non-zero exit, and no verdict."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,34 @@ def shards(tmp_path_factory) -> Path:
     from tests.data_fixtures import tiny_loop_corpus
 
     return tiny_loop_corpus(tmp_path_factory.mktemp("corpus") / "shards")
+
+
+@pytest.fixture(scope="module")
+def reference_shards(tmp_path_factory) -> Path:
+    """24/12/12 clips with the pooled floor in the card: the corpus on which a diverged run used to end with
+    `verdict: ... beats the floor` and exit 0 (issue 26)."""
+    from carat.data.shards import StorageConfig
+    from carat.data.synth import SynthConfig, synthesize_corpus
+
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    synthesize_corpus(out, SynthConfig(train_size=24, valid_size=12, test_size=12, length_scale=0.02, seed=1),
+                      StorageConfig(dtype="float32", shard_max_samples=8), reference=True)
+    return out
+
+
+def _preset_args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """The tiny preset as the issue ran it (16 clips per step: two steps per epoch on 24 training clips)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return ["--preset", "tiny", "--launcher", "none", f"--train.shard_dir={shards}",
+            f"--train.storage_path={storage}", f"--train.run_name={name}", "--train.synth_if_missing=false",
+            "--loader.num_workers=0", *extra]
+
+
+def _error_line(err: str) -> str:
+    """The one line carat.train prints for a failed run."""
+    lines = [line for line in err.splitlines() if line.startswith("carat.train: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def _args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
@@ -145,3 +179,143 @@ def test_divergence_keys_are_typed_and_checked():
         load_config(overrides=["--train.max_nonfinite_steps=-1"])
     with pytest.raises(ConfigError, match="loss_explosion_factor"):
         load_config(overrides=["--train.loss_explosion_factor=0.5"])
+
+
+# ------------------------------------------------------------------------------- issue 26: divergence fails
+def test_a_run_whose_loss_explodes_exits_non_zero_with_no_verdict(reference_shards, tmp_path, capsys):
+    """lr=10: the loss went 4 -> 3.6e16 in the second epoch; the run used to finish with rc 0 and `verdict: ...
+    beats the floor`. Both of the epoch's steps are far above the initial loss scale: the epoch stops there."""
+    code = train_main.main(_preset_args(reference_shards, tmp_path, "lr10", "--train.epochs=2", "--optim.lr=10"))
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = _error_line(err)
+    assert re.search(r"training diverged: epoch 2 \(steps 3-4\): median step loss \S+ is \S+x the initial loss "
+                     r"\S+ \(step 1\)", line), line
+    assert "train.loss_explosion_factor=20" in line and "lower --optim.lr (now 10)" in line
+    assert "new --run-name" in line  # a resume keeps the optimizer settings: a lower lr is a new run
+    assert "verdict" not in out and "beats the floor" not in out
+    run = tmp_path / "lr10"
+    assert not (run / "results.json").exists()
+    # the diverged epoch is neither in the history nor checkpointed: the last checkpoint is epoch 1's
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0]
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch-*")) == ["epoch-001"]
+
+
+def test_a_run_whose_scores_turn_non_finite_says_it_diverged(reference_shards, tmp_path, capsys):
+    """lr=1e6: the loss stays finite for the epoch's two steps and so do the weights, but they are so large
+    that the forward pass overflows; the run used to stop at validation with `scores contain 72 NaN/inf
+    values`, a data error that said nothing of training."""
+    code = train_main.main(_preset_args(reference_shards, tmp_path, "lr1e6", "--train.epochs=2", "--optim.lr=1e6"))
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = _error_line(err)
+    assert re.search(r"training diverged: epoch 1 \(step 2\): \d+ of the \d+ validation scores are NaN/inf "
+                     r"\(the largest weight is \S+ in magnitude\)", line), line
+    assert "lower --optim.lr (now 1e+06)" in line
+    assert "NaN/inf values (first" not in err and "verdict" not in out
+    assert not (tmp_path / "lr1e6" / "results.json").exists()
+    assert not list((tmp_path / "lr1e6" / "checkpoints").glob("epoch-*"))  # no checkpoint of non-finite weights
+
+
+def test_a_loss_exploding_from_the_first_steps_stops_the_run(shards, tmp_path, monkeypatch, capsys):
+    """The median of the recent steps cannot see an explosion that starts before it has ten steps (or that
+    lasts long enough to become the median): the reference is the loss of the untrained model."""
+    _poison_loss(monkeypatch, {1, 2, 3, 4}, term="final_clf", value=1000.0)
+    code = train_main.main(_args(shards, tmp_path, "early", "--train.max_steps_per_epoch=12"))
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = _error_line(err)
+    assert re.search(r"training diverged: step 4 \(epoch 1\): loss \S+ is \S+x the initial loss \S+ \(step 1\), "
+                     r"3 steps in a row above train.loss_explosion_factor=20 times it", line), line
+    assert "samples " in line and "lower --optim.lr" in line
+    assert not (tmp_path / "early" / "results.json").exists()
+
+
+def test_validation_scores_that_no_longer_depend_on_the_input_stop_the_run(shards, tmp_path, monkeypatch, capsys):
+    """A model that gives every clip the same scores (saturated or dead units: what lr=10 left after its
+    explosion, macro-AUC exactly 0.5) has stopped learning from its input: the run fails rather than pick it."""
+    from carat.model import CARAT
+
+    original = CARAT.scores
+
+    def constant(self, out):
+        scores = original(self, out)
+        return scores if self.training else torch.full_like(scores, 1.0 / 3.0)
+
+    monkeypatch.setattr(CARAT, "scores", constant)
+    code = train_main.main(_args(shards, tmp_path, "constant", "--train.max_steps_per_epoch=2"))
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = _error_line(err)
+    assert re.search(r"training diverged: epoch 1 \(step 2\): all \d+ validation clips get the same scores", line), line
+    assert "do not depend on the input" in line and "lower --optim.lr" in line
+    assert not (tmp_path / "constant" / "results.json").exists()
+
+
+def test_the_initial_loss_scale_is_checkpointed(shards, tmp_path):
+    """A resumed run compares with the loss of the untrained model, not with the first loss after the resume."""
+    from carat.export import read_client_state
+
+    assert train_main.main(_args(shards, tmp_path, "scale", "--train.max_steps_per_epoch=3")) == 0
+    state = read_client_state(tmp_path / "scale" / "checkpoints", "epoch-001")
+    assert state["initial_loss"] > 0
+    first = json.loads((tmp_path / "scale" / "metrics.jsonl").read_text().splitlines()[0])
+    assert state["initial_loss"] < 10 * first["loss/total"]
+
+
+def test_non_finite_weights_after_an_epoch_stop_the_run_naming_the_tensor(shards, tmp_path, monkeypatch, capsys):
+    """A weight turned NaN by the epoch's last update (its own step's loss was finite): caught before the
+    epoch is validated or checkpointed, naming the tensor."""
+    original = loop.Trainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, batch, diagnose=False):
+        result = original(self, batch, diagnose=diagnose)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.model.classifiers.text_weight.view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    code = train_main.main(_args(shards, tmp_path, "nanweight", "--train.max_steps_per_epoch=2"))
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = _error_line(err)
+    assert ("training diverged: epoch 1 (step 2): non-finite values in weight classifiers.text_weight after the "
+            "epoch's updates") in line, line
+    assert not list((tmp_path / "nanweight" / "checkpoints").glob("epoch-*"))
+    assert not (tmp_path / "nanweight" / "best").exists()
+
+
+def test_named_state_tensors_reach_the_optimizer_moments_under_a_wrapper():
+    """DeepSpeed's ZeRO optimizers wrap a torch optimizer (``.optimizer``) holding the fp32 master weights and
+    the moments; a NaN there is found and named."""
+    model = torch.nn.Linear(3, 2)
+    adam = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    adam.step()
+
+    class Wrapper:  # the shape of DeepSpeedZeroOptimizer: not a torch Optimizer, holds one
+        optimizer = adam
+
+    named = loop.named_state_tensors(model, Wrapper())
+    names = [name for name, _ in named]
+    assert "weight weight" in names and "optimizer state 'exp_avg_sq' of parameter 0 of group 0" in names
+    assert loop.first_nonfinite_tensor(named) is None
+    adam.state[adam.param_groups[0]["params"][1]]["exp_avg"][0] = float("inf")
+    assert loop.first_nonfinite_tensor(named) == "optimizer state 'exp_avg' of parameter 1 of group 0"
+
+
+def test_a_resume_keeps_the_initial_loss_scale_or_takes_the_first_epochs_mean():
+    """A checkpoint from before the initial loss was saved: the first epoch's mean loss stands in, never the
+    first loss after the resume (the trained loss, far lower)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(initial_loss=None, initial_loss_step=0, history=[{"train/total": 4.2}])
+    loop.Trainer.restore_initial_loss(trainer, {"initial_loss": 3.9, "initial_loss_step": 2})
+    assert (trainer.initial_loss, trainer.initial_loss_step) == (3.9, 2)
+    trainer = SimpleNamespace(initial_loss=None, initial_loss_step=0, history=[{"train/total": 4.2}])
+    loop.Trainer.restore_initial_loss(trainer, {"epoch": 1})
+    assert (trainer.initial_loss, trainer.initial_loss_step) == (4.2, 1)

@@ -222,3 +222,135 @@ def test_bad_thresholds_raise():
         compute_metrics(y, scores, float("nan"))
     with pytest.raises(DataError, match="grid"):
         tune_thresholds(y, scores, grid=[])
+
+
+# ------------------------------------------------------------------ issue 26: the verdict against the prior
+PREVALENCE = np.array([0.54, 0.24, 0.23, 0.10, 0.17, 0.08])
+
+
+def _labels(seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 6)) < PREVALENCE).astype(np.int64)
+
+
+def _split(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    return {"labels": labels, "scores": scores}
+
+
+def _card(floor_micro: float, floor_macro: float, *, shared: bool = True) -> dict:
+    """A card whose pooled floor has the given test F1 (micro-F1 at one shared threshold when ``shared``) and
+    whose train split has PREVALENCE."""
+    fused = {"tuned_on_valid": {"micro_f1": floor_micro, "macro_f1": floor_macro}}
+    if shared:
+        fused["tuned_micro_on_valid"] = {"micro_f1": floor_micro, "macro_f1": floor_macro - 0.1}
+    return {"reference_scorer": {"fused": fused, "all_positive_baseline": {"micro_f1": 0.3, "macro_f1": 0.3}},
+            "label_prevalence": {"train": dict(zip(EMOTIONS, PREVALENCE.tolist()))}}
+
+
+def test_the_prior_baseline_is_scored_under_the_models_own_threshold_rule():
+    from carat.metrics import card_prior, split_results, tune_shared_threshold
+
+    valid, test = _labels(0, 120), _labels(1, 120)
+    prior = card_prior(_card(0.3, 0.2))
+    assert prior.tolist() == PREVALENCE.tolist()
+    model = np.random.default_rng(2).random((120, 6))
+    results = split_results(_split(valid, model), _split(test, model), 0.2, True, prior=prior)
+    baseline = results["prior_baseline"]
+    assert baseline["source"] == "train" and baseline["scores"] == PREVALENCE.tolist()
+    constant_valid, constant_test = np.tile(PREVALENCE, (120, 1)), np.tile(PREVALENCE, (120, 1))
+    # thresholds tuned on valid, scored on test: exactly what the model's test_tuned* columns are
+    shared = tune_shared_threshold(valid, constant_valid)
+    assert baseline["test_tuned_micro"]["micro_f1"] == compute_metrics(test, constant_test, shared)["micro_f1"]
+    assert baseline["test_tuned"]["macro_f1"] == compute_metrics(test, constant_test,
+                                                                 tune_thresholds(valid, constant_valid))["macro_f1"]
+    assert baseline["test"]["micro_f1"] == compute_metrics(test, constant_test, 0.2)["micro_f1"]
+    # the shared threshold keeps the most frequent emotions only: above predicting every emotion
+    everything = compute_metrics(test, np.ones((120, 6)), 0.5)["micro_f1"]
+    assert baseline["test_tuned_micro"]["micro_f1"] > everything
+    # without a card's train prevalence the valid split's stands in (the labels the thresholds are tuned on)
+    fallback = split_results(_split(valid, model), _split(test, model), 0.2, True)["prior_baseline"]
+    assert fallback["source"] == "valid" and fallback["scores"] == pytest.approx(valid.mean(0).tolist())
+    assert results["scores_depend_on_input"] is True
+
+
+def test_an_input_independent_predictor_above_the_floor_does_not_beat_its_baselines():
+    """The issue's case: a predictor that ignores its input (here: the train prevalence as every clip's scores)
+    scores above the pooled floor at a threshold tuned on valid. The verdict must not call that a success."""
+    from carat.metrics import format_verdict, split_results, verdict
+
+    valid, test = _labels(3, 200), _labels(4, 200)
+    constant = np.tile(PREVALENCE, (200, 1))
+    results = split_results(_split(valid, constant), _split(test, constant), 0.2, True, prior=PREVALENCE)
+    tuned_micro = results["test_tuned_micro"]["micro_f1"]
+    card = _card(tuned_micro - 0.03, results["test_tuned"]["macro_f1"] - 0.03)
+    v = verdict(results, card)
+    assert v["micro_rule"] == "shared"
+    assert v["beats_floor"] is True                      # what the old verdict said, and all it looked at
+    assert v["prior"] == {"micro_f1": tuned_micro, "macro_f1": results["test_tuned"]["macro_f1"]}
+    assert v["beats_prior"] is False and v["depends_on_input"] is False and v["beats_baselines"] is False
+    line = format_verdict(v)
+    assert "label prior (input-independent)" in line
+    assert "beats the floor" not in line and ": does not beat its baselines" in line, line
+
+
+def test_a_model_whose_scores_ignore_the_input_does_not_beat_even_when_its_constants_win_on_test():
+    """Constant scores in another order than the prior can beat the prior on test by chance: still no success."""
+    from carat.metrics import format_verdict, verdict
+
+    results = {"test": {"micro_f1": 0.45, "macro_f1": 0.40, "threshold": 0.2},
+               "test_tuned": {"micro_f1": 0.45, "macro_f1": 0.40},
+               "test_tuned_micro": {"micro_f1": 0.45, "macro_f1": 0.30},
+               "prior_baseline": {"test": {"micro_f1": 0.40, "macro_f1": 0.35},
+                                  "test_tuned": {"micro_f1": 0.40, "macro_f1": 0.35},
+                                  "test_tuned_micro": {"micro_f1": 0.40, "macro_f1": 0.25}},
+               "scores_depend_on_input": False}
+    v = verdict(results, _card(0.35, 0.30))
+    assert v["beats_floor"] and v["beats_prior"] and not v["beats_baselines"]
+    assert format_verdict(v).endswith("does not beat its baselines: its test scores are the same for every clip "
+                                      "(they do not depend on the input)")
+
+
+def test_the_verdict_needs_both_the_floor_and_the_prior():
+    from carat.metrics import format_verdict, verdict
+
+    results = {"test": {"micro_f1": 0.55, "macro_f1": 0.40, "threshold": 0.2},
+               "test_tuned": {"micro_f1": 0.60, "macro_f1": 0.45},
+               "test_tuned_micro": {"micro_f1": 0.62, "macro_f1": 0.35},
+               "prior_baseline": {"test": {"micro_f1": 0.40, "macro_f1": 0.30},
+                                  "test_tuned": {"micro_f1": 0.41, "macro_f1": 0.36},
+                                  "test_tuned_micro": {"micro_f1": 0.45, "macro_f1": 0.20}},
+               "scores_depend_on_input": True}
+    v = verdict(results, _card(0.50, 0.30))
+    # like with like: the prior's micro-F1 at its own shared threshold, macro-F1 at its per-emotion ones
+    assert v["prior"] == {"micro_f1": 0.45, "macro_f1": 0.36}
+    assert v["prior_margin"] == pytest.approx({"micro_f1": 0.17, "macro_f1": 0.09})
+    assert v["beats_baselines"] is True
+    line = format_verdict(v)
+    assert "label prior (input-independent) 0.450 / 0.360 (+0.170 / +0.090)" in line
+    assert line.endswith(": beats the floor and the label prior")
+    # above the floor, not above the prior on macro-F1
+    results["prior_baseline"]["test_tuned"]["macro_f1"] = 0.45
+    v = verdict(results, _card(0.50, 0.30))
+    assert v["beats_floor"] and v["beats_prior"] is False and v["beats_baselines"] is False
+    assert format_verdict(v).endswith(": does not beat the label prior (above it on micro-F1 only)")
+    # the old compared-at-threshold path (train.tune_thresholds=false) compares the prior at the threshold too
+    plain = {"test": results["test"], "prior_baseline": {"test": {"micro_f1": 0.40, "macro_f1": 0.30}}}
+    v = verdict(plain, _card(0.60, 0.30, shared=False))
+    assert v["compared"] == "threshold" and v["prior"] == {"micro_f1": 0.40, "macro_f1": 0.30}
+    assert v["beats_prior"] is True and v["beats_floor"] is False
+    assert format_verdict(v).endswith(": does not beat the floor (above it on macro-F1 only)")
+    # results written before the prior existed: the floor alone, as before
+    old = {k: results[k] for k in ("test", "test_tuned", "test_tuned_micro")}
+    v = verdict(old, _card(0.50, 0.30))
+    assert v["prior"] is None and v["beats_prior"] is None and v["beats_baselines"] is True
+    assert format_verdict(v).endswith(": beats the floor")
+
+
+def test_scores_depend_on_input():
+    from carat.metrics import scores_depend_on_input
+
+    scores = np.tile(PREVALENCE, (5, 1))
+    assert scores_depend_on_input(scores) is False
+    scores[3, 4] += 1e-3                   # one emotion of one clip moves: the model looks at its input
+    assert scores_depend_on_input(scores) is True
+    assert scores_depend_on_input(np.tile(PREVALENCE, (1, 1))) is True   # one clip says nothing

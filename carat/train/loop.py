@@ -9,7 +9,24 @@ What a practitioner reads to see whether a run learns is produced here too: per-
 model's own diagnostics at every log step (metrics.jsonl, TensorBoard; their epoch means in history.jsonl),
 the best epoch chosen on ``train.select_metric``, ``[carat] warning:`` lines (constant predictions, a test
 score not above the card's baselines) that results.json keeps under "warnings", and the verdict against the
-dataset card's floor in results.json.
+dataset card's floor and the label prior in results.json.
+
+Divergence is a failure, never a result (issue 26). The run stops with one ``training diverged: ...`` line
+(a :class:`TrainingDiverged`: what, at which step or epoch, what to change), before that epoch is validated,
+checkpointed or judged, when
+
+- the loss stays above ``train.loss_explosion_factor`` times the *initial* loss scale (the first step's loss,
+  before any update; checkpointed): :data:`EXPLODED_STEPS_IN_A_ROW` steps in a row, or an epoch's median step
+  loss. The reference is not the recent median, which an explosion from the first steps has already raised;
+  one spike that the next steps leave behind only warns (:meth:`Trainer.watch_loss`);
+- a weight, buffer or optimizer-state tensor holds NaN/inf after an epoch's steps;
+- the validation scores are NaN/inf, or the same for every clip (:func:`carat.metrics.scores_depend_on_input`:
+  the network's output no longer depends on its input).
+
+The weaker finding, the same *labels* for every clip at the model threshold, stays a warning: it is common
+after one epoch on a tiny corpus while the scores still rank the clips; the verdict then says whether the run
+beats an input-independent predictor (:func:`carat.metrics.verdict`), and a run that does not beat its
+baselines still ends with exit status 0: it is an honest result, not a failure.
 """
 
 from __future__ import annotations
@@ -38,8 +55,9 @@ from carat.data.loader import build_loader
 from carat.errors import CaratError, DataError
 from carat.evaluate import collect_scores
 from carat.metrics import (
-    NUM_CLASSES, SUMMARY_METRICS, compute_metrics, constant_prediction, format_results_table, result_warnings,
-    results_columns, split_results, tuned_metrics, verdict,
+    NUM_CLASSES, SCORE_SPREAD_ATOL, SUMMARY_METRICS, card_prior, compute_metrics, constant_prediction,
+    format_results_table, result_warnings, results_columns, scores_depend_on_input, split_results, tuned_metrics,
+    verdict,
 )
 from carat.model import CARAT, CaratLoss
 from carat.train import dist
@@ -56,6 +74,11 @@ from carat.train.optim import build_optimizer, build_scheduler
 from carat.train.rundir import (
     RunDir, append_jsonl, copy_card, environment_report, rewrite_history, truncate_history, write_json_atomic,
 )
+
+EXPLODED_STEPS_IN_A_ROW = 3
+"""Steps in a row with a loss above ``train.loss_explosion_factor`` times the initial loss scale that stop the
+run as diverged. One such step is a spike the run may survive (it is warned about); three are a trend. Short
+epochs are covered by the epoch's median step loss."""
 
 FAULT_ENV = "CARAT_FAIL_AFTER_EPOCH"
 """Test hook: `<epoch>:<rank>` makes that rank exit hard once, when the epoch after `<epoch>` begins (fault tests)."""
@@ -74,6 +97,10 @@ class WorkerContext:
     """A DeepSpeed checkpoint directory (with a `latest` file) to resume from, or None for a fresh start."""
     checkpoint_root: Path | None = None
     """Where epoch checkpoints are written; None = a per-epoch temporary directory (Ray copies it away)."""
+
+
+class TrainingDiverged(CaratError):
+    """Training diverged: the message says what happened, at which step or epoch, and what to change."""
 
 
 class TrainModule(nn.Module):
@@ -288,6 +315,12 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=50)
         self.explosion_warned = False
+        self.initial_loss: float | None = None
+        """The run's initial loss scale: the mean over ranks of its first finite step's loss (checkpointed)."""
+        self.initial_loss_step = 0
+        self.exploded_in_a_row = 0
+        self.epoch_losses: list[float] = []
+        """This epoch's step losses, each the mean over all ranks (the same list on every rank)."""
 
     # -- setup -------------------------------------------------------------------------------------------
     def _use_bf16(self) -> bool:
@@ -342,6 +375,7 @@ class Trainer:
             "history": self.history, "config": config_to_dict(self.cfg), "world_size": self.world,
             "warnings": list(self.warnings), "corpus": self.corpus, "record": record,
             "nonfinite_total": self.nonfinite_total,
+            "initial_loss": self.initial_loss, "initial_loss_step": self.initial_loss_step,
             **({"weight_average": self.average.state_dict()} if self.average is not None else {}),
         }
 
@@ -412,6 +446,7 @@ class Trainer:
         self.best = restore_best(dict(state["best"]), self.cfg.train.select_metric, self.history)
         self.warnings = list(state.get("warnings", [])) + [w for w in self.warnings if w not in state.get("warnings", [])]
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.restore_initial_loss(state)
         self.restore_average(state, directory / tag)
         rng_file = directory / tag / f"rng_rank{self.rank}.pt"
         try:
@@ -420,6 +455,17 @@ class Trainer:
             print(f"[carat] warning: {rng_file}: {err}; rank {self.rank} resumes with fresh RNG streams")
         if self.is_main:
             print(f"[carat] resumed from {directory / tag} after epoch {self.epoch} (step {self.global_step})")
+
+    def restore_initial_loss(self, state: dict[str, Any]) -> None:
+        """The initial loss scale of the run being resumed. A checkpoint written before it was saved gives
+        the first epoch's mean loss, its nearest stand-in; the first step after the resume would be the
+        trained loss, a far lower reference."""
+        if state.get("initial_loss") is not None:
+            self.initial_loss = float(state["initial_loss"])
+            self.initial_loss_step = int(state.get("initial_loss_step", 1))
+        elif self.history and isinstance(self.history[0].get("train/total"), (int, float)):
+            self.initial_loss = float(self.history[0]["train/total"])
+            self.initial_loss_step = 1
 
     def restore_average(self, state: dict[str, Any], where: Path) -> None:
         if self.average is None:
@@ -459,6 +505,10 @@ class Trainer:
         if dist.all_reduce_sum(float(bool(bad_terms)), self.device) > 0:
             self.skip_nonfinite_step(batch, "loss", bad_terms, values)
             return None, frames
+        if self.cfg.train.loss_explosion_factor:
+            # The mean over all ranks: every rank takes the same decision on the same number.
+            self.check_loss_scale(dist.all_reduce_sum(values["total"] * n_local, self.device) / max(n_global, 1.0),
+                                  batch)
         # DeepSpeed averages gradients over ranks; scaling each rank's mean by its share of the global batch
         # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
         scale = n_local * self.world / max(n_global, 1.0)
@@ -514,6 +564,92 @@ class Trainer:
                 f"Lower optim.lr (now {lr:g}) or optim.grad_clip, and check those samples with "
                 f"`python -m carat.data verify {self.ctx.shard_dir}`; the last checkpoint is unaffected")
 
+    def diverged(self, where: str, what: str, extra: str = "") -> TrainingDiverged:
+        """The one-line error of a diverged run. A lower learning rate is a new run: a resume keeps the
+        optimizer settings (:data:`carat.train.checkpoint.RESUMABLE_CHANGES`)."""
+        last = f"; the last checkpoint (epoch {self.epoch}) was written before it" if self.epoch else ""
+        return TrainingDiverged(
+            f"training diverged: {where}: {what}; lower --optim.lr (now {self.cfg.optim.lr:g}) and rerun under a "
+            f"new --run-name (a resume keeps the optimizer settings){extra}{last}")
+
+    def batch_samples(self, batch: Batch) -> str:
+        """The step's samples on every rank (a collective), for an error that names them."""
+        seen = dist.gather_objects((list(batch.keys[:8]), len(batch.keys)))
+        keys = [key for part, _ in seen for key in part]
+        more = sum(n for _, n in seen) > len(keys)
+        return f"samples {', '.join(keys)}{' ...' if more else ''}"
+
+    def check_loss_scale(self, loss: float, batch: Batch) -> None:
+        """Stop the run when its loss stays far above the initial loss scale (the first step's loss, taken
+        here): :data:`EXPLODED_STEPS_IN_A_ROW` steps in a row now, an epoch's median at the epoch's end
+        (:meth:`check_epoch_loss`). ``loss`` is the mean over ranks, so every rank decides alike."""
+        self.epoch_losses.append(loss)
+        if self.initial_loss is None:
+            self.initial_loss, self.initial_loss_step = loss, self.global_step + 1
+            return
+        if not self.is_exploded(loss):
+            self.exploded_in_a_row = 0
+            return
+        self.exploded_in_a_row += 1
+        if self.exploded_in_a_row < EXPLODED_STEPS_IN_A_ROW:
+            return
+        factor = self.cfg.train.loss_explosion_factor
+        samples = self.batch_samples(batch)
+        raise self.diverged(
+            f"step {self.global_step + 1} (epoch {self.epoch + 1})",
+            f"loss {loss:.4g} is {loss / self.initial_loss:.3g}x the initial loss {self.initial_loss:.4g} "
+            f"(step {self.initial_loss_step}), {self.exploded_in_a_row} steps in a row above "
+            f"train.loss_explosion_factor={factor:g} times it ({samples})",
+            f" (or check those samples with `python -m carat.data verify {self.ctx.shard_dir}`)")
+
+    def is_exploded(self, loss: float) -> bool:
+        factor = self.cfg.train.loss_explosion_factor
+        return bool(factor) and self.initial_loss is not None and self.initial_loss > 0 \
+            and loss > factor * self.initial_loss
+
+    def check_epoch_loss(self, first_step: int) -> None:
+        """An epoch too short for :data:`EXPLODED_STEPS_IN_A_ROW` (the tiny preset has two steps on 24 clips)
+        diverged when its median step loss is above ``train.loss_explosion_factor`` times the initial loss."""
+        if not self.epoch_losses:
+            return
+        median = float(np.median(self.epoch_losses))
+        if not self.is_exploded(median):
+            return
+        steps = f"steps {first_step}-{self.global_step}" if self.global_step > first_step else f"step {first_step}"
+        raise self.diverged(
+            f"epoch {self.epoch + 1} ({steps})",
+            f"median step loss {median:.4g} is {median / self.initial_loss:.3g}x the initial loss "
+            f"{self.initial_loss:.4g} (step {self.initial_loss_step}), above train.loss_explosion_factor="
+            f"{self.cfg.train.loss_explosion_factor:g} times it")
+
+    def check_finite_state(self) -> None:
+        """After an epoch's steps, before anything is validated or saved: every weight, buffer and optimizer
+        state tensor finite on every rank (a collective). An update of non-finite size leaves the loss of its
+        own step finite and every later output NaN (lr=1e6 did: `scores contain 72 NaN/inf values`)."""
+        local = first_nonfinite_tensor(named_state_tensors(self.model, self.engine.optimizer))
+        if dist.all_reduce_sum(float(local is not None), self.device) == 0:
+            return
+        found = [(rank, name) for rank, name in enumerate(dist.gather_objects(local)) if name is not None]
+        rank, name = found[0]
+        where = f" on rank {rank}" if self.world > 1 else ""
+        raise self.diverged(f"epoch {self.epoch + 1} (step {self.global_step})",
+                            f"non-finite values in {name}{where} after the epoch's updates")
+
+    def check_scores(self, scores: np.ndarray, split: str) -> None:
+        """Scores (the same on every rank: gathered) that are NaN/inf, or the same for every clip."""
+        where = f"epoch {self.epoch + 1} (step {self.global_step})"
+        bad = int((~np.isfinite(scores)).sum())
+        if bad:
+            # Finite weights can still overflow the forward pass: their size says how far the run went.
+            largest = max(dist.gather_objects(largest_weight(self.model)))
+            raise self.diverged(where, f"{bad} of the {scores.size} {split} scores are NaN/inf (the largest "
+                                       f"weight is {largest:.3g} in magnitude)")
+        if not scores_depend_on_input(scores):
+            raise self.diverged(
+                where, f"all {len(scores)} {split} clips get the same scores (each emotion's within "
+                       f"{SCORE_SPREAD_ATOL:g}): the model's outputs do not depend on the input (saturated or "
+                       "dead units)")
+
     def watch_loss(self, total: float) -> None:
         """Warn, once per epoch, about a loss many times its recent median: an lr too high shows here first."""
         factor = self.cfg.train.loss_explosion_factor
@@ -539,6 +675,8 @@ class Trainer:
         self.epoch_diagnostics = MeanMeter()
         self.nonfinite_epoch = 0
         self.explosion_warned = False
+        self.epoch_losses = []
+        first_step = self.global_step + 1
         sums: dict[str, float] = {}
         seen = frames_seen = skipped_n = 0
         start = time.perf_counter()
@@ -568,6 +706,8 @@ class Trainer:
                 if self.is_main:
                     self.log_step(terms, rate, frame_rate)
         bar.close()
+        self.check_epoch_loss(first_step)
+        self.check_finite_state()
         elapsed = time.perf_counter() - start
         totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
         n_total = dist.all_reduce_sum(seen, self.device)
@@ -623,6 +763,7 @@ class Trainer:
         (``tuned_micro_f1``, ``tuned_macro_f1``); warns when every clip gets the same labels."""
         with self.evaluation_weights():
             pred = self.predict_split("valid")
+        self.check_scores(pred["scores"], "validation")
         threshold = self.cfg.model.threshold
         metrics = compute_metrics(pred["labels"], pred["scores"], threshold)
         tuned = tuned_metrics(pred["labels"], pred["scores"])
@@ -745,22 +886,32 @@ class Trainer:
         with self.evaluation_weights():
             valid = self.predict_split("valid")
             test = self.predict_split("test")
+        card = self.read_card()
         results: dict[str, Any] = {
             "best_epoch": self.best["epoch"] + 1,
-            **split_results(valid, test, self.cfg.model.threshold, self.cfg.train.tune_thresholds),
+            # the label prior from the train split's prevalence in the card (else valid's): the verdict's
+            # input-independent baseline
+            **split_results(valid, test, self.cfg.model.threshold, self.cfg.train.tune_thresholds,
+                            prior=card_prior(card)),
             "world_size": self.world, "launcher": self.ctx.launcher, "run_dir": str(self.run.root),
         }
         results["select_metric"] = self.best["metric"]
         results["best_value"] = self.best["value"]
         results["nonfinite_steps"] = self.nonfinite_total
         if self.is_main:
-            self.judge(results)
+            self.judge(results, card)
             self.write_results(results, test)
         return results
 
-    def judge(self, results: dict[str, Any]) -> None:
+    def read_card(self) -> dict[str, Any]:
+        """The dataset card in the run directory, or the shard directory's (only rank 0 writes the run's copy)."""
+        for path in (self.run.card, self.ctx.shard_dir / "card.json"):
+            if path.is_file():
+                return json.loads(path.read_text())
+        return {}
+
+    def judge(self, results: dict[str, Any], card: dict[str, Any]) -> None:
         """Rank 0: the verdict against the run's dataset card, the end-of-run warnings, all warnings."""
-        card = json.loads(self.run.card.read_text()) if self.run.card.is_file() else {}
         judged = verdict(results, card)
         if judged is not None:
             results["verdict"] = judged
@@ -788,6 +939,52 @@ class Trainer:
         plot_diagnostics(self.history, self.run.plots / DIAGNOSTICS_PLOT)
         plot_per_emotion_f1(results["test"], self.run.plots / "per_emotion_f1.png")
         plot_pr_curves(test["labels"], test["scores"], self.run.plots / "pr_curves.png")
+
+
+def named_state_tensors(model: nn.Module, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+    """This rank's weights, buffers and optimizer state, named for an error message. Under ZeRO-3 a weight's
+    local partition is ``ds_tensor``; ZeRO-1/2 keep the fp32 master weights as the parameters of the wrapped
+    torch optimizer (``optimizer.optimizer``), whose state holds the moments."""
+    tensors: list[tuple[str, torch.Tensor]] = [
+        (f"weight {name}", getattr(param, "ds_tensor", param)) for name, param in model.named_parameters()]
+    tensors += [(f"buffer {name}", buffer) for name, buffer in model.named_buffers()]
+    base = optimizer
+    while not isinstance(base, torch.optim.Optimizer) and getattr(base, "optimizer", None) is not None:
+        base = base.optimizer
+    if isinstance(base, torch.optim.Optimizer):
+        for g, group in enumerate(base.param_groups):
+            for i, param in enumerate(group["params"]):
+                tensors.append((f"optimizer parameter {i} of group {g}", param))
+                for key, value in base.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        tensors.append((f"optimizer state {key!r} of parameter {i} of group {g}", value))
+    return tensors
+
+
+def largest_weight(model: nn.Module) -> float:
+    """The largest finite magnitude among this rank's weights (its ZeRO-3 partitions)."""
+    largest = 0.0
+    for param in model.parameters():
+        values = getattr(param, "ds_tensor", param).detach()
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            largest = max(largest, float(values.abs().max()))
+    return largest
+
+
+def first_nonfinite_tensor(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, else None. One flag per tensor, stacked
+    per device: one device sync per device (weights on the GPU, offloaded optimizer state on the CPU), not
+    one per tensor."""
+    floats = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(floats):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad: list[int] = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(floats[i][1].detach()).all() for i in indices]).cpu()
+        bad += [indices[int(k)] for k in (~finite).nonzero().flatten()]
+    return floats[min(bad)][0] if bad else None
 
 
 def trivial_floor_flags(results: dict[str, Any], card: dict[str, Any]) -> bool | None:
