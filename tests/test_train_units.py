@@ -84,3 +84,23 @@ def test_old_epoch_checkpoints_are_pruned(tmp_path):
     removed = prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in removed] == ["epoch-001", "epoch-002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-003", "epoch-004", "latest"]
+
+
+def test_a_carat_error_in_a_ray_worker_reaches_the_command_as_itself():
+    """Ray wraps a worker's exception in WorkerGroupError (and RayTaskError): the command must still end with
+    carat's one line (divergence, bad data), not Ray's traceback."""
+    from ray.train import WorkerGroupError
+
+    from carat.errors import DataError
+    from carat.train.launch import worker_carat_error
+
+    class Wrapped(Exception):  # the shape of ray.exceptions.RayTaskError: the worker's exception as .cause
+        def __init__(self, cause):
+            super().__init__(str(cause))
+            self.cause = cause
+
+    error = WorkerGroupError("snippet", {1: Wrapped(DataError("rank 1's own")), 0: DataError("rank 0's own")})
+    assert str(worker_carat_error(error)) == "rank 0's own"
+    assert str(worker_carat_error(WorkerGroupError("s", {1: Wrapped(DataError("only 1"))}))) == "only 1"
+    assert worker_carat_error(WorkerGroupError("s", {0: RuntimeError("not ours")})) is None
+    assert worker_carat_error(RuntimeError("no workers")) is None

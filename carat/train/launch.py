@@ -272,7 +272,22 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 
 def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
     ensure_ray()
-    result = build_trainer(cfg, run_dir, shard_dir).fit()
+    try:
+        result = build_trainer(cfg, run_dir, shard_dir).fit()
+    except Exception as error:  # Ray 2.60's fit raises the worker group's failure itself
+        raise worker_carat_error(error) or error from None
     if result.error is not None:
-        raise result.error
+        raise worker_carat_error(result.error) or result.error
     return read_results(run_dir)
+
+
+def worker_carat_error(error: BaseException) -> CaratError | None:
+    """The carat error a Ray worker raised (divergence, bad data, a refused resume), lowest rank first, so the
+    command ends with its one line instead of Ray's wrapped traceback."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps the worker's own exception
+        if isinstance(cause, CaratError):
+            return cause
+    return None
