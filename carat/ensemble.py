@@ -12,6 +12,11 @@ Members train one after another through the same launcher and loop as any run, w
 train.seed + 1, ...; rerunning the same run name skips finished members and resumes an interrupted one.
 Thresholds are tuned on the ensemble's validation scores, as for one run. ``carat.evaluate`` and
 ``carat.predict`` accept RUN and score with the mean of its members.
+
+A member is scored from its best model (its ``best/``, verified against the hashes of its marker) or not at
+all: a member without one, or with a damaged one, is an error naming it, never its last epoch in its place. A
+rerun that trains nothing rescores the members and keeps RUN/results.json unless the figures are the same: a
+difference means the members changed since, and deleting RUN/results.json is how a user accepts new figures.
 """
 
 from __future__ import annotations
@@ -101,19 +106,39 @@ class EnsembleModel(nn.Module):
 
 def load_ensemble(run_dir: Path) -> tuple[EnsembleModel, CaratConfig]:
     """(EnsembleModel in eval mode, member 0's config) of a finished ensemble run."""
-    from carat.export import load_model
-
-    loaded = [load_model(path) for path in member_dirs(run_dir)]
+    loaded = [load_member(path) for path in member_dirs(run_dir)]
     return EnsembleModel([model for model, _ in loaded]).eval(), loaded[0][1]
+
+
+def load_member(member_dir: Path) -> tuple[nn.Module, CaratConfig]:
+    """A member's best model, or a CaratError naming the member and how to get it back."""
+    from carat.export import load_model
+    from carat.train.checkpoint import tag_damage
+
+    best = member_dir / "best" / "best"
+    retrain = (f"restore {member_dir / 'best'} from a copy, or delete {member_dir} and rerun the same "
+               "`python -m carat.train` command (it retrains that member)")
+    if not best.is_dir():
+        raise CaratError(f"ensemble member {member_dir.name} has no best model ({member_dir / 'best'} is "
+                         f"missing); {retrain}")
+    damage = tag_damage(best)
+    if damage is not None:
+        raise CaratError(f"ensemble member {member_dir.name}: its best model {best} is damaged or incomplete: "
+                         f"{damage}; {retrain}")
+    try:
+        return load_model(member_dir)
+    except CaratError as err:
+        raise CaratError(f"ensemble member {member_dir.name}: {err}; {retrain}") from None
 
 
 # -- training ------------------------------------------------------------------------------------------------
 def train_ensemble(cfg: CaratConfig, run_dir: Path, launch: Callable[[CaratConfig, Path], None],
-                   precheck: Callable[[CaratConfig, Path], None]) -> bool:
+                   precheck: Callable[[CaratConfig, Path], None]) -> list[int] | None:
     """Train the members that have not finished, one after another, each by ``launch(member_cfg, member_dir)``
-    (the launcher's own entry: Ray Train or the in-process loop). Returns whether this process is rank 0,
-    which then scores the ensemble (:func:`evaluate_ensemble`)."""
+    (the launcher's own entry: Ray Train or the in-process loop). Returns, on rank 0, the indices of the
+    members trained now (rank 0 then scores the ensemble, :func:`evaluate_ensemble`); None on other ranks."""
     main = os.environ.get("RANK", "0") == "0"
+    trained: list[int] = []
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(run_dir, cfg)
@@ -129,12 +154,16 @@ def train_ensemble(cfg: CaratConfig, run_dir: Path, launch: Callable[[CaratConfi
             print(f"[carat] ensemble member {index + 1}/{cfg.train.ensemble_size} (seed {member.train.seed})",
                   flush=True)
         launch(member, member_dir)
-    return main
+        trained.append(index)
+    return trained if main else None
 
 
-def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
+def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore: bool = False) -> dict[str, Any]:
     """Score the ensemble on valid and test, tune thresholds on valid, judge it against the card and write
-    RUN/results.json, results.txt and card.json (the same files and keys as one run's)."""
+    RUN/results.json, results.txt and card.json (the same files and keys as one run's).
+
+    ``rescore``: no member was trained by this call. An existing RUN/results.json is then kept: the new
+    figures must equal it (:func:`check_same_figures`), else it is an error naming what differs."""
     from carat.evaluate import score_split
     from carat.metrics import (
         SUMMARY_METRICS, format_results_table, result_warnings, results_columns, split_results, verdict,
@@ -162,11 +191,62 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[
         results["verdict"] = judged
     results["warnings"] = [f"{name}: {w}" for name, r in members.items() for w in r.get("warnings", [])]
     results["warnings"] += result_warnings(results, card)
+    if rescore and run.results.is_file():
+        check_same_figures(run.results, results)
+        print(f"[carat] ensemble results unchanged: {run.results}")
+        return results
     write_json_atomic(run.results, results)
     table = format_results_table(results_columns(results, cfg.model.threshold),
                                  metrics=(*SUMMARY_METRICS, "macro_auc"))
     write_text_atomic(run.results_table, f"ensemble of {len(members)} members\n{table}\n")
     return results
+
+
+SCORED_KEYS: tuple[str, ...] = ("valid", "test", "test_tuned", "test_tuned_micro", "tuned_thresholds",
+                                 "tuned_micro_threshold", "members")
+"""The figures of results.json that come from scoring the members (the rest is derived, or says where)."""
+SAME_FIGURE = 1e-6
+"""Rescoring on CPU is bit-identical; this leaves room for a GPU's reduction order."""
+
+
+def _figures(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Path -> number of every numeric leaf (bools and strings excluded)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix: float(tree)}
+    else:
+        return {}
+    out: dict[str, float] = {}
+    for key, value in items:
+        out.update(_figures(value, f"{prefix}/{key}" if prefix else str(key)))
+    return out
+
+
+def figure_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``path saved -> now`` for each scored figure both results hold that differs (NaN equals NaN); figures
+    only one side has (a carat version added them) are not compared."""
+    old = _figures({k: saved[k] for k in SCORED_KEYS if k in saved})
+    new = _figures({k: now[k] for k in SCORED_KEYS if k in now})
+    differ = lambda a, b: not (abs(a - b) <= SAME_FIGURE or (a != a and b != b))
+    return [f"{key} {old[key]:.4f} -> {new[key]:.4f}" for key in sorted(set(old) & set(new))
+            if differ(old[key], new[key])]
+
+
+def check_same_figures(path: Path, results: dict[str, Any]) -> None:
+    """CaratError, leaving ``path`` as it is, when ``results`` scores differently than the saved results."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CaratError(f"{path}: unreadable ({err}); delete it and rerun to score the ensemble again") from None
+    differences = figure_differences(saved if isinstance(saved, dict) else {}, results)
+    if differences:
+        shown = "; ".join(differences[:3]) + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise CaratError(f"rescoring the ensemble's members gives other figures than {path} ({shown}): kept the "
+                         "file. Its members changed after it was written; check them, or delete it and rerun "
+                         "the same command to accept the new figures")
 
 
 def member_summary(name: str, results: dict[str, Any]) -> dict[str, Any]:

@@ -278,3 +278,29 @@ def test_disk_full_while_checkpointing_says_no_space_and_where(shards, tmp_path,
     assert code == 1
     assert "No space left on device while writing " in err and "unexpected pos" not in err, err
     assert err.count("\n") == 1, err
+
+
+def test_ray_resumes_its_newest_checkpoint_only_so_a_damaged_one_is_named(tmp_path):
+    run = tmp_path / "run"
+    _sealed_tag(run / "checkpoint_2026-01-01_00-00-00.000000", "epoch-001", 1)
+    newest = _sealed_tag(run / "checkpoint_2026-01-01_00-01-00.000000", "epoch-002", 2)
+    assert ckpt.damaged_ray_checkpoint(run) is None
+    _flip(newest / MODEL_FILE, 100)
+    reason = ckpt.damaged_ray_checkpoint(run)
+    assert reason.startswith(f"Ray's newest checkpoint {newest} is damaged: {MODEL_FILE} does not match its sha256")
+    assert ckpt.damaged_ray_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.mark.slow
+def test_a_ray_rerun_on_a_damaged_newest_checkpoint_is_refused_before_ray_starts(finished, shards, tmp_path, capsys):
+    run = tmp_path / "runs" / "rayrun"
+    ray_checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"  # what Ray keeps of a reported epoch
+    shutil.copytree(finished / "checkpoints" / "epoch-002", ray_checkpoint / "epoch-002")
+    (ray_checkpoint / "latest").write_text("epoch-002")
+    _flip(ray_checkpoint / "epoch-002" / OPTIM_FILE, 4000, count=16)
+    args = _args(shards, tmp_path / "runs", "rayrun")
+    args[args.index("none")] = "ray"
+    assert train_main.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"Ray's newest checkpoint {ray_checkpoint / 'epoch-002'} is damaged: {OPTIM_FILE}" in err
+    assert not (run / "config.toml").exists()

@@ -162,3 +162,101 @@ def test_a_member_killed_mid_run_resumes_on_the_rerun(shards, tmp_path):
     assert "resumed from" in resumed.stdout  # member 0 continued from its epoch-1 checkpoint
     assert all((members / m / "results.json").is_file() for m in ("member-0", "member-1"))
     assert json.loads((storage / "crash" / "results.json").read_text())["ensemble_size"] == 2
+
+
+# -- issue 26: a member's best is its best or an error; results change only when asked ------------------------
+def _ensemble_args(shards: Path, storage: Path) -> list[str]:
+    return ["--preset", "tiny", "--launcher", "none", f"--train.shard_dir={shards}",
+            f"--train.storage_path={storage}", "--train.run_name=ens", "--train.epochs=1", "--train.seed=5",
+            "--train.ensemble_size=2", "--train.synth_if_missing=false", "--loader.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def finished_ensemble(shards, tmp_path_factory) -> Path:
+    """A finished two-member ensemble; tests damage copies of it."""
+    import os
+
+    from carat.train.__main__ import main
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    storage = tmp_path_factory.mktemp("ensemble")
+    assert main(_ensemble_args(shards, storage)) == 0
+    return storage / "ens"
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, tmp_path / "runs" / "ens")
+    return tmp_path / "runs" / "ens"
+
+
+def _error_line(err: str) -> str:
+    """The one line of stderr that says the error (DeepSpeed's progress bars for the members loaded before it
+    aside); the assertions on it check the whole message is on it."""
+    (line,) = [line for line in err.splitlines() if "error:" in line or "Traceback" in line]
+    return line
+
+
+def _score_commands(run: Path, shards: Path, tmp_path: Path):
+    from carat import evaluate, predict
+
+    return (lambda: evaluate.main(["--checkpoint", str(run), "--split", "test"]),
+            lambda: predict.main(["--checkpoint", str(run), "--shards", str(shards), "--out",
+                                  str(tmp_path / "p.json")]))
+
+
+@pytest.mark.slow
+def test_a_member_without_best_is_an_error_never_its_last_epoch(finished_ensemble, shards, tmp_path, capsys):
+    import shutil
+
+    from carat.train.__main__ import main
+
+    run = _copy(finished_ensemble, tmp_path)
+    shutil.rmtree(run / "members" / "member-1" / "best")
+    saved = (run / "results.json").read_bytes()
+    for command in _score_commands(run, shards, tmp_path):
+        assert command() == 1
+        line = _error_line(capsys.readouterr().err)
+        assert "ensemble member member-1 has no best model" in line and line.endswith("retrains that member)")
+    assert main(_ensemble_args(shards, tmp_path / "runs")) == 1  # "already finished: kept", then no rescoring
+    assert "member-1 has no best model" in capsys.readouterr().err
+    assert (run / "results.json").read_bytes() == saved
+
+
+@pytest.mark.slow
+def test_a_member_with_a_damaged_best_is_named(finished_ensemble, shards, tmp_path, capsys):
+    from tests.test_checkpoint_integrity import OPTIM_FILE, _flip
+
+    run = _copy(finished_ensemble, tmp_path)
+    damaged = run / "members" / "member-0" / "best" / "best" / OPTIM_FILE
+    _flip(damaged, damaged.stat().st_size // 3, count=16)
+    for command in _score_commands(run, shards, tmp_path):
+        assert command() == 1
+        line = _error_line(capsys.readouterr().err)
+        assert "ensemble member member-0" in line and f"{OPTIM_FILE} does not match its sha256" in line
+        assert "--tag" not in line and line.endswith("retrains that member)")
+
+
+@pytest.mark.slow
+def test_a_rerun_rewrites_the_ensemble_results_only_when_they_are_the_same_or_deleted(finished_ensemble, shards,
+                                                                                       tmp_path, capsys):
+    import shutil
+
+    from carat.train.__main__ import main
+
+    run = _copy(finished_ensemble, tmp_path)
+    saved = (run / "results.json").read_bytes()
+    assert main(_ensemble_args(shards, tmp_path / "runs")) == 0  # the same members: the same figures, kept
+    assert "ensemble results unchanged" in capsys.readouterr().out
+    assert (run / "results.json").read_bytes() == saved
+    # member 0's best replaced by member 1's (a complete, verified checkpoint): other figures
+    shutil.rmtree(run / "members" / "member-0" / "best")
+    shutil.copytree(run / "members" / "member-1" / "best", run / "members" / "member-0" / "best")
+    assert main(_ensemble_args(shards, tmp_path / "runs")) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert f"other figures than {run / 'results.json'}" in line and line.endswith("to accept the new figures")
+    assert (run / "results.json").read_bytes() == saved
+    (run / "results.json").unlink()  # the user accepts the new figures
+    assert main(_ensemble_args(shards, tmp_path / "runs")) == 0
+    assert json.loads((run / "results.json").read_text())["test"] != json.loads(saved)["test"]

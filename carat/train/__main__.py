@@ -177,10 +177,12 @@ def train_ensemble_members(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> 
     """train.ensemble_size > 1: every member through :func:`launch`, then (rank 0) the ensemble's scores."""
     from carat.ensemble import evaluate_ensemble, train_ensemble
 
-    if not train_ensemble(cfg, run_dir, lambda member, member_dir: launch(member, member_dir, shard_dir),
-                          lambda member, member_dir: precheck_resume(member, member_dir, shard_dir)):
+    trained = train_ensemble(cfg, run_dir, lambda member, member_dir: launch(member, member_dir, shard_dir),
+                             lambda member, member_dir: precheck_resume(member, member_dir, shard_dir))
+    if trained is None:
         return False
-    evaluate_ensemble(cfg, run_dir, shard_dir)
+    # nothing trained now: the ensemble's results.json stays unless rescoring gives the same figures
+    evaluate_ensemble(cfg, run_dir, shard_dir, rescore=not trained)
     return True
 
 
@@ -224,8 +226,13 @@ def precheck_resume(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> None:
         return
     from carat.config import config_to_dict
     from carat.export import read_client_state
-    from carat.train.checkpoint import CheckpointError, corpus_fingerprint, newest_checkpoint, resume_refusal
+    from carat.train.checkpoint import (
+        CheckpointError, corpus_fingerprint, damaged_ray_checkpoint, newest_checkpoint, resume_refusal,
+    )
 
+    damaged = damaged_ray_checkpoint(run_dir) if cfg.train.launcher == "ray" else None
+    if damaged:
+        raise CheckpointError(damaged)
     point = newest_checkpoint(run_dir)
     if point is None:
         return

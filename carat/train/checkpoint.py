@@ -16,7 +16,8 @@ the same way. Checkpoints written before markers existed (no tag has one) resume
 markers written before hashes existed (format 1) are checked by size only, with a note (:func:`unhashed_note`).
 
 Hashing costs one read of what was just written (from the page cache) per save and one per verification:
-sha256 runs at ~1.4 GB/s here, against torch.save's ~0.35 GB/s (BENCHMARKS.md, Checkpoint integrity).
+sha256 (SHA-NI) runs at ~1.4 GB/s on an idle core; on a seed-preset tag (415 MiB) sealing took 0.35-0.56 s
+against 0.54-1.17 s for the save itself on a busy 2-core VM (BENCHMARKS.md, 2026-12-07, checkpoint hashes).
 
 Loading: DeepSpeed checkpoint files are pickles. carat loads every one with ``torch.load(weights_only=True)``
 and registers, explicitly, the few non-tensor types DeepSpeed's state holds (:func:`deepspeed_safe_globals`),
@@ -469,6 +470,23 @@ def newest_checkpoint(run_dir: Path) -> ResumePoint | None:
             return point
     point = find_resume_point(run_dir / "checkpoints", quiet=True)
     return point if point is not None and point.tag is not None else None
+
+
+def damaged_ray_checkpoint(run_dir: Path) -> str | None:
+    """Why Ray's newest ``checkpoint_*`` of ``run_dir`` cannot be resumed from (None: it can, or there is none).
+    Ray Train restores its newest registered checkpoint only, so a damaged one cannot be skipped the way a
+    damaged tag of ``checkpoints/`` is: the rerun must be refused before Ray starts."""
+    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if not ray_dirs:
+        return None
+    newest = ray_dirs[-1]
+    damaged = [(tag, incomplete_reason(newest / tag)) for tag in candidate_tags(newest)
+               if (newest / tag / COMPLETE_FILE).exists()]
+    if not damaged or any(reason is None for _, reason in damaged):
+        return None
+    tag, reason = damaged[0]
+    return (f"Ray's newest checkpoint {newest / tag} is damaged: {reason}; Ray resumes from its newest checkpoint "
+            f"only: restore that folder from a copy, or move {run_dir} away to start this run over")
 
 
 def resume_refusal(saved: dict[str, Any], current_config: dict[str, Any], corpus: str | None, world: int | None,
