@@ -113,6 +113,11 @@ def test_non_finite_values_in_a_loaded_checkpoint_file_are_a_named_error(tmp_pat
         torch.load(path, weights_only=False)
     torch.save({"fine": torch.ones(3), "half": torch.ones(2, dtype=torch.bfloat16)}, path)
     assert ckpt.load_checkpoint_file(path)["fine"].sum() == 3
+    # an exported model file: evaluate and predict read it through load_model
+    exported = tmp_path / "model.pt"
+    torch.save({"state_dict": {"heads.w": torch.tensor([0.5, float("nan")])}, "config": {}}, exported)
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.pt: non-finite values .* in heads\.w"):
+        export.load_model(exported)
 
 
 def _tiny_tmpfs(path: Path, size: str) -> Path:
@@ -304,3 +309,22 @@ def test_a_ray_rerun_on_a_damaged_newest_checkpoint_is_refused_before_ray_starts
     err = capsys.readouterr().err
     assert f"Ray's newest checkpoint {ray_checkpoint / 'epoch-002'} is damaged: {OPTIM_FILE}" in err
     assert not (run / "config.toml").exists()
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_flipped_byte_of_a_real_deepspeed_tag_is_caught_and_resume_falls_back(finished, tmp_path, data):
+    """The same property on the files DeepSpeed and the loop really write: whichever file, offset and bits."""
+    points = tmp_path / "points"
+    shutil.rmtree(points, ignore_errors=True)
+    for tag in ("epoch-002", "epoch-003"):
+        shutil.copytree(finished / "checkpoints" / tag, points / tag)
+    newest = points / "epoch-003"
+    name = data.draw(st.sampled_from(sorted(ckpt.list_tag_files(newest))), label="file")
+    size = (newest / name).stat().st_size
+    offset = data.draw(st.integers(0, size - 1), label="offset")
+    _flip(newest / name, offset, data.draw(st.integers(1, 255), label="mask"))
+    assert name in ckpt.incomplete_reason(newest)
+    point = ckpt.find_resume_point(points)
+    assert point.tag == "epoch-002" and f"epoch-003: {name} does not match its sha256" in point.warning()

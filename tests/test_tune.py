@@ -112,7 +112,7 @@ def test_asha_stops_a_trailing_trial_at_the_grace_rung_and_searchers_are_selecta
 
     cfg = load_config("tiny", overrides=["--train.epochs=4"])
     asha = make_scheduler(cfg)
-    assert type(asha).__name__ == "AsyncHyperBandScheduler" and asha._max_t == 3
+    assert type(asha).__name__ == "EpochASHA" and asha._max_t == 3
     assert asha._stop_last_trials is False  # the last epoch's report must not cut the final evaluation
     # No rung on a trial's last epoch (a stop there saves nothing and loses the test scores), also where
     # grace * factor**k is the epoch count; with no epoch before the last to stop at, FIFO.
@@ -137,6 +137,92 @@ def test_asha_stops_a_trailing_trial_at_the_grace_rung_and_searchers_are_selecta
     assert type(optuna).__name__ == "ConcurrencyLimiter" and type(optuna.searcher).__name__ == "OptunaSearch"
     assert type(make_search(load_config("tiny", overrides=["--tune.search=random"]), 3)).__name__ == \
         "BasicVariantGenerator"
+
+
+def test_asha_counts_the_loops_epochs_so_a_restored_trial_meets_its_rungs_and_finishes():
+    """Tune restarts a restored trial's iteration count at 1 while its loop resumes at a later epoch (issue 26):
+    ASHA judges the epoch, and never stops a trial's last epoch (the final evaluation writes its test scores)."""
+    import pickle
+
+    from carat.tune.sweep import make_scheduler
+
+    overrides = ["--train.epochs=4", "--tune.grace_period=1", "--tune.reduction_factor=2"]
+    asha = pickle.loads(pickle.dumps(make_scheduler(load_config("tiny", overrides=overrides))))  # as tuner.pkl
+    asha.set_search_properties("valid/micro_f1", "max")
+
+    class Trial:
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id, self.config = trial_id, {}
+
+    leader, restored, last = Trial("a"), Trial("b"), Trial("c")
+    for trial in (leader, restored, last):
+        asha.on_trial_add(None, trial)
+    for epoch in range(3):  # epochs 1..3 of the leader: rungs 1 and 2 recorded at 0.8
+        assert asha.on_trial_result(None, leader, {"training_iteration": epoch + 1, "epoch": epoch,
+                                                   "valid/micro_f1": 0.8}) == "CONTINUE"
+    # resumed after epoch 1: its first report after the restore is epoch 2 (iteration 1), judged at rung 2
+    assert asha.on_trial_result(None, restored, {"training_iteration": 1, "epoch": 1, "valid/micro_f1": 0.1}) \
+        == "STOP"
+    assert restored.trial_id in dict(asha._brackets[0]._rungs)[2]
+    # a trailing trial's last epoch (epoch 3 of 0..3) is never stopped: its test scores come after it
+    assert asha.on_trial_result(None, last, {"training_iteration": 1, "epoch": 3, "valid/micro_f1": 0.0}) \
+        == "CONTINUE"
+
+
+def test_a_restored_sweeps_asha_refills_its_rungs_from_the_trials_histories(tmp_path):
+    """Tune restores no scheduler state: the rungs come back from each trial's history.jsonl when it is added."""
+    from carat.tune.sweep import make_scheduler
+
+    runs = tmp_path / "runs"
+    for trial_id, values in (("a", [0.8, 0.8, 0.8]), ("b", [0.1])):
+        (runs / f"trial-{trial_id}").mkdir(parents=True)
+        (runs / f"trial-{trial_id}" / "history.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "valid/micro_f1": v}) + "\n" for e, v in enumerate(values)))
+    overrides = ["--train.epochs=4", "--tune.grace_period=1", "--tune.reduction_factor=2"]
+    asha = make_scheduler(load_config("tiny", overrides=overrides), runs)
+    asha.set_search_properties("valid/micro_f1", "max")
+
+    class Trial:
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id, self.config = trial_id, {}
+
+    leader, resumed = Trial("a"), Trial("b")
+    for trial in (leader, resumed):
+        asha.on_trial_add(None, trial)
+    rungs = dict(asha._brackets[0]._rungs)
+    assert rungs[1] == {"a": 0.8, "b": 0.1} and rungs[2] == {"a": 0.8}  # as before the kill
+    # b resumes after its first epoch: epoch 2 is judged at rung 2 against a's recorded 0.8
+    assert asha.on_trial_result(None, resumed, {"training_iteration": 1, "epoch": 1, "valid/micro_f1": 0.2}) == "STOP"
+
+
+def test_the_trials_table_reads_the_epochs_a_restored_trial_reported_before_the_kill(tmp_path):
+    """progress.csv of a restored trial starts at the restore; its run's history.jsonl has every epoch."""
+    import types
+
+    import pandas as pd
+
+    from carat.tune.report import best_row, trial_rows
+
+    run = tmp_path / "runs" / "trial-x"
+    run.mkdir(parents=True)
+    truth = [0.447, 0.30, 0.364, 0.36]
+    (run / "history.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "valid/micro_f1": v, "valid/macro_f1": v / 2}) + "\n" for e, v in enumerate(truth)))
+    (run / "results.json").write_text(json.dumps({"best_epoch": 1, "test": {"macro_auc": 0.7}}))
+    restored = types.SimpleNamespace(
+        metrics={"trial_id": "x", "epoch": 3, "valid/micro_f1": 0.36, "valid/macro_f1": 0.18}, error=None,
+        path=str(tmp_path / "tune-x"), config={"optim.lr": 0.01},
+        metrics_dataframe=pd.DataFrame({"epoch": [2.0, 3.0], "training_iteration": [1, 2],
+                                        "valid/micro_f1": [0.364, 0.36]}))
+    rival = types.SimpleNamespace(
+        metrics={"trial_id": "y", "epoch": 3}, error=None, path=str(tmp_path / "tune-y"), config={"optim.lr": 0.1},
+        metrics_dataframe=pd.DataFrame({"epoch": [0.0, 1.0, 2.0, 3.0], "valid/micro_f1": [0.3, 0.4, 0.41, 0.2]}))
+    rows = trial_rows([restored, rival], "valid/micro_f1", 4, tmp_path / "runs")
+    row = rows[0]
+    assert row["curve"] == truth and row["epochs"] == 4 and row["status"] == "completed"
+    assert row["best_metric"] == 0.447 and row["best_epoch"] == 1
+    assert row["final/valid/macro_f1"] == 0.18 and row["test/macro_auc"] == 0.7
+    assert best_row(rows)["trial_id"] == "x"  # the restored trial wins on what it really scored
 
 
 def test_learning_curves_are_keyed_by_epoch_across_a_restored_trial():

@@ -37,7 +37,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_trials_own_checkpoint(tmp_pat
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
     command = [sys.executable, "-m", "carat.tune", "--preset", "tiny", f"--train.shard_dir={shards}",
                f"--train.storage_path={tmp_path / 'runs'}", f"--train.epochs={EPOCHS}",
-               "--train.synth_if_missing=false", "--loader.num_workers=0", "--tune.num_samples=1", "--tune.sweep_name=k", "--tune.scheduler=fifo"]
+               "--train.synth_if_missing=false", "--loader.num_workers=0", "--tune.num_samples=1", "--tune.sweep_name=k"]
     runs = tmp_path / "runs" / "k" / "runs"
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(command, cwd=tmp_path, env=_tune_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -64,13 +64,25 @@ def test_a_killed_sweep_resumes_its_trial_from_the_trials_own_checkpoint(tmp_pat
     (tmp_path / "second.log").write_text(output)
     assert again.returncode == 0, _digest(output)
     assert "resuming the sweep" in output
+    # ASHA (the default scheduler) got back the epochs the trial reported before the kill
+    assert re.search(r"\[carat\] ASHA: trial \w+: [1-9]\d* epoch\(s\) before the restore recorded", output), \
+        _digest(output)
     resumed = re.search(r"\[carat\] resumed from \S+ after epoch (\d+)", output)
     # the loop appends history.jsonl just after reporting an epoch, so the kill may fall between the two
     assert resumed and 1 <= int(resumed.group(1)) <= done + 1, _digest(output)
     (row,) = _rows(tmp_path / "runs" / "k")
     assert row["run_dir"] == str(history.parent)
     assert [json.loads(line)["epoch"] for line in history.read_text().splitlines()] == list(range(EPOCHS))
-    assert json.loads((history.parent / "results.json").read_text())["best_epoch"] >= 1
+    results = json.loads((history.parent / "results.json").read_text())
+    assert results["best_epoch"] >= 1
+    # the table, console and best.toml read the whole trial, the epochs before the kill included
+    truth = [json.loads(line)["valid/micro_f1"] for line in history.read_text().splitlines()]
+    assert float(row["best_metric"]) == pytest.approx(max(truth), abs=1e-9), (row, truth)
+    assert int(row["best_epoch"]) == truth.index(max(truth)) + 1 == results["best_epoch"], (row, truth)
+    assert int(row["epochs"]) == EPOCHS and row["status"] == "completed"
+    assert float(row["test/macro_auc"]) == pytest.approx(results["test"]["macro_auc"])
+    assert f"micro_f1 {max(truth):.4f} at epoch {truth.index(max(truth)) + 1}" in \
+        (tmp_path / "runs" / "k" / "best.toml").read_text()
 
 
 def _digest(output: str) -> str:

@@ -30,16 +30,34 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def epoch_curve(frame: Any, metric: str) -> list[float | None]:
-    """The metric per epoch from a trial's Tune history, keyed by the loop's own (0-based) ``epoch``: a trial
-    restarted by ``Tuner.restore`` counts Tune iterations afresh and may repeat rows; the epoch does not."""
-    if frame is None or metric not in frame:
-        return []
-    if "epoch" not in frame:
-        return [_number(v) for v in frame[metric].tolist()]
-    by_epoch = {int(e): _number(v) for e, v in zip(frame["epoch"].tolist(), frame[metric].tolist())
-                if _number(e) is not None}
+def epoch_curve(frame: Any, metric: str, history: list[dict[str, Any]] | None = None) -> list[float | None]:
+    """The metric per epoch, keyed by the loop's own (0-based) ``epoch``: from the trial's Tune history and,
+    where it has them, the trial's run history (``history``, its history.jsonl), which wins.
+
+    A trial restarted by ``Tuner.restore`` counts Tune iterations afresh, may repeat rows, and its Tune
+    history (progress.csv) holds only what it reported after the restore: the epochs before the kill are in
+    its run's history.jsonl alone, which the loop rebuilds from the checkpoint it resumed from."""
+    by_epoch: dict[int, float | None] = {}
+    if frame is not None and metric in frame:
+        if "epoch" not in frame and not history:
+            return [_number(v) for v in frame[metric].tolist()]
+        if "epoch" in frame:
+            by_epoch = {int(e): _number(v) for e, v in zip(frame["epoch"].tolist(), frame[metric].tolist())
+                        if _number(e) is not None}
+    for record in history or []:
+        if _number(record.get("epoch")) is not None and metric in record:
+            by_epoch[int(record["epoch"])] = _number(record[metric])
     return [by_epoch.get(e) for e in range(max(by_epoch) + 1)] if by_epoch else []
+
+
+def run_history(run_dir: Path) -> list[dict[str, Any]]:
+    """A trial run's history.jsonl (one record per finished epoch); [] when absent or unreadable."""
+    try:
+        lines = (run_dir / "history.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict)]
 
 
 TEST_COLUMNS: dict[str, tuple[str, str]] = {
@@ -68,8 +86,9 @@ def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path)
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("tune-")  # no report yet
-        frame = result.metrics_dataframe
-        curve = epoch_curve(frame, metric)
+        run_dir = runs_dir / f"trial-{trial_id}"
+        history = run_history(run_dir)
+        curve = epoch_curve(result.metrics_dataframe, metric, history)
         values = [v for v in curve if v is not None]
         epochs = len(curve)
         if result.error is not None:
@@ -83,9 +102,10 @@ def trial_rows(results: list[Any], metric: str, max_epochs: int, runs_dir: Path)
         row["final_metric"] = values[-1] if values else None
         row["best_metric"] = max(values) if values else None
         row["best_epoch"] = curve.index(max(values)) + 1 if values else None
+        # the last epoch's validation figures: the run's own record of it where the run has one
+        last = history[-1] if history and _number(history[-1].get("epoch")) == epochs - 1 else metrics
         for key in SUMMARY_KEYS:
-            row[f"final/valid/{key}"] = _number(metrics.get(f"valid/{key}"))
-        run_dir = runs_dir / f"trial-{trial_id}"
+            row[f"final/valid/{key}"] = _number(last.get(f"valid/{key}"))
         row.update(trial_test_scores(run_dir))
         row["run_dir"] = str(run_dir)
         row["curve"] = curve

@@ -116,8 +116,9 @@ def make_search(cfg: CaratConfig, max_concurrent: int):
     return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
 
 
-def make_scheduler(cfg: CaratConfig):
-    """ASHA on the per-epoch report (one report = one training_iteration), or plain FIFO.
+def make_scheduler(cfg: CaratConfig, runs_dir: Path | None = None):
+    """ASHA on the loop's epochs (:class:`carat.tune.scheduler.EpochASHA`: one report = one epoch, also for a
+    trial restored mid-run, its rungs refilled from the trials' histories under ``runs_dir``), or plain FIFO.
 
     A stop after the last epoch's report kills the trial's driver before the loop's final evaluation (the best
     epoch on test, results.json) and saves no training. So ``stop_last_trials=False`` (by default ASHA stops
@@ -126,14 +127,16 @@ def make_scheduler(cfg: CaratConfig):
     trial below that rung's cutoff was stopped at its last epoch with no test scores (seen in a sweep of the
     small preset: 2 of 6 trials that trained all 30 epochs). With too few epochs for a rung before the last
     one, nothing can be stopped early: FIFO."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from carat.tune.scheduler import EpochASHA
 
     last_rung = cfg.train.epochs - 1
     if cfg.tune.scheduler == "fifo" or last_rung < 1:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=last_rung,
-                         grace_period=min(cfg.tune.grace_period, last_rung),
-                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+    return EpochASHA(epochs=cfg.train.epochs, runs_dir=str(runs_dir) if runs_dir else None, max_t=last_rung,
+                     grace_period=min(cfg.tune.grace_period, last_rung), reduction_factor=cfg.tune.reduction_factor,
+                     stop_last_trials=False)
 
 
 def build_tuner(cfg: CaratConfig, base: CaratConfig, sweep_dir: Path, resources: TrialResources):
@@ -152,7 +155,7 @@ def build_tuner(cfg: CaratConfig, base: CaratConfig, sweep_dir: Path, resources:
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
             metric=metric_key(cfg), mode="max", search_alg=make_search(cfg, resources.max_concurrent),
-            scheduler=make_scheduler(cfg),
+            scheduler=make_scheduler(cfg, sweep_dir / "runs"),
             num_samples=t.num_samples, max_concurrent_trials=resources.max_concurrent,
             time_budget_s=t.time_budget_s, trial_dirname_creator=trial_dirname,
         ),
