@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     except CaratError as err:
         print(f"carat.train: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that trained (not --help or a config error)
+            from carat.train.launch import leave_process_group
+
+            leave_process_group()
 
 
 def launch(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> Path | None:

@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -102,21 +103,19 @@ def launch_in_process(cfg: CaratConfig, run_dir: Path, shard_dir: Path, launcher
         launcher=launcher, run_dir=run_dir, shard_dir=shard_dir, report=lambda metrics, path: None,
         resume_dir=checkpoint_to_resume(checkpoints), checkpoint_root=checkpoints,
     )
-    try:
-        return run_training(cfg, ctx)
-    finally:
-        destroy_process_group()
+    return run_training(cfg, ctx)
 
 
-def destroy_process_group() -> None:
-    """Leave the group before the interpreter exits: a gloo group torn down by static destructors at exit
-    aborted a rank after its results were written (`terminate called without an active exception`, -6).
-    Through DeepSpeed, which drops its own references to the group too: a later run in this process (the tests
-    call ``main`` repeatedly) then starts a fresh one."""
-    import deepspeed.comm
-    import torch.distributed as tdist
+def leave_process_group() -> None:
+    """Leave the process group once the command is done (``carat.train``'s main; an ensemble's members share
+    one group): a gloo group torn down by static destructors at interpreter exit aborted a rank after its
+    results were written (`terminate called without an active exception`, -6). Through DeepSpeed, which drops
+    its own references to the group too, so a later command in this process (tests call ``main`` repeatedly)
+    starts a fresh one."""
+    tdist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not need it
+    if tdist is not None and tdist.is_available() and tdist.is_initialized():
+        import deepspeed.comm
 
-    if tdist.is_available() and tdist.is_initialized():
         deepspeed.comm.destroy_process_group()
 
 
