@@ -166,7 +166,8 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore:
     figures must equal it (:func:`check_same_figures`), else it is an error naming what differs."""
     from carat.evaluate import score_split
     from carat.metrics import (
-        SUMMARY_METRICS, format_results_table, result_warnings, results_columns, split_results, verdict,
+        SUMMARY_METRICS, card_prior, format_results_table, result_warnings, results_columns, split_results,
+        verdict,
     )
     from carat.atomic import write_text_atomic
     from carat.train.rundir import RunDir, copy_card, write_json_atomic
@@ -176,14 +177,15 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore:
     valid, test = (score_split(model, member_cfg, shard_dir, split, device) for split in ("valid", "test"))
     dirs = member_dirs(run_dir)
     members = {path.name: json.loads((path / "results.json").read_text()) for path in dirs}
+    card_path = shard_dir / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     results: dict[str, Any] = {
-        **split_results(valid, test, cfg.model.threshold, cfg.train.tune_thresholds),
+        # the label prior from the card's train split, as a single run's results have it
+        **split_results(valid, test, cfg.model.threshold, cfg.train.tune_thresholds, prior=card_prior(card)),
         "ensemble_size": len(members), "launcher": cfg.train.launcher, "run_dir": str(run_dir),
         "members": [member_summary(name, r) for name, r in members.items()],
         "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0) for r in members.values())),
     }
-    card_path = shard_dir / "card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     run = RunDir(run_dir)
     copy_card(shard_dir, run)
     judged = verdict(results, card)
