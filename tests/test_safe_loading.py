@@ -5,6 +5,8 @@ written."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,33 @@ def test_a_plain_pt_labels_file_needs_no_trust_but_a_pickle_does(tmp_path):
     with pytest.raises(DataError, match="refusing to unpickle"):
         _unpickle(evil, trust=False)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_refuses_crafted_optimizer_states_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """The optimizer states are loaded inside DeepSpeed's engine, not by carat's pre-check: a crafted file there
+    must still end the run with carat's one line naming it (it was a raw `[rank0]` traceback), and never run."""
+    from carat.data.shards import StorageConfig
+    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.train import __main__ as train_main
+    from carat.train.loop import FAULT_ENV
+
+    shards = tmp_path / "shards"
+    synthesize_corpus(shards, SynthConfig(scale=0.003, length_scale=0.03, seed=2),
+                      StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    args = ["--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={tmp_path / 'runs'}",
+            "--train.run_name=evil", "--train.epochs=2", "--loader.num_workers=0", "--launcher", "none"]
+    # a run that died after its first epoch's checkpoint (in a child: the fault exits the process)
+    died = subprocess.run([sys.executable, "-m", "carat.train", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, FAULT_ENV: "1:0"})
+    assert died.returncode == 17, died.stderr[-2000:]
+    tag = tmp_path / "runs" / "evil" / "checkpoints" / "epoch-001"
+    (optim,) = tag.glob("*optim_states.pt")
+    target = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": Payload(target)}, optim)
+    ckpt.write_completion_marker(tag, ckpt.list_tag_files(tag), {"epoch": 1})
+    capsys.readouterr()
+    assert train_main.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{optim}: refused to load" in err and "[rank0]" not in err and "Traceback" not in err
+    assert not target.exists()

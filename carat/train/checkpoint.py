@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -584,14 +585,19 @@ def load_checkpoint_file(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file missing") from None
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for such files
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "weights_only" in str(err) or "global" in str(err).lower():
-            raise CheckpointError(f"{path}: refused to load: it needs a type carat does not allow in a "
-                                  f"checkpoint ({text[:300]}); a carat checkpoint never does, so it was "
-                                  "written by something else or tampered with") from None
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {text[:300]}); it is "
-                              "truncated or not a checkpoint") from None
+        raise load_refusal(path, err) from None
     return require_finite(loaded, path)
+
+
+def load_refusal(path: Any, err: Exception) -> CheckpointError:
+    """The one-line error for a checkpoint file that a weights-only load refused or could not read."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0]) if str(err) else type(err).__name__
+    if "weights_only" in str(err) or "global" in str(err).lower():
+        return CheckpointError(f"{path}: refused to load: it needs a type carat does not allow in a "
+                               f"checkpoint ({text[:300]}); a carat checkpoint never does, so it was "
+                               "written by something else or tampered with")
+    return CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {text[:300]}); it is "
+                           "truncated or not a checkpoint")
 
 
 @contextlib.contextmanager
@@ -604,7 +610,11 @@ def safe_torch_load() -> Iterator[None]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
         source = args[0] if args else kwargs.get("f", "<checkpoint file>")
-        return require_finite(original(*args, **kwargs), source)
+        try:
+            loaded = original(*args, **kwargs)
+        except pickle.UnpicklingError as err:  # inside DeepSpeed's loaders: name the file, one line
+            raise load_refusal(source, err) from None
+        return require_finite(loaded, source)
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         torch.load = guarded
