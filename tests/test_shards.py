@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.data.shards import (
@@ -226,3 +228,27 @@ def test_unlisted_shard_detected(tmp_path: Path) -> None:
     (tmp_path / "valid/valid-000009.tar").write_bytes(b"")
     with pytest.raises(DataError, match="valid-000009.tar: shard not listed"):
         verify_shards(tmp_path)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(crash_at=st.integers(1, 40))
+def test_a_write_interrupted_at_any_sample_resumes_to_the_uninterrupted_corpus(tmp_path: Path, crash_at: int):
+    """Property: wherever the writer dies (any of the 40 samples), the corpus is never advertised complete, and
+    the rerun's files are byte for byte those of a write that never stopped."""
+    reference = tmp_path / "ref"
+    if not reference.exists():
+        write_tiny(reference)
+    run = tmp_path / f"run-{crash_at}"
+    calls = {"n": 0}
+
+    def dies(ref: SegmentRef) -> Segment:
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise RuntimeError("simulated crash")
+        return load_segment(ref)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_tiny(run, load=dies)
+    assert not (run / MANIFEST_FILE).exists()
+    write_tiny(run)
+    assert _files(run) == _files(reference)
