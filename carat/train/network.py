@@ -10,6 +10,7 @@ second host can never connect. These helpers choose from the addresses the host 
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import socket
@@ -57,8 +58,8 @@ def routable_address() -> str:
         named = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     except OSError:
         named = set()
-    for candidate in sorted(named & own):
-        return candidate
+    if named & own:
+        return min(named & own)
     default = source_address("192.0.2.1")  # TEST-NET-1: any address routed by the default route
     if default in own:
         return default
@@ -99,23 +100,26 @@ def rank_placement(rank: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["address"]:
-        try:
-            print(routable_address())
-        except RuntimeError as exc:
-            print(f"carat: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    if len(args) == 2 and args[0] == "interface":
-        name = interface_towards(args[1])
-        if name is None:
-            print(f"carat: no interface on {socket.gethostname()} routes to {args[1]}", file=sys.stderr)
-            return 1
-        print(name)
-        return 0
-    print(__doc__.strip().split("\n\n")[-1], file=sys.stderr)
-    return 2
+    parser = argparse.ArgumentParser(prog="python -m carat.train.network",
+                                     description="This host's routable address, or its interface towards another.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("address", help="this host's address for the other hosts (the Ray head's, rank 0's)")
+    towards = sub.add_parser("interface", help="the interface this host reaches DESTINATION through")
+    towards.add_argument("destination")
+    args = parser.parse_args(argv)
+    try:
+        print(routable_address() if args.what == "address" else interface_towards_or_fail(args.destination))
+    except RuntimeError as exc:
+        print(f"carat: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def interface_towards_or_fail(destination: str) -> str:
+    name = interface_towards(destination)
+    if name is None:
+        raise RuntimeError(f"no interface on {socket.gethostname()} routes to {destination}")
+    return name
 
 
 if __name__ == "__main__":

@@ -316,8 +316,7 @@ def up(nodes: int, install: bool) -> None:
         if all(Path(f"/proc/{h.get('init', 0)}").exists() for h in state["hosts"].values()):
             print(f"testbed: already up ({', '.join(state['hosts'])})")
             return
-        down()
-    down()  # leftovers of a crashed testbed (namespaces without state) go first
+    down()  # the leftovers of a crashed testbed (dead hosts, namespaces without state) go first
     all_hosts = hosts(nodes)
     write_configs(all_hosts)
     make_network(all_hosts)
@@ -395,10 +394,8 @@ def stop_process(pid: int) -> None:
         if not Path(f"/proc/{pid}").exists() or zombie(pid):
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def zombie(pid: int) -> bool:
@@ -411,10 +408,8 @@ def zombie(pid: int) -> bool:
 def kill_netns_processes(netns: str) -> None:
     pids = sh("ip", "netns", "pids", netns, check=False).stdout.split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:
