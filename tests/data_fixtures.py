@@ -230,3 +230,11 @@ def tiny_loop_corpus(out: Path) -> Path:
     synthesize_corpus(out, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
     return out
+
+
+def loop_args(shards: Path, storage: Path, name: str, epochs: int, *extra: str) -> list[str]:
+    """``carat.train`` arguments for a one-process tiny-preset run on a fixture corpus (``extra`` last, so it
+    wins)."""
+    return ["--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={storage}",
+            f"--train.run_name={name}", f"--train.epochs={epochs}", "--train.synth_if_missing=false",
+            "--loader.num_workers=0", "--launcher", "none", *extra]

@@ -163,9 +163,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _args(shards: Path, storage: Path, name: str, epochs: int = 3, *extra: str) -> list[str]:
-    return ["--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={storage}",
-            f"--train.run_name={name}", f"--train.epochs={epochs}", "--train.synth_if_missing=false",
-            "--loader.num_workers=0", "--launcher", "none", "--train.keep_checkpoints=3", *extra]
+    from tests.data_fixtures import loop_args
+
+    return loop_args(shards, storage, name, epochs, "--train.keep_checkpoints=3", *extra)
 
 
 @pytest.fixture(scope="module")
