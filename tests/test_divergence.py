@@ -319,3 +319,24 @@ def test_a_resume_keeps_the_initial_loss_scale_or_takes_the_first_epochs_mean():
     trainer = SimpleNamespace(initial_loss=None, initial_loss_step=0, history=[{"train/total": 4.2}])
     loop.Trainer.restore_initial_loss(trainer, {"epoch": 1})
     assert (trainer.initial_loss, trainer.initial_loss_step) == (4.2, 1)
+
+
+def test_a_ray_run_that_diverges_is_not_restarted_into_the_same_divergence(reference_shards, tmp_path):
+    """carat's errors are decisions, not crashes: Ray's FailureConfig restart used to resume the diverged run
+    from its last checkpoint and train into the same divergence again (issue 26)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
+                                                              "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    args = _preset_args(reference_shards, tmp_path, "ray", "--train.epochs=2", "--optim.lr=1e6")
+    args[args.index("none")] = "ray"
+    proc = subprocess.run([sys.executable, "-m", "carat.train", *args, "--train.num_workers=2",
+                           "--train.max_failures=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "training diverged: epoch 2" in _error_line(proc.stderr)
+    run = tmp_path / "ray"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and len(steps) == len(set(steps)), steps  # epoch 2 was trained once, not again after a restart
+    assert not (run / "results.json").exists() and not list(run.glob(".final-error-*"))

@@ -10,11 +10,13 @@ All three write the same run directory (:mod:`carat.train.rundir`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -167,12 +169,49 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
                             shard_dir=Path(loop_config["shard_dir"]), report=report, resume_dir=resume_dir)
         run_training(cfg, ctx)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        run(None)
-    else:
-        with checkpoint.as_directory() as directory:
-            run(Path(directory))
+    final = FinalError(Path(loop_config["run_dir"]), loop_config["attempt"])
+    final.raise_if_recorded()
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            run(None)
+        else:
+            with checkpoint.as_directory() as directory:
+                run(Path(directory))
+    except CaratError as error:
+        final.record(error)
+        raise
+
+
+class FinalError:
+    """A carat error of one ``fit``, kept so Ray's restart does not run into it again.
+
+    carat's errors are decisions (divergence, bad data, a refused resume, a typo), not crashes: restarting the
+    worker group from the last checkpoint (``FailureConfig``) would only train up to the same divergence
+    again. Ray Train 2.60 has no hook to choose which failures it retries, so the rank that raises one writes
+    it into the run directory, keyed by this fit's attempt id, and the restarted workers raise it at once.
+    """
+
+    def __init__(self, run_dir: Path, attempt: str):
+        self.path = run_dir / f".final-error-{attempt}.json"
+
+    def record(self, error: CaratError) -> None:
+        from carat.atomic import write_text_atomic
+
+        with contextlib.suppress(OSError):  # a run directory gone or read-only: Ray retries as before
+            write_text_atomic(self.path, json.dumps({"type": type(error).__name__, "message": str(error)}))
+
+    def raise_if_recorded(self) -> None:
+        try:
+            recorded = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        raise CaratError(recorded["message"])
+
+    @staticmethod
+    def clear(run_dir: Path) -> None:
+        for path in run_dir.glob(".final-error-*.json"):
+            path.unlink(missing_ok=True)
 
 
 def _cluster_gpus() -> float | None:
@@ -243,7 +282,8 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     resources = {"CPU": cpus_per_rank, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
         ray_worker,
-        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir)},
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir),
+                           "attempt": uuid.uuid4().hex},
         # GPU ranks pack (one per GPU, NVLink within a node); CPU ranks spread, so every node's cores work
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
                                      placement_strategy="PACK" if gpu else "SPREAD"),
@@ -275,6 +315,8 @@ def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, An
         result = build_trainer(cfg, run_dir, shard_dir).fit()
     except Exception as error:  # Ray 2.60's fit raises the worker group's failure itself
         raise worker_carat_error(error) or error from None
+    finally:
+        FinalError.clear(run_dir)
     if result.error is not None:
         raise worker_carat_error(result.error) or result.error
     return read_results(run_dir)

@@ -91,7 +91,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, cp
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from carat.train.launch import build_trainer
+    from carat.train.launch import FinalError, build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_params(config_from_dict(base), params)
@@ -100,7 +100,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, cp
     trainer = build_trainer(cfg, Path(runs_dir) / run_name, Path(cfg.train.shard_dir),
                             callbacks=[TuneReportCallback()], num_workers=cfg.train.num_workers,
                             cpus_per_rank=cpus_per_worker)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        FinalError.clear(Path(runs_dir) / run_name)
     if result.error is not None:
         raise result.error
 
