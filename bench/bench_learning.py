@@ -59,7 +59,6 @@ ABLATIONS: dict[str, list[str]] = {
     "full, LSTM aligner": ["--model.aligner=lstm"],
     "full, the seed's slot ratios (1/3 visual, 1/10 audio)": ["--model.visual_compression_ratio=0.333",
                                                               "--model.audio_compression_ratio=0.1"],
-    "full, max label pooling": ["--model.label_pooling=max"],
     "full, max over modalities": ["--model.modality_fusion=max"],
     "full, no feature standardisation": ["--model.standardize_features=false"],
     "full, reference score rule": ["--model.score_rule=reference"],

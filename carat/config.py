@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 import tomllib
 import types
 import typing
@@ -402,11 +403,49 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
+RETIRED_KEYS: dict[str, Any] = {
+    "model.modality_dropout": 0.0,
+    "model.temporal_conv_kernel": 0,
+    "model.label_pooling": "attention",
+}
+"""Options measured, rejected and removed after 0.1.0 (their figures stay in BENCHMARKS.md, "Learning"), with the
+value that meant "off". Run directories and configs written before carry them: that value is accepted with a
+deprecation line for one release; any other value names the removal, since such a model cannot be rebuilt."""
+_retired_seen: set[str] = set()
+
+
+def _same_value(value: Any, off: Any) -> bool:
+    """``value`` (from TOML, a saved config or a command line's text) means ``off``."""
+    if isinstance(off, str):
+        return value == off
+    try:
+        return float(value) == float(off)
+    except (TypeError, ValueError):
+        return False
+
+
+def _retired(key: str, value: Any) -> bool:
+    """True for a retired key at its "off" value (to be skipped); a ConfigError for any other value."""
+    if key not in RETIRED_KEYS:
+        return False
+    off = RETIRED_KEYS[key]
+    if not _same_value(value, off):
+        raise ConfigError(f"{key}={value!r}: this option was removed after carat 0.1.0 (measured and rejected: "
+                          f"BENCHMARKS.md, Learning); only {off!r}, what it meant by off, is still read")
+    if key not in _retired_seen:
+        _retired_seen.add(key)
+        print(f"carat: {key} was removed after 0.1.0 and is ignored at {off!r}; drop it from the config "
+              f"(accepted for one release)", file=sys.stderr)
+    return True
+
+
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     kwargs = {}
     for name, value in values.items():
+        if _retired(f"{section}.{name}", value):
+            continue
         if name not in names:
             raise ConfigError(f"unknown key {section}.{name}{_suggest(name, names)}")
         kwargs[name] = coerce(value, hints[name], f"{section}.{name}")

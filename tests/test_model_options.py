@@ -112,7 +112,6 @@ def test_reference_defaults_are_unchanged():
     cfg, loss = tiny_config(), LossConfig()
     assert cfg.aligner == "lstm" and cfg.prototype_temperature == 1.0 and not cfg.standardize_features
     assert cfg.modality_fusion == "max" and cfg.score_rule == "reference" and cfg.input_dropout == 0.0
-    assert cfg.label_pooling == "attention"
     assert not loss.detach_recon_targets
 
 
@@ -172,71 +171,7 @@ def test_input_dropout_acts_in_training_only_and_keeps_padding_invariance():
     assert not torch.allclose(t1, t2)
 
 
-def test_blank_modalities_zeroes_at_most_one_modality_per_sample():
-    from carat.model.carat import blank_modalities
-
-    torch.manual_seed(0)
-    frames = tuple(torch.randn(400, 5, d) + 3.0 for d in (4, 3, 2))  # + 3: no real value is exactly 0
-    blanked = torch.stack([(x == 0).flatten(1).all(dim=1) for x in blank_modalities(frames, 1.0)], dim=1)
-    assert torch.all(blanked.sum(dim=1) == 1)  # rate 1: exactly one per sample...
-    assert torch.all(blanked.float().mean(dim=0) > 0.25)  # ...drawn uniformly over the three
-    kept = torch.stack([(x != 0).flatten(1).all(dim=1) for x in blank_modalities(frames, 0.3)], dim=1)
-    assert torch.all(kept.sum(dim=1) >= 2)  # never more than one modality blanked
-    assert 0.2 < 1 - kept.all(dim=1).float().mean() < 0.4
-    for x, y in zip(frames, blank_modalities(frames, 0.0)):
-        torch.testing.assert_close(x, y)
-
-
-def test_modality_dropout_acts_in_training_only_and_on_one_encoder_per_sample():
-    no_dropout = dict(text_dropout=0.0, visual_dropout=0.0, audio_dropout=0.0)
-    model = tiny_model(seed=4, modality_dropout=0.9, **no_dropout)
-    perturb_parameters(model)
-    reference = tiny_model(seed=4, **no_dropout)
-    reference.load_state_dict(model.state_dict())
-    batch = make_batch(LENGTHS)
-    model.eval(), reference.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model.scores(model(**batch)), reference.scores(reference(**batch)))
-    model.train(), reference.train()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        changed = (model(**batch).pooled - reference(**batch).pooled).abs().amax(dim=-1) > 1e-6  # [B, 3]
-    # The encoders are per modality: a blanked modality changes its own pooled output and nothing else.
-    assert changed.any() and torch.all(changed.sum(dim=1) <= 1)
-
-
-def test_max_label_pooling_is_the_masked_max_over_real_steps_for_every_label():
-    from tests.model_helpers import stack_samples
-
-    batch = make_batch(LENGTHS)
-    model = tiny_model(seed=5, label_pooling="max").eval()
-    perturb_parameters(model)
-    assert not hasattr(model.audio_attention, "scores")  # no attention parameters left to train
-    h = torch.randn(3, 6, 16)
-    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    h_padded = h.masked_fill(~mask[..., None], 1e6)  # padding larger than any real step must not win the max
-    z = model.text_attention(h_padded, mask)
-    for b in range(3):
-        expected = h[b, mask[b]].amax(dim=0)
-        for c in range(z.shape[1]):
-            torch.testing.assert_close(z[b, c], expected)
-    with torch.no_grad():  # a sample's scores do not depend on the padding of its batch
-        alone = {k: v[1:2] for k, v in batch.items()}
-        both = stack_samples([{k: v[:1] for k, v in batch.items()}, alone])
-        torch.testing.assert_close(model.scores(model(**both))[1:], model.scores(model(**alone)),
-                                   rtol=1e-5, atol=1e-6)
-
-
-def test_attention_plus_max_label_pooling_adds_the_two():
-    both = tiny_model(seed=6, label_pooling="attention+max")
-    attention = tiny_model(seed=6)
-    attention.load_state_dict(both.state_dict())
-    h, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    peak = h.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)[:, None, :]
-    torch.testing.assert_close(both.visual_attention(h, mask), attention.visual_attention(h, mask) + peak)
-
-
-@pytest.mark.parametrize("key,value", [("label_pooling", "mean"), ("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0), ("modality_dropout", -0.1),
+@pytest.mark.parametrize("key,value", [("modality_fusion", "mean"), ("score_rule", "all"), ("input_dropout", 1.0),
                                        ("aligner", "conv"), ("prototype_temperature", 0.0)])
 def test_bad_option_values_are_config_errors(key, value):
     from carat.errors import ConfigError
@@ -245,32 +180,15 @@ def test_bad_option_values_are_config_errors(key, value):
         tiny_config(**{key: value})
 
 
-def test_temporal_conv_starts_as_the_reference_and_keeps_padding_invariance():
-    from tests.model_helpers import stack_samples
-
-    batch = make_batch(LENGTHS)
-    plain = tiny_model(seed=6).eval()
-    conv = tiny_model(seed=7, temporal_conv_kernel=5).eval()
-    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all("temporal_conv" in k for k in missing)
-    with torch.no_grad():
-        # Zero-initialised: the untrained option computes exactly the reference model.
-        torch.testing.assert_close(conv.scores(conv(**batch)), plain.scores(plain(**batch)))
-        perturb_parameters(conv)
-        assert conv.audio_encoder.embedding.temporal_conv.weight.abs().sum() > 0
-        # Sample 0 at its own lengths, then beside a longer sample with random (finite) padding.
-        alone = {}
-        for m, lengths in LENGTHS.items():
-            alone[m], alone[f"{m}_mask"] = batch[m][:1, :lengths[0]], batch[f"{m}_mask"][:1, :lengths[0]]
-        other = {k: v[1:2] for k, v in batch.items()}
-        together = conv.scores(conv(**stack_samples([alone, other])))[:1]
-        torch.testing.assert_close(together, conv.scores(conv(**alone)), rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(conv.scores(conv(**batch)), plain.scores(plain(**batch)))
-
-
-@pytest.mark.parametrize("width", [-1, 2, 4])
-def test_temporal_conv_width_must_be_zero_or_odd(width):
+def test_retired_options_are_read_at_their_off_value_and_refused_at_any_other(capsys):
+    """Old run directories and configs carry the removed options at "off": still read, with one deprecation
+    line; a model trained with one on cannot be rebuilt, so that is an error naming the removal."""
+    from carat.config import load_config
     from carat.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.temporal_conv_kernel"):
-        tiny_config(temporal_conv_kernel=width)
+    cfg = load_config("tiny", overrides=["--model.temporal_conv_kernel=0", "--model.label_pooling=attention",
+                                         "--model.modality_dropout=0"])
+    assert cfg == load_config("tiny")
+    for key, value in (("temporal_conv_kernel", "9"), ("label_pooling", "max"), ("modality_dropout", "0.3")):
+        with pytest.raises(ConfigError, match=f"model.{key}=.*removed after carat 0.1.0"):
+            load_config("tiny", overrides=[f"--model.{key}={value}"])

@@ -616,8 +616,8 @@ def test_a_flipped_mask_rule_is_caught(rule):
 
     mutation = {
         "encoder padding": Mutation(patches=((attention, "padding_bias", _ignore_padding_in_encoders),)),
-        "label-attention padding": Mutation(patches=((heads.LabelAttention, "_attend",
-                                                      _label_attention_without_mask(heads.LabelAttention._attend)),)),
+        "label-attention padding": Mutation(patches=((heads.LabelAttention, "forward",
+                                                      _label_attention_without_mask(heads.LabelAttention.forward)),)),
         "no masks": Mutation(masks=_all_frames_real),
         # carat's own initial queue rows are left out of SupCon; the authors' filled rows are anchors and contrast
         "queue rows": Mutation(patches=((memory.ContrastiveQueue, "filled", _no_queue_rows),)),
@@ -649,7 +649,6 @@ def test_a_changed_loss_weight_is_caught(weight):
     {"model": {"prototype_temperature": 0.5}},
     {"model": {"modality_fusion": "sum"}},
     {"model": {"score_rule": "with_lsr"}},
-    {"model": {"label_pooling": "attention+max"}},
     {"model": {"input_dropout": 0.3}},
 ], ids=lambda change: next(iter(next(iter(change.values())))))
 def test_each_carat_option_off_the_reference_is_caught(change):

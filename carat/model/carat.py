@@ -123,16 +123,6 @@ def shuffle_indices(batch: int, num_classes: int, device: torch.device,
     return sample.permute(2, 1, 0), modality
 
 
-def blank_modalities(frames: tuple[torch.Tensor, ...], rate: float) -> tuple[torch.Tensor, ...]:
-    """Zero one uniformly chosen modality of each sample with probability ``rate`` (model.modality_dropout).
-    At most one per sample, so every sample keeps two modalities' evidence; masks are left alone."""
-    batch = frames[0].shape[0]
-    device = frames[0].device
-    blanked = torch.rand(batch, device=device) < rate
-    choice = torch.randint(len(frames), (batch,), device=device)
-    return tuple(x * ~(blanked & (choice == m)).view(-1, *([1] * (x.dim() - 1))) for m, x in enumerate(frames))
-
-
 class CARAT(nn.Module):
     """The CARAT network; build with :meth:`from_config`. See the module docstring for the forward pass."""
 
@@ -148,7 +138,6 @@ class CARAT(nn.Module):
         d, z, c = cfg.hidden_size, cfg.projection_size, cfg.num_classes
         self.standardize_features = cfg.standardize_features
         self.input_dropout = cfg.input_dropout
-        self.modality_dropout = cfg.modality_dropout
         self.modality_fusion = cfg.modality_fusion
         self.score_rule = cfg.score_rule
         for m in MODALITY_ORDER:
@@ -163,9 +152,9 @@ class CARAT(nn.Module):
                 self.feature_dims[m], d, cfg.intermediate_size, cfg.num_heads, getattr(cfg, f"{m}_layers"),
                 getattr(cfg, f"{m}_max_positions"), getattr(cfg, f"{m}_dropout"), eps=cfg.layer_norm_eps,
                 activation=cfg.hidden_act, kernel=cfg.attention, init_std=cfg.init_std,
-                checkpoint_layers=m in cfg.checkpoint_encoders, conv_kernel=cfg.temporal_conv_kernel))
+                checkpoint_layers=m in cfg.checkpoint_encoders))
         for m in MODALITY_ORDER:
-            self.add_module(f"{m}_attention", LabelAttention(d, c, cfg.label_pooling))
+            self.add_module(f"{m}_attention", LabelAttention(d, c))
             self.add_module(f"{m}_proj", ProjectionMLP(d, d // 2, z))
             self.add_module(f"{m}_deproj", ProjectionMLP(z, d // 2, d))
             self.add_module(f"{m}_protos", LabelPrototypes(c, z, cfg.prototype_momentum,
@@ -232,8 +221,6 @@ class CARAT(nn.Module):
         frames = (self._normalize_inputs("text", text, text_mask), visual, audio)
         if self.input_dropout > 0:  # zero stays zero, so padding is unaffected
             frames = tuple(F.dropout(x, self.input_dropout, self.training) for x in frames)
-        if self.modality_dropout > 0 and self.training:
-            frames = blank_modalities(frames, self.modality_dropout)
         masks = (text_mask, visual_slots, audio_slots)
         encoded = [enc(x, mask) for enc, x, mask in zip(self._modules_of("encoder"), frames, masks)]
         label_features = [att(h, mask) for att, (h, _), mask in zip(self._modules_of("attention"), encoded, masks)]

@@ -156,34 +156,6 @@ class ModelConfig:
     on individual raw feature values, during training. The reference has none. Measured on a 1,633-clip
     corpus: even a small model fits the train split (train BCE 0.07) while validation AUC stalls; dropping
     30% of the input values raised a plain attention-pooling model's test AUC from 0.64 to 0.67-0.68."""
-    modality_dropout: float = 0.0
-    """Probability, per training sample, that one of its three modalities (chosen uniformly) is blanked: its
-    encoder inputs are set to zero (the standardised mean) while its mask is kept, so that sample's labels must
-    be explained by the other two (ModDrop, Neverova et al. 2016). 0 = never, as in the reference. Why: with the
-    per-modality logits summed, a modality that fits the train split first explains the labels away from the
-    others; measured in the small preset, the text classifiers reached train AUC 0.84 on fear (test 0.60)
-    while the visual and audio ones, which carry fear's stronger cues, stayed at 0.70 / 0.67 on train. Measured,
-    and off in every preset: 0.3 in the small preset over four seeds gave test tuned F1 0.591 / 0.465 and
-    macro-AUC 0.754 against 0.599 / 0.471 and 0.762 without, and did not raise the visual or audio fear
-    classifiers' test AUC (0.58 / 0.59); BENCHMARKS.md, Learning, 2026-12-06."""
-    temporal_conv_kernel: int = 0
-    """Width (odd, in steps) of a residual depthwise temporal convolution after each encoder's input
-    projection; 0 = none, as in the reference. A cue that spans many noisy frames is found by integrating over
-    them (a matched filter: what the synthetic corpora's oracle computes), which one attention layer over
-    per-frame projections might do poorly: the hypothesis this option tests. Zero-initialised (the model
-    starts as the reference's). Measured, and off in every preset: width 9 in the small preset on its
-    scale-0.1 corpus lowered test macro-AUC from 0.745 to 0.696 (train loss fell faster: more capacity to
-    memorise 1,633 clips whose background noise is already smooth); BENCHMARKS.md, Learning, 2026-12-04."""
-    label_pooling: Literal["attention", "max", "attention+max"] = "attention"
-    """How each modality's encoded steps become its label features Z [C, d]. "attention": the reference's
-    label-specific attention (a learned softmax over the steps per label, Z = weighted mean). "max": a max
-    over the real steps per channel, the same vector for every label (the per-label classifiers, prototypes
-    and reconstructions stay label-specific). "attention+max": the sum of both. Measured with bench-only
-    probes on a 3,265-clip corpus of short cues in long clips (BENCHMARKS.md, Learning): test macro-AUC
-    0.78-0.79 with a max over time against 0.66-0.71 with label attention at temperatures 1, 0.1 and 0.03,
-    and the pooled floor's 0.735: attention must first learn where to look, a max passes the gradient to
-    the step that carries the cue from the first update on. Inside CARAT with one slot per frame (the tiny
-    preset) attention does as well (test AUC 0.794 against 0.778 with "max"), so the default stays."""
     prototype_temperature: float = 1.0
     """Temperature of the prototype similarity softmax over {positive, negative}: sim = softmax(<e, proto> / T).
     The reference has none (T = 1): with unit-norm latents and prototypes the two logits differ by at most ~2
@@ -208,12 +180,9 @@ class ModelConfig:
                  f"(e.g. num_heads=8 for hidden_size=512)")
         _require(self.hidden_size % 2 == 0,
                  f"model.hidden_size={self.hidden_size} must be even (the projections use hidden_size/2)")
-        for name in ("text_dropout", "visual_dropout", "audio_dropout", "input_dropout", "modality_dropout"):
+        for name in ("text_dropout", "visual_dropout", "audio_dropout", "input_dropout"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
-        width = self.temporal_conv_kernel
-        _require(width == 0 or (width > 0 and width % 2 == 1),
-                 f"model.temporal_conv_kernel={width} must be 0 (none) or an odd width >= 1")
         _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _require(self.layer_norm_eps > 0, f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
         _require(0.0 <= self.prototype_momentum < 1.0,
@@ -252,8 +221,6 @@ class ModelConfig:
                  f"model.score_rule={self.score_rule!r}: use 'reference', 'with_lsr' or 'lsr'")
         _require(self.modality_fusion in ("max", "sum"),
                  f"model.modality_fusion={self.modality_fusion!r}: use 'max' or 'sum'")
-        _require(self.label_pooling in ("attention", "max", "attention+max"),
-                 f"model.label_pooling={self.label_pooling!r}: use 'attention', 'max' or 'attention+max'")
         _require(self.queue_init in ("empty", "noise"),
                  f"model.queue_init={self.queue_init!r}: use 'empty' or 'noise'")
         _require(self.aligner in ("lstm", "pool", "none"),
@@ -337,10 +304,7 @@ REFERENCE_MODEL: dict[str, object] = {
     "modality_fusion": "max",
     "score_rule": "reference",
     "prototype_temperature": 1.0,
-    "label_pooling": "attention",
     "input_dropout": 0.0,
-    "modality_dropout": 0.0,
-    "temporal_conv_kernel": 0,
     "queue_init": "noise",
 }
 """The behaviour of the authors' published model, every ModelConfig option that has a carat alternative set to

@@ -22,36 +22,18 @@ from carat.model.attention import AttentionBlock
 
 class InputEmbedding(nn.Module):
     """Frame projection + learned absolute position embedding + LayerNorm + dropout (``TfEmbeddings``).
-
-    ``conv_kernel`` > 0 adds a residual depthwise temporal convolution after the projection (carat's option
-    ``model.temporal_conv_kernel``; the reference has none): each channel gets a learned filter over
-    neighbouring steps, a learned matched filter for cues spread over many low-SNR frames (measured: it does not
-    pay on the synthetic corpora, see ``ModelConfig.temporal_conv_kernel``). Zero-initialised, so at init the
-    module is exactly the reference's embedding. Padded steps are zeroed before it, so a real step's output is the one
-    it has in an unpadded batch.
     """
 
-    def __init__(self, input_dim: int, hidden_size: int, max_positions: int, dropout: float, eps: float,
-                 conv_kernel: int = 0) -> None:
+    def __init__(self, input_dim: int, hidden_size: int, max_positions: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.frame_projection = nn.Linear(input_dim, hidden_size)
-        self.temporal_conv: nn.Conv1d | None = None
-        if conv_kernel:
-            self.temporal_conv = nn.Conv1d(hidden_size, hidden_size, conv_kernel, padding=conv_kernel // 2,
-                                           groups=hidden_size)
-            nn.init.zeros_(self.temporal_conv.weight)
-            nn.init.zeros_(self.temporal_conv.bias)
         self.position_embedding = nn.Embedding(max_positions, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(frames.shape[1], device=frames.device)
-        projected = self.frame_projection(frames)
-        if self.temporal_conv is not None:
-            real = projected.masked_fill(~mask[..., None], 0.0)
-            projected = projected + self.temporal_conv(real.transpose(1, 2)).transpose(1, 2)
-        embedded = projected + self.position_embedding(positions)[None]
+        embedded = self.frame_projection(frames) + self.position_embedding(positions)[None]
         return self.dropout(self.layer_norm(embedded))
 
 
@@ -105,11 +87,11 @@ class ModalityEncoder(nn.Module):
     def __init__(self, input_dim: int, hidden_size: int, intermediate_size: int, num_heads: int,
                  num_layers: int, max_positions: int, dropout: float, *, eps: float = 1e-12,
                  activation: Literal["gelu", "relu"] = "gelu", kernel: Literal["sdpa", "eager"] = "sdpa",
-                 init_std: float = 0.02, checkpoint_layers: bool = False, conv_kernel: int = 0) -> None:
+                 init_std: float = 0.02, checkpoint_layers: bool = False) -> None:
         super().__init__()
         self.max_positions = max_positions
         self.checkpoint_layers = checkpoint_layers
-        self.embedding = InputEmbedding(input_dim, hidden_size, max_positions, dropout, eps, conv_kernel)
+        self.embedding = InputEmbedding(input_dim, hidden_size, max_positions, dropout, eps)
         self.layers = nn.ModuleList(
             TransformerLayer(hidden_size, intermediate_size, num_heads, dropout, eps, activation, kernel)
             for _ in range(num_layers)
@@ -121,7 +103,7 @@ class ModalityEncoder(nn.Module):
         if frames.shape[1] > self.max_positions:
             # Callers bound the length (text overflow policy, alignment width); this guards the index error.
             raise ValueError(f"sequence of {frames.shape[1]} steps exceeds max_positions={self.max_positions}")
-        hidden = self.embedding(frames, mask)
+        hidden = self.embedding(frames)
         for layer in self.layers:
             if self.checkpoint_layers and torch.is_grad_enabled():
                 hidden = checkpoint(layer, hidden, mask, use_reentrant=False)

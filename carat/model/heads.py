@@ -17,38 +17,18 @@ class LabelAttention(nn.Module):
 
     forward(hidden [B, L, d], mask [B, L] bool) -> Z [B, C, d] with Z[:, c] = softmax_L(h W_c) @ h, padded
     steps excluded (their score is the dtype's most negative finite number, never -inf, so no NaN).
-
-    ``pooling="max"`` (model.label_pooling) replaces the weighted mean by a max over the real steps, per
-    channel, shared by every label (Z[:, c] = max_L h for all c; the per-label classifiers, prototypes and
-    reconstructions downstream stay label-specific); ``"attention+max"`` adds the two.
     """
 
-    def __init__(self, hidden_size: int, num_classes: int, pooling: str = "attention") -> None:
+    def __init__(self, hidden_size: int, num_classes: int) -> None:
         super().__init__()
-        self.pooling = pooling
-        self.num_classes = num_classes
-        if pooling != "max":
-            self.scores = nn.Linear(hidden_size, num_classes, bias=False)
-            nn.init.xavier_uniform_(self.scores.weight)
+        self.scores = nn.Linear(hidden_size, num_classes, bias=False)
+        nn.init.xavier_uniform_(self.scores.weight)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "attention":
-            return self._attend(hidden, mask)
-        if self.pooling == "max":
-            return self._max(hidden, mask)
-        return self._attend(hidden, mask) + self._max(hidden, mask)
-
-    def _attend(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = self.scores(hidden).transpose(1, 2)  # [B, C, L]
         scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1)
         return weights @ hidden
-
-    def _max(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # A short cue in a long clip survives a max and is averaged away by a mean: its gradient reaches the
-        # one step that carries it from the first update on, where attention must first learn where to look.
-        peak = hidden.masked_fill(~mask[..., None], torch.finfo(hidden.dtype).min).amax(dim=1)  # [B, d]
-        return peak[:, None, :].expand(-1, self.num_classes, -1)
 
 
 class ProjectionMLP(nn.Module):
