@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from carat.errors import CaratError, ConfigError
+from carat.storage import as_location
 
 if TYPE_CHECKING:
     from carat.config import CaratConfig
@@ -182,7 +183,7 @@ def _cmd_synth(args: argparse.Namespace, cfg: CaratConfig) -> int:
         return 0
     print(f"synthesising {sum(sizes.values())} segments {sizes} into {args.out} "
           f"(seed {cfg.synth.seed}, length_scale {cfg.synth.length_scale}, {cfg.storage.dtype})", file=sys.stderr)
-    out = synthesize_corpus(Path(args.out), cfg.synth, cfg.storage, progress=_show_progress(args),
+    out = synthesize_corpus(args.out, cfg.synth, cfg.storage, progress=_show_progress(args),
                             reference=not args.no_reference)
     print(f"wrote {out}")
     return 0
@@ -193,7 +194,7 @@ def _cmd_prepare(args: argparse.Namespace, cfg: CaratConfig) -> int:
 
     overrides = {m: Path(p) for m, p in (("text", args.text_file), ("visual", args.visual_file),
                                          ("audio", args.audio_file), ("labels", args.labels_csd)) if p}
-    out = prepare_corpus(Path(args.input), Path(args.out), cfg.prepare, cfg.storage,
+    out = prepare_corpus(Path(args.input), args.out, cfg.prepare, cfg.storage,
                          labels_path=Path(args.labels) if args.labels else None,
                          folds_path=Path(args.folds) if args.folds else None,
                          csd_files=overrides, progress=_show_progress(args))
@@ -205,10 +206,10 @@ def _cmd_inspect(args: argparse.Namespace, cfg: CaratConfig) -> int:
     from carat.data.card import oracle_lines, read_card
     from carat.data.inspect import inspect_corpus
 
-    report = inspect_corpus(Path(args.dir), plots_dir=Path(args.plots) if args.plots else None,
+    report = inspect_corpus(as_location(args.dir), plots_dir=Path(args.plots) if args.plots else None,
                             plots=not args.no_plots, loader=cfg.loader)
     print(report)
-    for line in oracle_lines(read_card(Path(args.dir)).get("reference_scorer")):
+    for line in oracle_lines(read_card(as_location(args.dir)).get("reference_scorer")):
         print(line)
     return 0
 
@@ -217,7 +218,7 @@ def _cmd_verify(args: argparse.Namespace, cfg: CaratConfig | None) -> int:
     """verify reads no configuration (``cfg`` is None): the corpus says what it should hold."""
     from carat.data.verify import verify_corpus
 
-    report = verify_corpus(Path(args.dir), "quick" if args.quick else "full")
+    report = verify_corpus(as_location(args.dir), "quick" if args.quick else "full")
     print(report.format(limit=args.max_problems))
     return 0 if report.ok else 1
 

@@ -30,6 +30,7 @@ from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
 from carat.data.shards import sha256_file
 from carat.errors import DataError
 from carat.metrics import above_threshold, tune_shared_threshold, tune_thresholds
+from carat.storage import as_location
 
 CARD_FILE = "card.json"
 CARD_VERSION = 1
@@ -339,7 +340,7 @@ def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: Is
 
 def write_card(out_dir: Path, card: dict[str, Any]) -> Path:
     """Write ``card.json`` atomically (temp file, then rename)."""
-    path = Path(out_dir) / CARD_FILE
+    path = as_location(out_dir) / CARD_FILE
     write_text_atomic(path, json.dumps(card, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path
 
@@ -358,7 +359,7 @@ def _json_default(value: Any) -> Any:
 
 def read_card(out_dir: Path) -> dict[str, Any]:
     """The card of a prepared corpus; DataError naming the file if missing or unreadable."""
-    path = Path(out_dir) / CARD_FILE
+    path = as_location(out_dir) / CARD_FILE
     if not path.is_file():
         raise DataError(f"{path}: no dataset card; is {out_dir} a corpus written by `python -m carat.data`?")
     try:

@@ -17,6 +17,7 @@ from carat.data.card import read_card, tuned_micro_f1
 from carat.data.loader_config import LoaderConfig
 from carat.data.segment import EMOTIONS, MODALITIES, SPLITS
 from carat.errors import DataError
+from carat.storage import ObjectPath, as_location
 
 PLOT_FILES = ("lengths.png", "label_prevalence.png", "padding_efficiency.png")
 
@@ -199,11 +200,11 @@ def plot_padding(lengths: np.ndarray, budgets: list[int], max_batch_size: int, w
 
 # ----------------------------------------------------------------------------------------------- entry
 
-def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bool = True,
+def inspect_corpus(corpus_dir: Path | ObjectPath | str, *, plots_dir: Path | None = None, plots: bool = True,
                    loader: LoaderConfig | None = None) -> str:
     """The card summary plus the padding comparison, planned as training plans (``loader``'s token budget,
     batch-size bounds and modality weights); writes the plots unless ``plots`` is False."""
-    corpus_dir = Path(corpus_dir)
+    corpus_dir = as_location(corpus_dir)
     if not corpus_dir.is_dir():
         raise DataError(f"{corpus_dir}: not a directory")
     card = read_card(corpus_dir)
@@ -230,12 +231,14 @@ def inspect_corpus(corpus_dir: Path, *, plots_dir: Path | None = None, plots: bo
 
 
 def _write_plots(card: dict[str, Any], lengths: dict[str, np.ndarray], split: str, loader: LoaderConfig,
-                 weights: tuple[float, ...], corpus_dir: Path, plots_dir: Path | None) -> str:
+                 weights: tuple[float, ...], corpus_dir: Path | ObjectPath, plots_dir: Path | None) -> str:
     """Write the three plots; the report line says where. The default place is inside the corpus, which may be
     read-only (a shared or mounted corpus): then the summary still prints and the line says how to get plots.
     A ``plots_dir`` the user named that cannot be written is a DataError naming it."""
     from carat.data.outdir import check_writable_dir
 
+    if plots_dir is None and isinstance(corpus_dir, ObjectPath):
+        return f"plots not written: {corpus_dir} is in object storage; pass --plots DIR to write them locally"
     out = Path(plots_dir) if plots_dir is not None else corpus_dir / "plots"
     budgets = sorted({max(1, loader.token_budget // 8), max(1, loader.token_budget // 2), loader.token_budget,
                       loader.token_budget * 4})

@@ -40,7 +40,7 @@ import copy
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -53,8 +53,12 @@ from carat.data.plan import FILLER, EpochPlan, plan_epoch
 from carat.data.shards import storage_dtype
 from carat.data.shm_pool import SharedBufferPool
 from carat.data.split_index import SplitIndex, load_split_index
-from carat.data.tar_reader import ShardReader, Skip
+from carat.data.tar_reader import ShardReader, Skip, StorageFailure
 from carat.errors import ConfigError, DataError
+from carat.storage import ObjectPath, as_location
+
+if TYPE_CHECKING:
+    from carat.data.remote import BlockCache
 
 
 # ----------------------------------------------------------------------------------- the torch dataset
@@ -63,10 +67,16 @@ from carat.errors import ConfigError, DataError
 class PlannedBatches(IterableDataset):
     """One rank's schedule of planned batches, split across DataLoader workers by slot (w, w+n, ...)."""
 
-    def __init__(self, shard_dir: Path, index: SplitIndex, plan: EpochPlan, rank: int, on_error: str,
-                 merge_gap_bytes: int):
+    def __init__(self, shard_dir: Path | ObjectPath, index: SplitIndex, plan: EpochPlan, rank: int, on_error: str,
+                 merge_gap_bytes: int, cache_dir: Path | None = None, cache_max_bytes: int = 0,
+                 stored_dtype: str | None = None):
         super().__init__()
-        self.shard_dir = Path(shard_dir)
+        self.stored_dtype = stored_dtype
+        """The shards' feature dtype when known at build time (else read from the manifest when needed)."""
+        self.shard_dir = as_location(shard_dir)
+        self.cache_dir = cache_dir
+        """Local block cache of a corpus in object storage (None = every read is a GET)."""
+        self.cache_max_bytes = cache_max_bytes
         self.index = index
         self.plan = plan
         self.rank = rank
@@ -95,7 +105,7 @@ class PlannedBatches(IterableDataset):
     def shared_pool(self, workers: int, depth: int) -> SharedBufferPool:
         """Rings of ``depth`` slots for ``workers`` DataLoader workers, each slot sized for the largest batch
         that worker makes this epoch."""
-        itemsize = 2 if storage_dtype(self.shard_dir) == "float16" else 4
+        itemsize = 2 if (self.stored_dtype or storage_dtype(self.shard_dir)) == "float16" else 4
         worker_rows = [[self.rows(slot) for slot in self.slots[w::workers]] for w in range(workers)]
         return SharedBufferPool.for_batches(worker_rows, self.index.lengths, itemsize, depth)
 
@@ -109,7 +119,8 @@ class PlannedBatches(IterableDataset):
 
         With a pool (inside DataLoader workers), each batch is written into the worker's next ring slot and
         carries its ``ring_slot`` = (worker, slot); the consumer must copy it out and release the slot."""
-        reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes, reuse_buffers=True)
+        reader = ShardReader(self.shard_dir, self.index, self.merge_gap_bytes, reuse_buffers=True,
+                             cache=self._block_cache())
         pool = self.pool
         try:
             for m, slot in enumerate(self.slots[worker::workers]):
@@ -122,6 +133,14 @@ class PlannedBatches(IterableDataset):
                 yield pool.describe(self._batch(reader, slot, alloc), worker, ring_slot, buf)
         finally:
             reader.close()
+
+    def _block_cache(self) -> "BlockCache | None":
+        """This worker's handle on the local block cache, for a corpus in object storage."""
+        if self.cache_dir is None or not isinstance(self.shard_dir, ObjectPath):
+            return None
+        from carat.data.remote import BlockCache
+
+        return BlockCache(self.cache_dir, self.cache_max_bytes)
 
     def _batch(self, reader: ShardReader, slot: int, alloc: Alloc | None = None) -> CollatedBatch:
         filler = slot == FILLER
@@ -208,6 +227,9 @@ class BatchLoader:
         return self.plan.dropped_samples
 
     def _count_skips(self, skips: list[Skip]) -> None:
+        failures = [s for s in skips if isinstance(s[2], StorageFailure)]
+        if failures:  # the store failed, not the sample: skipping would silently drop the rest of the epoch
+            raise skip_error(failures)
         if skips and self.dataset.on_error == "raise":
             raise skip_error(skips)
         self.skipped += len(skips)
@@ -254,7 +276,8 @@ def build_loader(shard_dir: Path, split: str, cfg: LoaderConfig, *, rank: int, w
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
-    index = load_split_index(Path(shard_dir), split)
+    shard_dir = as_location(shard_dir)
+    index = load_split_index(shard_dir, split)
     plan = plan_epoch(index.lengths, token_budget=cfg.token_budget, max_batch_size=cfg.max_batch_size,
                       weights=cfg.modality_weights, min_batch_size=cfg.min_batch_size, world_size=world_size,
                       train=train, seed=cfg.seed, epoch=epoch, sort_jitter=cfg.sort_jitter,
@@ -263,7 +286,11 @@ def build_loader(shard_dir: Path, split: str, cfg: LoaderConfig, *, rank: int, w
         raise DataError(f"split {split!r} of {shard_dir} has {len(plan.batches)} batches, fewer than "
                         f"world_size={world_size}: use loader.remainder='pad' or a smaller token_budget")
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
-    dataset = PlannedBatches(Path(shard_dir), index, plan, rank, cfg.on_error, cfg.merge_gap_bytes)
+    dataset = PlannedBatches(shard_dir, index, plan, rank, cfg.on_error, cfg.merge_gap_bytes,
+                             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                             cache_max_bytes=cfg.cache_max_bytes,
+                             # known now, so that an epoch needs nothing but shard bytes from a remote store
+                             stored_dtype=storage_dtype(shard_dir) if isinstance(shard_dir, ObjectPath) else None)
     return BatchLoader(dataset, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=pin,
                        reuse_buffers=cfg.reuse_buffers,
                        feature_dtype=torch.float32 if cfg.feature_dtype == "float32" else None)

@@ -57,7 +57,14 @@ class LoaderConfig:
     on_error: Literal["raise", "skip"] = "raise"
     """A corrupt sample raises DataError (naming shard and key) or is skipped, counted and reported."""
     merge_gap_bytes: int = 1 << 20
-    """Byte ranges of one batch in the same shard closer than this are read with one read."""
+    """Byte ranges of one batch in the same shard closer than this are read with one read (one ranged GET for a
+    corpus in object storage)."""
+    cache_dir: str | None = None
+    """For a corpus in object storage (``train.shard_dir=s3://...``): a local directory keeping the shards' bytes
+    in 4 MiB blocks, so later epochs read from local disk. Shared by workers, ranks and runs on one machine
+    (blocks are named by the shard's sha256). None = every read is a ranged GET. Ignored for a local corpus."""
+    cache_max_bytes: int = 50 << 30
+    """Bound of cache_dir in bytes; least recently used blocks are evicted beyond it."""
 
     def __post_init__(self) -> None:
         if self.token_budget < 1:
@@ -84,6 +91,8 @@ class LoaderConfig:
             raise ConfigError(f"loader.on_error={self.on_error!r} must be 'raise' or 'skip'")
         if self.feature_dtype not in ("float32", "stored"):
             raise ConfigError(f"loader.feature_dtype={self.feature_dtype!r} must be 'float32' or 'stored'")
+        if self.cache_max_bytes < 1:
+            raise ConfigError(f"loader.cache_max_bytes={self.cache_max_bytes} must be >= 1 (bytes of loader.cache_dir)")
         if self.merge_gap_bytes < 0:
             raise ConfigError(f"loader.merge_gap_bytes={self.merge_gap_bytes} must be >= 0")
 

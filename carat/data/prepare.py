@@ -28,6 +28,7 @@ from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
 from carat.data.featstats import FeatureStatsAccumulator
 from carat.data.segment import MODALITIES, SPLITS, Segment, SegmentRef
 from carat.errors import ConfigError, DataError
+from carat.storage import ObjectPath, as_location, is_url
 
 
 @dataclass
@@ -300,14 +301,21 @@ def _ensure_loaded(refs_by_split: dict[str, list[SegmentRef]], loaded: set[str],
 
 def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConfig, storage: Any = None, *,
                    labels_path: Path | None = None, folds_path: Path | None = None,
-                   csd_files: dict[str, Path] | None = None, progress: bool = False) -> Path:
-    """Convert a CMU-MOSEI source into shards + ``manifest.parquet`` + ``card.json`` in ``out_dir``.
+                   csd_files: dict[str, Path] | None = None, progress: bool = False) -> Path | ObjectPath:
+    """Convert a CMU-MOSEI source into shards + ``manifest.parquet`` + ``card.json`` in ``out_dir`` (a local
+    directory, or an object-store URL: written locally, then uploaded manifest last).
 
     Nothing is written before the source is listed and every split found non-empty; ``out_dir`` is locked
     while it is written (a second writer gets :class:`~carat.locks.LockHeld`)."""
     from carat.data.outdir import check_writable_dir, corpus_write_lock
     from carat.data.shards import StorageConfig
 
+    if is_url(out_dir):  # written locally, then published (carat.data.remote)
+        from carat.data.remote import write_corpus_to
+
+        return write_corpus_to(as_location(out_dir), lambda local: prepare_corpus(
+            input_path, local, cfg, storage, labels_path=labels_path, folds_path=folds_path, csd_files=csd_files,
+            progress=progress), progress=progress)
     out = Path(out_dir)
     check_writable_dir(out, "the corpus")  # before the (long) listing of the source
     # Real data goes here now: an interrupted train-time synthesis' marker must not make carat.train treat

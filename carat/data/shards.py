@@ -52,6 +52,7 @@ import xxhash
 
 from carat.atomic import publish, temp_path, write_text_atomic
 from carat.errors import ConfigError, DataError
+from carat.storage import ObjectPath, as_location
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
 
 FORMAT_VERSION = 1
@@ -540,11 +541,18 @@ def write_corpus(refs_by_split: dict[str, list[SegmentRef]], load: Callable[[Seg
 # ---------------------------------------------------------------------------------- reading / checks
 
 
-def _read_parquet(path: Path, schema: pa.Schema, optional: frozenset[str] = frozenset()) -> pa.Table:
+def _parquet_source(path: Path | ObjectPath) -> Path | pa.BufferReader:
+    """What pyarrow reads: a local path as is, an object fetched whole (one GET, retried by the storage layer;
+    manifests are megabytes)."""
+    return pa.BufferReader(path.read_bytes()) if isinstance(path, ObjectPath) else path
+
+
+def _read_parquet(path: Path | ObjectPath, schema: pa.Schema, optional: frozenset[str] = frozenset()) -> pa.Table:
     if not path.is_file():
         raise DataError(f"{path}: missing; write the corpus first (python -m carat.data synth|prepare)")
+    source = _parquet_source(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(source)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: unreadable Parquet file ({exc})") from exc
     missing = [f.name for f in schema if f.name not in table.column_names and f.name not in optional]
@@ -555,7 +563,7 @@ def _read_parquet(path: Path, schema: pa.Schema, optional: frozenset[str] = froz
 
 def read_manifest(out_dir: Path) -> pa.Table:
     """The corpus manifest (one row per sample); DataError naming the file if missing or malformed."""
-    return _read_parquet(Path(out_dir) / MANIFEST_FILE, MANIFEST_SCHEMA, OPTIONAL_MANIFEST_COLUMNS)
+    return _read_parquet(as_location(out_dir) / MANIFEST_FILE, MANIFEST_SCHEMA, OPTIONAL_MANIFEST_COLUMNS)
 
 
 def sample_hashes_of(manifest: pa.Table, where: Path) -> np.ndarray | None:
@@ -574,13 +582,13 @@ def sample_hashes_of(manifest: pa.Table, where: Path) -> np.ndarray | None:
 
 def read_shard_table(out_dir: Path) -> list[ShardInfo]:
     """The per-shard table (path, split, samples, bytes, sha256) written beside the manifest."""
-    table = _read_parquet(Path(out_dir) / SHARDS_FILE, SHARD_SCHEMA)
+    table = _read_parquet(as_location(out_dir) / SHARDS_FILE, SHARD_SCHEMA)
     return [ShardInfo(**{k: row[k] for k in SHARD_SCHEMA.names}) for row in table.to_pylist()]
 
 
 def storage_dtype(out_dir: Path) -> str:
     """The dtype the corpus' features were stored with (from the manifest metadata)."""
-    meta = pq.read_schema(Path(out_dir) / MANIFEST_FILE).metadata or {}
+    meta = pq.read_schema(_parquet_source(as_location(out_dir) / MANIFEST_FILE)).metadata or {}
     return meta.get(b"carat.storage_dtype", b"float16").decode()
 
 

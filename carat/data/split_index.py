@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from carat.data.segment import SPLITS
-from carat.data.shards import read_manifest, read_shard_table, sample_hashes_of
+from carat.data.shards import ShardInfo, read_manifest, read_shard_table, sample_hashes_of
 from carat.errors import ConfigError, DataError
+from carat.storage import ObjectPath, as_location, resolved
 
 
 @dataclass
@@ -40,14 +41,18 @@ class SplitIndex:
     """[N, 6] uint8."""
     hashes: np.ndarray | None = None
     """[N] uint64 sample hashes recorded at write time; None for a corpus written before them."""
+    shard_bytes: list[int] | None = None
+    """Size of each shard in ``shards`` from the shard table (what a remote reader's block cache needs)."""
+    shard_sha256: list[str] | None = None
+    """sha256 of each shard in ``shards`` from the shard table (names its blocks in a block cache)."""
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def load_split_index(shard_dir: Path, split: str) -> SplitIndex:
+def load_split_index(shard_dir: Path | ObjectPath, split: str) -> SplitIndex:
     """Read the manifest rows of ``split`` and check its shard files exist with their recorded sizes."""
-    shard_dir = Path(shard_dir)
+    shard_dir = as_location(shard_dir)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} must be one of {SPLITS}")
     manifest = read_manifest(shard_dir)
@@ -68,19 +73,21 @@ def load_split_index(shard_dir: Path, split: str) -> SplitIndex:
         labels=np.array(rows.column("labels").to_pylist(), dtype=np.uint8).reshape(-1, 6),
         hashes=sample_hashes_of(rows, shard_dir / "manifest.parquet"),
     )
-    _check_shard_files(shard_dir, index)
+    table = _check_shard_files(shard_dir, index)
+    index.shard_bytes = [table[rel].bytes for rel in shards]
+    index.shard_sha256 = [table[rel].sha256 for rel in shards]
     if index.hashes is None:
         note_unhashed_corpus(shard_dir)
     return index
 
 
-_NOTED: set[Path] = set()
+_NOTED: set[Path | ObjectPath] = set()
 """Corpora already noted as unhashed in this process (the loader is rebuilt every epoch)."""
 
 
-def note_unhashed_corpus(shard_dir: Path) -> None:
+def note_unhashed_corpus(shard_dir: Path | ObjectPath) -> None:
     """Say once per process that an older corpus' samples are read without a content check."""
-    where = Path(shard_dir).resolve()
+    where = resolved(shard_dir)
     if where in _NOTED:
         return
     _NOTED.add(where)
@@ -89,20 +96,32 @@ def note_unhashed_corpus(shard_dir: Path) -> None:
           "the corpus with the command that made it adds the hashes.", file=sys.stderr, flush=True)
 
 
-def _check_shard_files(shard_dir: Path, index: SplitIndex) -> None:
-    """Manifest vs files: each shard present, of its recorded size, and holding every recorded byte range."""
+def _shard_sizes(shard_dir: Path | ObjectPath, rels: list[str]) -> dict[str, int]:
+    """Size of each existing shard in ``rels``: a stat per local file, one listing for an object store (a
+    request per shard would cost a round trip each, every epoch, on every rank)."""
+    if isinstance(shard_dir, ObjectPath):
+        listed = shard_dir.sizes_under()
+        return {rel: listed[rel] for rel in rels if rel in listed}
+    return {rel: (shard_dir / rel).stat().st_size for rel in rels if (shard_dir / rel).is_file()}
+
+
+def _check_shard_files(shard_dir: Path | ObjectPath, index: SplitIndex) -> dict[str, ShardInfo]:
+    """Manifest vs files: each shard present, of its recorded size, and holding every recorded byte range.
+    Returns the shard table by shard path."""
     table = {info.shard: info for info in read_shard_table(shard_dir)}
+    sizes = _shard_sizes(shard_dir, index.shards)
     for sid, rel in enumerate(index.shards):
         path = shard_dir / rel
         info = table.get(rel)
         if info is None:
             raise DataError(f"{path}: in the manifest but not in {shard_dir / 'shards.parquet'}")
-        if not path.is_file():
+        if rel not in sizes:
             raise DataError(f"{path}: shard listed in the manifest is missing")
-        size = path.stat().st_size
+        size = sizes[rel]
         if size != info.bytes:
             raise DataError(f"{path}: size {size} bytes does not match the manifest's shard table ({info.bytes}); "
                             "the shards were rewritten or truncated: rewrite the corpus or restore the files")
         ends = index.offsets[index.shard_ids == sid] + index.nbytes[index.shard_ids == sid]
         if len(ends) and int(ends.max()) > size:
             raise DataError(f"{path}: manifest byte ranges run past the end of the file ({size} bytes)")
+    return table

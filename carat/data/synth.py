@@ -33,6 +33,7 @@ import numpy as np
 
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.errors import ConfigError
+from carat.storage import ObjectPath, as_location, is_url
 
 # Real CMU-MOSEI bounds of the unaligned sequences (frames), in MODALITIES order (text, visual, audio).
 LENGTH_BOUNDS: dict[str, tuple[int, int]] = {"text": (16, 374), "visual": (126, 3140), "audio": (400, 10891)}
@@ -446,18 +447,24 @@ def planted_signal(corpus: SyntheticCorpus) -> dict[str, Any]:
 
 
 def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None, *, progress: bool = False,
-                      reference: bool = True) -> Path:
+                      reference: bool = True) -> Path | ObjectPath:
     """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
 
     ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
     gets the mean/std-pooled logistic-regression floor and the oracle that knows the planted cues (on bounded
     subsamples, as ``reference_scorer["fused"]`` and ``["oracle"]``); it always gets the train split's
     per-dimension feature statistics. ``out_dir`` is locked while it is written: a second writer gets
-    :class:`~carat.locks.LockHeld` at once. Returns ``out_dir``.
+    :class:`~carat.locks.LockHeld` at once. An object-store URL (``s3://bucket/prefix``) is written locally and
+    uploaded, manifest last (:func:`carat.data.remote.write_corpus_to`). Returns ``out_dir``.
     """
     from carat.data.outdir import corpus_write_lock
     from carat.data.shards import StorageConfig
 
+    if is_url(out_dir):  # written locally, then published (carat.data.remote)
+        from carat.data.remote import write_corpus_to
+
+        return write_corpus_to(as_location(out_dir), lambda local: synthesize_corpus(
+            local, cfg, storage, progress=progress, reference=reference), progress=progress)
     storage = storage if storage is not None else StorageConfig()
     with corpus_write_lock(Path(out_dir)) as out:
         _write_synthetic_corpus(out, cfg, storage, progress=progress, reference=reference)

@@ -12,6 +12,11 @@ each sample's bytes are checked against the hash the writer recorded in the mani
 190 kB sample), so flipped bytes that still decode to finite values never reach a batch. A sample that
 cannot be read or does not match its hash comes back as a :data:`Skip` naming shard, key and reason; the
 caller decides whether that raises.
+
+A corpus in object storage (:class:`~carat.storage.ObjectPath`) is read the same way, each merged range being
+one ranged GET (optionally through a local block cache, :mod:`carat.data.remote`). A read that still fails
+after the storage layer's bounded retries comes back as a :class:`StorageFailure` skip: the loader raises it
+whatever ``on_error`` says, since an unreachable store is not a bad sample.
 """
 
 from __future__ import annotations
@@ -24,13 +29,25 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from typing import TYPE_CHECKING
+
 from carat.data.collate import DecodedSample, decode_sample
 from carat.data.shards import sample_hash, tar_key
 from carat.data.split_index import SplitIndex
+from carat.errors import DataError
+from carat.storage import ObjectPath, as_location
+
+if TYPE_CHECKING:
+    from carat.data.remote import BlockCache
 
 
 Skip = tuple[str, str, str]
 """(shard path, key, reason) of a skipped sample."""
+
+
+class StorageFailure(str):
+    """The reason of a skip caused by the store (unreachable, denied, cut short after retries), not by the
+    sample: a str, so it travels from DataLoader workers like any reason, but the loader always raises it."""
 
 
 _BLOCK = 512
@@ -131,12 +148,19 @@ def _pread(fd: int, size: int, offset: int, buffer: bytearray | None = None) -> 
 class ShardReader:
     """Reads given manifest rows from the tars with ranged reads and WebDataset's tar grouping."""
 
-    def __init__(self, shard_dir: Path, index: SplitIndex, merge_gap_bytes: int = 1 << 20, max_open: int = 8,
-                 reuse_buffers: bool = False):
+    def __init__(self, shard_dir: Path | ObjectPath, index: SplitIndex, merge_gap_bytes: int = 1 << 20,
+                 max_open: int = 8, reuse_buffers: bool = False, cache: "BlockCache | None" = None):
         """``reuse_buffers``: read into buffers kept across :meth:`read` calls, so the samples one call returns
-        (views of those bytes) are valid only until the next call; for callers that collate them at once."""
-        self.shard_dir = Path(shard_dir)
+        (views of those bytes) are valid only until the next call; for callers that collate them at once.
+        ``cache``: a local block cache for a corpus in object storage (ignored for a local one)."""
+        self.shard_dir = as_location(shard_dir)
         self.index = index
+        self._remote = None
+        if isinstance(self.shard_dir, ObjectPath):
+            from carat.data.remote import ObjectRangeReader
+
+            self._remote = ObjectRangeReader(self.shard_dir, index.shards, index.shard_bytes, index.shard_sha256,
+                                             cache)
         self.merge_gap_bytes = merge_gap_bytes
         self.max_open = max_open
         self.reuse_buffers = reuse_buffers
@@ -194,7 +218,10 @@ class ShardReader:
             return True
 
         try:
-            data = _pread(self._fd(sid), stop - start, start, self._buffer(buffer, stop - start))
+            data = self._read_bytes(sid, start, stop - start, buffer)
+        except DataError as exc:  # the store, after its retries (the message names the object)
+            why = StorageFailure(str(exc).removeprefix(f"{rel}: "))
+            return {}, [(rel, idx.keys[r], why) for r in rows]
         except OSError as exc:
             return {}, [(rel, idx.keys[r], f"cannot read shard: {exc}") for r in rows]
         skips = self._hash_mismatches(data, start, rows, rel)
@@ -231,6 +258,12 @@ class ShardReader:
                 skips.append((rel, idx.keys[r], f"offset {int(idx.offsets[r])}: {why}"))
         return found, skips
 
+    def _read_bytes(self, sid: int, start: int, size: int, buffer: int) -> bytes | memoryview:
+        """``size`` bytes of shard ``sid`` at ``start`` (fewer at its end): one pread, or one ranged GET."""
+        if self._remote is not None:
+            return self._remote.read(sid, start, size)
+        return _pread(self._fd(sid), size, start, self._buffer(buffer, size))
+
     def _hash_mismatches(self, data: bytes | memoryview, start: int, rows: list[int], rel: str) -> list[Skip]:
         """Rows of this read whose bytes differ from the hash recorded at write time (none for an older corpus
         without hashes; a range past the end of ``data`` is left to the truncation report)."""
@@ -260,4 +293,6 @@ class ShardReader:
             got, bad = self._read_run(sid, run, buffer=i)
             found.update(got)
             skips.extend(bad)
+            if any(isinstance(why, StorageFailure) for _, _, why in bad):
+                break  # the store is failing: the batch stops here, each further run would retry it again
         return [found[r] for r in rows.tolist() if r in found], skips

@@ -19,16 +19,19 @@ Each problem names the shard and, where there is one, the sample key. The report
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
 from carat.data.segment import MODALITIES
 from carat.errors import DataError
+from carat.storage import ObjectPath, as_location, with_retries
 
 Depth = Literal["quick", "full"]
 MAX_INTENSITY = 3.0  # CMU-MOSEI emotion intensities are means of 0..3 ratings
@@ -46,7 +49,7 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    corpus: Path
+    corpus: Path | ObjectPath
     depth: Depth
     shards: int = 0
     samples: int = 0
@@ -108,22 +111,42 @@ def _check_tables(out_dir: Path, report: VerifyReport):
     return rows, shards
 
 
-def _check_headers(path: Path, rel: str, rows: list[dict], report: VerifyReport) -> None:
+def _read_headers(path: Path | ObjectPath, offsets: list[int]) -> list[bytes]:
+    """The 512 bytes at each offset: preads of a local file, or concurrent ranged GETs of an object."""
+    if isinstance(path, ObjectPath):
+        return with_retries(path.url, "read tar headers", lambda: path.fs.cat_ranges(
+            [path.path] * len(offsets), offsets, [o + 512 for o in offsets]))
+    with open(path, "rb") as handle:
+        return [os.pread(handle.fileno(), 512, offset) for offset in offsets]
+
+
+@contextlib.contextmanager
+def _local_copy(path: Path | ObjectPath) -> Iterator[Path]:
+    """``path`` itself when local; an object downloaded once into a temporary file (the full check reads every
+    byte twice: the sha256 and the tar walk)."""
+    if not isinstance(path, ObjectPath):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="carat-verify-") as tmp:
+        local = Path(tmp) / path.name
+        path.download_to(local)
+        yield local
+
+
+def _check_headers(path: Path | ObjectPath, rel: str, rows: list[dict], report: VerifyReport) -> None:
     """At each manifest offset, a ustar header whose member name starts with the sample's tar key."""
     from carat.data.shards import tar_key
 
-    with open(path, "rb") as handle:
-        fd = handle.fileno()
-        for row in rows:
-            header = os.pread(fd, 512, int(row["offset"]))
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            want = tar_key(row["key"])
-            if len(header) < 512 or header[257:262] != b"ustar":
-                report.problems.append(Problem(rel, row["key"], f"no tar header at its manifest offset "
-                                               f"{row['offset']}: manifest and shard do not match"))
-            elif name.split(".", 1)[0] != want:
-                report.problems.append(Problem(rel, row["key"], f"the header at offset {row['offset']} is member "
-                                               f"{name!r}, not this sample: manifest and shard do not match"))
+    headers = _read_headers(path, [int(row["offset"]) for row in rows])
+    for row, header in zip(rows, headers):
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        want = tar_key(row["key"])
+        if len(header) < 512 or header[257:262] != b"ustar":
+            report.problems.append(Problem(rel, row["key"], f"no tar header at its manifest offset "
+                                           f"{row['offset']}: manifest and shard do not match"))
+        elif name.split(".", 1)[0] != want:
+            report.problems.append(Problem(rel, row["key"], f"the header at offset {row['offset']} is member "
+                                           f"{name!r}, not this sample: manifest and shard do not match"))
 
 
 def _sample_problems(sample: dict, row: dict) -> list[str]:
@@ -206,9 +229,10 @@ def _check_digests(path: Path, info, rows: list[dict], report: VerifyReport) -> 
                 "bytes): the sample was damaged or modified since")))
 
 
-def verify_corpus(out_dir: Path | str, depth: Depth = "full") -> VerifyReport:
-    """Check ``out_dir`` at ``depth`` (see the module docstring); every problem is in the report."""
-    out_dir = Path(out_dir)
+def verify_corpus(out_dir: Path | ObjectPath | str, depth: Depth = "full") -> VerifyReport:
+    """Check ``out_dir`` (a directory or an object-store URL) at ``depth`` (see the module docstring); every
+    problem is in the report."""
+    out_dir = as_location(out_dir)
     report = VerifyReport(out_dir, depth)
     rows, shards = _check_tables(out_dir, report)
     if rows is None:
@@ -225,8 +249,9 @@ def verify_corpus(out_dir: Path | str, depth: Depth = "full") -> VerifyReport:
             continue
         _check_headers(path, info.shard, mine, report)
         if depth == "full":
-            _check_digests(path, info, mine, report)
-            _check_samples(path, info.shard, mine, report)
+            with _local_copy(path) as local:
+                _check_digests(local, info, mine, report)
+                _check_samples(local, info.shard, mine, report)
     return report
 
 
