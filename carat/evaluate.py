@@ -17,6 +17,8 @@ import torch
 
 from carat.data.batch import Batch
 from carat.errors import CaratError
+from carat.storage import resolved
+from carat.train.runsync import local_copy
 from carat.metrics import compute_metrics, format_results_table, tune_thresholds
 
 
@@ -54,11 +56,12 @@ def score_split(model, cfg, shard_dir: Path, split: str, device: torch.device) -
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m carat.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="run directory (its best model), DeepSpeed checkpoint, or `carat.export` file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its best model), DeepSpeed checkpoint, or `carat.export` file; a path "
+                             "or an object-store URL (s3://bucket/runs/NAME)")
     parser.add_argument("--tag", help="DeepSpeed checkpoint tag")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--shards", type=Path, help="shard directory (default: the one the run trained on)")
+    parser.add_argument("--shards", help="shard directory or object-store URL (default: the one the run trained on)")
     parser.add_argument("--threshold", type=float, help="decision threshold (default: the model config's)")
     parser.add_argument("--tune-on", choices=("valid", "train"),
                         help="also report metrics at per-class thresholds tuned on this split")
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        model, cfg = load_model(args.checkpoint, args.tag)
-        shard_dir = (args.shards or Path(cfg.train.shard_dir)).resolve()
+        model, cfg = load_model(local_copy(args.checkpoint), args.tag)
+        shard_dir = resolved(args.shards or cfg.train.shard_dir)
         device = torch.device(args.device)
         threshold = cfg.model.threshold if args.threshold is None else args.threshold
         pred = score_split(model, cfg, shard_dir, args.split, device)

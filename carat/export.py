@@ -193,12 +193,15 @@ def export(path: Path, out: Path, tag: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m carat.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="run directory or DeepSpeed checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory or DeepSpeed checkpoint; a path or an object-store URL")
     parser.add_argument("--tag", help="checkpoint tag (default: the run's best, else `latest`)")
     parser.add_argument("--out", type=Path, required=True, help="output .pt file")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.tag)
+        from carat.train.runsync import local_copy
+
+        out = export(local_copy(args.checkpoint), args.out, args.tag)
     except CaratError as err:
         print(f"carat.export: error: {err}", file=sys.stderr)
         return 1

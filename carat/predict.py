@@ -24,6 +24,8 @@ from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.errors import CaratError, DataError
 from carat.evaluate import score_batches, score_split
 from carat.metrics import above_threshold
+from carat.storage import resolved
+from carat.train.runsync import local_copy
 
 
 def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
@@ -132,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m carat.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", required=True, help="path or object-store URL")
     parser.add_argument("--tag")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", type=Path, help="shard directory (with --split)")
+    source.add_argument("--shards", help="shard directory or object-store URL (with --split)")
     source.add_argument("--npz", type=Path, help="features .npz (see above)")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
     parser.add_argument("--threshold", type=float)
@@ -145,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.suffix not in (".json", ".csv"):
             raise CaratError(f"--out {args.out}: use a .json or .csv file name")
-        model, cfg = load_model(args.checkpoint, args.tag)
+        model, cfg = load_model(local_copy(args.checkpoint), args.tag)
         device = torch.device(args.device)
         if args.npz is not None:
             pred = score_batches(model, npz_batches(args.npz), device)
         else:
-            pred = score_split(model, cfg, args.shards.resolve(), args.split, device)
+            pred = score_split(model, cfg, resolved(args.shards), args.split, device)
         threshold = cfg.model.threshold if args.threshold is None else args.threshold
         write_predictions(args.out, pred["keys"], pred["scores"], threshold)
     except CaratError as err:

@@ -305,10 +305,16 @@ class ObjectPath:
             if entry.rstrip("/") != self.path:
                 yield ObjectPath(f"{self.protocol}://{entry}")
 
+    def entries_under(self) -> dict[str, SimpleNamespace]:
+        """``st_size`` and ``st_mtime`` of every object under this prefix, by path relative to it (one listing)."""
+        found = self._call("list", lambda: self.fs.find(self.path, detail=True))
+        return {posixpath.relpath(name, self.path): SimpleNamespace(st_size=int(info.get("size") or 0),
+                                                                    st_mtime=_mtime(info))
+                for name, info in found.items()}
+
     def sizes_under(self) -> dict[str, int]:
         """Size of every object under this prefix, by path relative to it (one listing)."""
-        found = self._call("list", lambda: self.fs.find(self.path, detail=True))
-        return {posixpath.relpath(name, self.path): int(info.get("size") or 0) for name, info in found.items()}
+        return {rel: entry.st_size for rel, entry in self.entries_under().items()}
 
     def walk_files(self) -> list[str]:
         """Every object under this prefix, relative to it (sorted)."""

@@ -6,6 +6,9 @@ patched: carat reads ``AWS_ENDPOINT_URL`` and the standard credentials, as it wo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from tests.data_fixtures import tiny_loop_corpus
 from tests.s3_server import FaultyProxy, moto_server
 
 BUCKET = "carat-test"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +257,54 @@ def test_the_endpoint_down_mid_epoch_is_an_error_naming_the_object_and_reading_r
     assert len(got) < len(loader)
     s3.up()
     assert_same_batches(batches(bucket_corpus, "train", num_workers=2), batches(local_corpus, "train"))
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@pytest.mark.slow
+def test_train_from_the_bucket_into_the_bucket_resume_elsewhere_then_evaluate_from_it(s3, bucket_corpus, local_corpus,
+                                                                                     tmp_path, monkeypatch):
+    from carat import evaluate, export, predict
+    from carat.train.__main__ import main as train
+    from tests.data_fixtures import loop_args
+
+    runs = f"s3://{BUCKET}/runs"
+    base = [sys.executable, "-m", "carat.train", *loop_args(bucket_corpus, runs, "r", 2)]
+    # Machine A dies hard (os._exit) when epoch 2 begins: what reached the bucket is what was committed.
+    crashed = subprocess.run(base, env={**os.environ, "CARAT_FAIL_AFTER_EPOCH": "1:0",
+                                        "CARAT_STAGING_DIR": str(tmp_path / "machine-a")},
+                             capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert crashed.returncode != 0
+    run = ObjectPath(f"{runs}/r")
+    assert (run / "checkpoints/latest").read_text().strip() == "epoch-001"
+    assert not (run / "results.json").exists()
+    for name in ("config.toml", "environment.json", "card.json", "history.jsonl"):
+        assert (run / name).is_file(), name
+    # Nothing secret in what the run wrote: only the URL of where it lives.
+    for name in ("config.toml", "environment.json"):
+        text = (run / name).read_text()
+        assert "carat-test-secret" not in text and "carat-test-key" not in text, name
+    assert f'storage_path = "{runs}"' in (run / "config.toml").read_text()
+
+    # Machine B (a fresh staging directory) resumes the run from the bucket and finishes it there.
+    monkeypatch.setenv("CARAT_STAGING_DIR", str(tmp_path / "machine-b"))
+    assert train(loop_args(bucket_corpus, runs, "r", 2)) == 0
+    assert (run / "checkpoints/latest").read_text().strip() == "epoch-002"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+
+    # The same run trained from the local copy of the corpus, uninterrupted, into local storage: same result.
+    assert train(loop_args(local_corpus, tmp_path / "local-runs", "r", 2)) == 0
+    local_results = json.loads((tmp_path / "local-runs/r/results.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert results["test"]["micro_f1"] == pytest.approx(local_results["test"]["micro_f1"], abs=1e-9)
+
+    out = tmp_path / "test.json"
+    assert evaluate.main(["--checkpoint", str(run), "--split", "test", "--out", str(out)]) == 0
+    evaluated = next(iter(json.loads(out.read_text()).values()))
+    assert evaluated["micro_f1"] == pytest.approx(results["test"]["micro_f1"], abs=1e-9)
+    assert predict.main(["--checkpoint", str(run), "--shards", str(bucket_corpus), "--split", "test",
+                         "--out", str(tmp_path / "p.csv")]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == results["test"]["n_samples"] + 1
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "model.pt")]) == 0

@@ -22,6 +22,7 @@ import numpy as np
 
 from carat.data.segment import FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.errors import DataError
+from carat.storage import as_location
 
 STATS_SPLIT = "train"
 STD_FLOOR = 1e-6
@@ -152,11 +153,11 @@ def compute_feature_stats(shard_dir: Path, *, max_segments: int = 4000) -> Featu
     from carat.data.split_index import load_split_index
     from carat.data.tar_reader import ShardReader
 
-    index = load_split_index(Path(shard_dir), STATS_SPLIT)
+    index = load_split_index(as_location(shard_dir), STATS_SPLIT)
     n = len(index)
     rows = np.unique(np.linspace(0, n - 1, min(n, max(1, max_segments))).round().astype(np.int64))
     acc = FeatureStatsAccumulator()
-    reader = ShardReader(Path(shard_dir), index)
+    reader = ShardReader(as_location(shard_dir), index)
     try:
         for chunk in np.array_split(rows, max(1, math.ceil(len(rows) / 64))):
             samples, skips = reader.read(chunk)
@@ -178,7 +179,7 @@ def load_feature_stats(shard_dir: Path, *, max_segments: int = 4000) -> dict[str
     card file when the stored statistics are malformed."""
     from carat.data.card import CARD_FILE, read_card
 
-    shard_dir = Path(shard_dir)
+    shard_dir = as_location(shard_dir)
     card_path = shard_dir / CARD_FILE
     card = read_card(shard_dir) if card_path.is_file() else {}
     if "feature_stats" in card:

@@ -17,7 +17,9 @@ from pathlib import Path
 from carat.config import CaratConfig, TrainConfig, cli_config, config_parser, describe_config
 from carat.errors import CaratError, ConfigError, DataError
 from carat.metrics import format_verdict, verdict
+from carat.storage import resolved
 from carat.train.rundir import new_run_name
+from carat.train.runsync import staged_storage, synced_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_config:
             print(describe_config(cfg), end="")
             return 0
-        shard_dir = Path(cfg.train.shard_dir).resolve()
-        run_dir = resolve_run_dir(Path(cfg.train.storage_path), cfg.train.run_name or new_run_name())
+        shard_dir = resolved(cfg.train.shard_dir)  # a local path, or an object-store URL (carat.storage)
+        # An s3:// storage_path is staged locally and mirrored to the bucket (carat.train.runsync).
+        run_dir = resolve_run_dir(staged_storage(cfg.train.storage_path), cfg.train.run_name or new_run_name())
         launcher = cfg.train.launcher
         ensure_once(cfg, shard_dir, launcher)
         verify_once(cfg, shard_dir)
         check_corpus_fits_model(cfg, shard_dir)
-        with run_dir_lock(run_dir):
+        with run_dir_lock(run_dir), synced_run(run_dir, cfg.train.storage_path):
             if cfg.train.ensemble_size > 1:
                 if not train_ensemble_members(cfg, run_dir, shard_dir):
                     return 0
@@ -209,10 +212,11 @@ def check_corpus_fits_model(cfg: CaratConfig, shard_dir: Path) -> None:
     if cfg.model.text_overflow != "error":
         return
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from carat.data.shards import read_manifest
 
     limit = cfg.model.text_max_positions
-    table = pq.read_table(shard_dir / "manifest.parquet", columns=["key", "len_text"])
+    table = read_manifest(shard_dir).select(["key", "len_text"])
     over = table.filter(pc.greater(table["len_text"], limit))
     if over.num_rows:
         longest = int(pc.max(over["len_text"]).as_py())

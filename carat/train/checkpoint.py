@@ -189,8 +189,15 @@ def write_completion_marker(tag_dir: Path, files: dict[str, int], info: dict[str
     write_text_atomic(tag_dir / COMPLETE_FILE, json.dumps({**doc, **info}, indent=1, default=str) + "\n")
 
 
+COMMIT_HOOKS: list[Callable[[Path, str], None]] = []
+"""Called in this process after ``latest`` points at a newly committed tag (carat.train.runsync mirrors the run
+directory to object storage there)."""
+
+
 def write_latest(root: Path, tag: str) -> None:
     write_text_atomic(root / LATEST_FILE, tag)
+    for hook in list(COMMIT_HOOKS):
+        hook(root, tag)
 
 
 def clear_tag(tag_dir: Path) -> None:

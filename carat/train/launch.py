@@ -25,6 +25,7 @@ import torch
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict
 from carat.errors import CaratError
+from carat.storage import as_location
 from carat.threads import WAIT_POLICY_ENV, available_cpus, wait_policy
 from carat.train import dist
 from carat.train.network import bind_gloo_to_master_route
@@ -166,7 +167,7 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
 
     def run(resume_dir: Path | None) -> None:
         ctx = WorkerContext(launcher="ray", run_dir=Path(loop_config["run_dir"]),
-                            shard_dir=Path(loop_config["shard_dir"]), report=report, resume_dir=resume_dir)
+                            shard_dir=as_location(loop_config["shard_dir"]), report=report, resume_dir=resume_dir)
         run_training(cfg, ctx)
 
     final = FinalError(Path(loop_config["run_dir"]), loop_config["attempt"])

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from carat.atomic import write_atomic, write_text_atomic
+from carat.storage import ObjectPath, as_location
 from carat.threads import available_cpus
 
 
@@ -165,6 +166,10 @@ def environment_report(launcher: str, world: int, device: torch.device,
 
 def copy_card(shard_dir: Path, run: RunDir) -> None:
     """The corpus' dataset card into the run directory, atomically (a killed run never leaves half a card)."""
-    card = shard_dir / "card.json"
-    if card.is_file():
+    card = as_location(shard_dir) / "card.json"
+    if isinstance(card, ObjectPath):  # a corpus in object storage (carat.storage)
+        if card.is_file():
+            data = card.read_bytes()
+            write_atomic(run.card, lambda tmp: tmp.write_bytes(data))
+    elif card.is_file():
         write_atomic(run.card, lambda tmp: shutil.copyfile(card, tmp))
