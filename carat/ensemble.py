@@ -9,7 +9,7 @@ cancels part of it, where the mean of one run's epochs does not (they are nearly
     RUN/results.json, results.txt, card.json    the ensemble's own metrics and verdict
 
 Members train one after another through the same launcher and loop as any run, with seeds train.seed,
-train.seed + 1, ...; rerunning the same run name skips finished members and resumes an interrupted one.
+train.seed + 1, ... and batch plans loader.seed, loader.seed + 1, ...; rerunning the same run name skips finished members and resumes an interrupted one.
 Thresholds are tuned on the ensemble's validation scores, as for one run. ``carat.evaluate`` and
 ``carat.predict`` accept RUN and score with the mean of its members.
 
@@ -42,10 +42,14 @@ def member_name(index: int) -> str:
 
 
 def member_config(cfg: CaratConfig, run_dir: Path, index: int) -> CaratConfig:
-    """Member ``index``: the run's config with its own seed and run directory RUN/members/member-<index>."""
+    """Member ``index``: the run's config with its own seeds and run directory RUN/members/member-<index>.
+    Both seeds move with the member: ``train.seed`` (initialisation, dropout, augmentation) and ``loader.seed``
+    (the batch plan: which clips share a batch, and in which order the steps come), so the members differ in
+    every random choice a lone run's seed spread comes from."""
     train = dataclasses.replace(cfg.train, seed=cfg.train.seed + index, ensemble_size=1,
                                 run_name=member_name(index), storage_path=str(run_dir / MEMBERS))
-    return dataclasses.replace(cfg, train=train)
+    loader = dataclasses.replace(cfg.loader, seed=cfg.loader.seed + index)
+    return dataclasses.replace(cfg, train=train, loader=loader)
 
 
 def member_dirs(run_dir: Path) -> list[Path]:
@@ -83,6 +87,7 @@ def write_manifest(run_dir: Path, cfg: CaratConfig) -> None:
     write_json_atomic(run_dir / MANIFEST, {
         "members": [member_name(i) for i in range(size)],
         "seeds": [cfg.train.seed + i for i in range(size)],
+        "loader_seeds": [cfg.loader.seed + i for i in range(size)],
         "rule": "mean of the members' probabilities (CARAT.scores)",
     })
 

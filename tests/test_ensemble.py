@@ -32,6 +32,22 @@ def test_ensemble_scores_are_the_mean_of_its_members():
     assert not torch.allclose(expected, members[0].scores(members[0](**batch)))
 
 
+def test_members_differ_in_their_batch_plans_as_well_as_their_initialisation(tmp_path):
+    """A lone run's seed spread comes from its initialisation and its batch order: the members vary both."""
+    from carat.config import load_config
+    from carat.data.plan import plan_epoch
+    from carat.ensemble import member_config
+
+    cfg = load_config("tiny", overrides=["--train.ensemble_size=3", "--train.seed=4", "--loader.seed=7"])
+    members = [member_config(cfg, tmp_path / "ens", i) for i in range(3)]
+    assert [(m.train.seed, m.loader.seed) for m in members] == [(4, 7), (5, 8), (6, 9)]
+    lengths = np.random.default_rng(0).integers(5, 400, size=(200, 3))
+    plans = [plan_epoch(lengths, token_budget=2000, max_batch_size=16, seed=m.loader.seed, sort_jitter=0.05)
+             for m in members]
+    orders = [[tuple(plan.batches[b]) for step in plan.schedule for b in step] for plan in plans]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+
+
 def test_ensemble_size_must_be_positive():
     from carat.config import TrainConfig
 
