@@ -72,7 +72,7 @@ class TrainConfig:
     """Epoch checkpoints kept (the newest ones; the best model is kept apart in best/)."""
     seed: int = 0
     """Seeds the parameters' initialisation, dropout and augmentation (the batch plan's shuffle is loader.seed;
-    an ensemble's members vary this seed only, so they see the same batch order)."""
+    an ensemble's members add their index to both)."""
     ensemble_size: int = 1
     """Independently seeded runs (seeds seed, seed + 1, ...) trained one after another into RUN/members/ and
     scored by the mean of their probabilities (:mod:`carat.ensemble`); 1 = one model. Costs N times the
