@@ -308,3 +308,32 @@ def test_train_from_the_bucket_into_the_bucket_resume_elsewhere_then_evaluate_fr
                          "--out", str(tmp_path / "p.csv")]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == results["test"]["n_samples"] + 1
     assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "model.pt")]) == 0
+
+
+@pytest.mark.slow
+def test_ray_two_workers_from_the_bucket_into_the_bucket_with_a_killed_worker(s3, bucket_corpus, tmp_path):
+    runs = f"s3://{BUCKET}/ray-runs"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "CARAT_FAIL_AFTER_EPOCH": "1:1", "CARAT_STAGING_DIR": str(tmp_path / "staging")})
+    args = ["--preset", "tiny", f"--train.shard_dir={bucket_corpus}", f"--train.storage_path={runs}",
+            "--train.run_name=ray", "--train.epochs=2", "--train.synth_if_missing=false", "--loader.num_workers=0",
+            "--launcher", "ray", "--train.num_workers=2", "--train.max_failures=1",
+            f"--loader.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, "-m", "carat.train", *args], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert "resumed from" in output  # rank 1 died after epoch 1; the restarted group resumed
+    run = ObjectPath(f"{runs}/ray")
+    assert (run / ".fault-injected-1-1").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["test"]["n_samples"] > 0
+    files = run.walk_files()
+    ray_checkpoints = sorted({f.split("/", 1)[0] for f in files if f.startswith("checkpoint_") and "/" in f})
+    assert ray_checkpoints, "Ray kept no checkpoint in the bucket"
+    ranks = {int(f.rsplit("rng_rank", 1)[1].split(".")[0]) for f in files
+             if f.startswith(ray_checkpoints[-1] + "/") and "rng_rank" in f}
+    assert ranks == {0, 1}
+    assert any((tmp_path / "cache").rglob("0*")), "the ranks read through the block cache"
