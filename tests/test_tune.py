@@ -272,11 +272,35 @@ def test_help_and_show_config_document_the_tune_section():
 
 
 # -- slow: a real sweep on the local Ray ------------------------------------------------------------------
+# A sweep's driver runs in its own process, as `python -m carat.tune` does: a Ray driver inside pytest's process
+# keeps Ray's core-worker threads until the interpreter exits, and CI's pytest once died there (exit 139) after
+# every test had passed. Logical CPUs beyond the 2 cores of a small CI machine, so both trials (1 worker + a
+# driver share) run at once.
+SWEEP_DRIVER = """
+import sys
+import ray
+ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+from carat.tune.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _sweep_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def run_sweep(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SWEEP_DRIVER, *args], cwd=REPO, env=_sweep_env(),
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Two one-epoch trials, one worker each, side by side on a tiny corpus synthesized once beforehand."""
-    import ray
-
     from carat.data.shards import StorageConfig
     from carat.data.synth import SynthConfig, synthesize_corpus
 
@@ -284,25 +308,11 @@ def sweep(tmp_path_factory):
     shards = root / "shards"
     synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
-    saved = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    os.environ.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
     args = ["--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={root / 'runs'}",
             "--train.epochs=1", "--train.synth_if_missing=false", "--loader.num_workers=0",
             "--tune.num_samples=2", "--tune.sweep_name=s", "--train.log_every=1000"]
-    # Logical CPUs beyond the 2 cores of a small CI machine, so both trials (1 worker + a driver share) run at once.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        from carat.tune.__main__ import main
-
-        rc = main(args)
-        yield {"rc": rc, "root": root, "dir": root / "runs" / "s", "args": args, "main": main}
-    finally:
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
+    proc = run_sweep(args)
+    return {"proc": proc, "rc": proc.returncode, "root": root, "dir": root / "runs" / "s", "args": args}
 
 
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
@@ -312,7 +322,7 @@ def _rows(sweep_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_sweep_runs_both_trials_in_their_own_run_dirs(sweep):
-    assert sweep["rc"] == 0
+    assert sweep["rc"] == 0, sweep["proc"].stderr[-3000:]
     rows = _rows(sweep["dir"])
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert len({r["run_dir"] for r in rows}) == 2
@@ -355,10 +365,10 @@ def test_sweep_writes_plots_and_a_best_config_carat_train_accepts(sweep):
 
 
 @pytest.mark.slow
-def test_rerunning_the_sweep_restores_it(sweep, capsys):
-    capsys.readouterr()
-    assert sweep["main"](sweep["args"]) == 0
-    assert "resuming the sweep" in capsys.readouterr().out
+def test_rerunning_the_sweep_restores_it(sweep):
+    rerun = run_sweep(sweep["args"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming the sweep" in rerun.stdout
     assert len(_rows(sweep["dir"])) == 2
 
 
@@ -382,14 +392,13 @@ def test_ray_launch_follows_the_clusters_gpus_and_cpus(monkeypatch):
 
 
 @pytest.mark.slow
-def test_best_toml_trains_unchanged_and_reproduces_the_trials_metric(sweep, monkeypatch):
-    from carat.train.__main__ import main as train_main
-
+def test_best_toml_trains_unchanged_and_reproduces_the_trials_metric(sweep):
     rows = _rows(sweep["dir"])
     best = max(rows, key=lambda r: float(r["best_metric"]))
     best_toml = sweep["dir"] / "best.toml"
-    monkeypatch.chdir(sweep["root"])
-    assert train_main(["--config", str(best_toml)]) == 0  # on the sweep's Ray session, launcher ray, 1 worker
+    proc = subprocess.run([sys.executable, "-m", "carat.train", "--config", str(best_toml)], cwd=sweep["root"],
+                          env=_sweep_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a local Ray, launcher ray, 1 worker
     runs = [p for p in (sweep["root"] / "runs").iterdir() if p.name != "s"]
     (run,) = runs
     results = json.loads((run / "results.json").read_text())
