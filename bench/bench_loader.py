@@ -21,13 +21,24 @@
    per sample with and without it, same float16 shards, same run, passes alternated (in process and with one
    DataLoader worker), and the hash alone per sample. ``--hash-check-only`` runs just this part (and writes
    only the float16 shards).
+5. ``--bucket``: the same float16 shards in object storage, from a local S3-compatible server (moto's server
+   mode on 127.0.0.1, started here; it needs ``moto[server]``), against local disk in the same run: without the
+   block cache, with it cold (a fresh ``loader.cache_dir`` per pass: every block fetched once) and warm (every
+   block on local disk), in process and with 2 DataLoader workers. CPU figures count this process and its
+   workers, not the server. ``--bucket-only`` runs just this part.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -295,6 +306,76 @@ def bench_hash_check(shard_dir: Path, repeats: int) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------ object storage
+
+
+@contextlib.contextmanager
+def local_s3_server():
+    """moto's S3 server on a free port of 127.0.0.1, with the AWS variables that point carat at it."""
+    from carat.storage import forget_filesystems
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    forget_filesystems()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("moto server did not start")
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        forget_filesystems()
+
+
+def bench_bucket(shard_dir: Path, workdir: Path, repeats: int) -> list[str]:
+    """Loader throughput from the local S3 server vs local disk, without / with a cold / warm block cache."""
+    from carat.data.remote import publish_corpus
+    from carat.storage import ObjectPath
+
+    lines = ["| source | num_workers | wall samples/s | samples per CPU-second | main CPU us/sample | "
+             "workers CPU us/sample | wall vs disk | CPU/sample vs disk |", "|---|---|---|---|---|---|---|---|"]
+    with local_s3_server():
+        url = ObjectPath("s3://bench/corpus")
+        url.fs.mkdir("bench")
+        publish_corpus(shard_dir, url)
+        for workers in (0, 2):
+            base = dict(num_workers=workers, pin_memory=False)
+            disk = time_loader(shard_dir, LoaderConfig(**base), repeats)
+            rows = [("local disk", disk), ("bucket, no cache", time_loader(url, LoaderConfig(**base), repeats))]
+            cold = []
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory(dir=workdir) as cache:
+                    cold.append(time_loader(url, LoaderConfig(**base, cache_dir=cache), 1))
+            rows.append(("bucket, cache cold", max(cold, key=lambda r: r["sps"])))
+            with tempfile.TemporaryDirectory(dir=workdir) as cache:
+                time_loader(url, LoaderConfig(**base, cache_dir=cache), 1)  # fills it
+                rows.append(("bucket, cache warm", time_loader(url, LoaderConfig(**base, cache_dir=cache), repeats)))
+            for name, r in rows:
+                cpu = r["main_us"] + r["workers_us"]
+                lines.append(f"| {name} | {workers} | {r['sps']:,.0f} | {r['sps_cpu']:,.0f} | {r['main_us']:.0f} | "
+                             f"{r['workers_us']:.0f} | {r['sps'] / disk['sps']:.2f} | "
+                             f"{cpu / (disk['main_us'] + disk['workers_us']):.2f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=3000)
@@ -303,10 +384,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written shards")
     parser.add_argument("--hash-check-only", action="store_true",
                         help="only part 4: loader CPU with and without the per-sample hash check (float16 shards)")
+    parser.add_argument("--bucket", action="store_true", help="also part 5: the shards in a local S3 server")
+    parser.add_argument("--bucket-only", action="store_true", help="only part 5 (float16 shards)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = LoaderConfig()
     lengths = full_lengths()
+    if args.bucket_only:
+        rng = np.random.default_rng(7)
+        subset = lengths[rng.choice(len(lengths), size=args.samples, replace=False)]
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        _, dirs = bench_storage(RealisticSource(subset), args.workdir, dtypes=("float16",))
+        print(f"## object storage: local S3 server (moto) vs local disk ({args.samples} segments, float16, eval "
+              f"pass, best wall of {args.repeats}, median CPU figures)")
+        bench_bucket(dirs["float16"], args.workdir, args.repeats)
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        return
     if args.hash_check_only:
         rng = np.random.default_rng(7)
         subset = lengths[rng.choice(len(lengths), size=args.samples, replace=False)]
@@ -349,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
         print(stage_breakdown(shard_dir, LoaderConfig(num_workers=0)))
     print(f"\n## per-sample hash check (float16, {args.repeats} alternated pairs)")
     print("\n".join(bench_hash_check(dirs["float16"], args.repeats)))
+    if args.bucket:
+        print(f"\n## object storage: local S3 server (moto) vs local disk (float16)")
+        bench_bucket(dirs["float16"], args.workdir, args.repeats)
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 
