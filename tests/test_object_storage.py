@@ -195,6 +195,15 @@ def test_a_missing_bucket_is_one_line_naming_it(s3):
     assert "\n" not in str(err.value)
 
 
+def test_writing_into_a_missing_bucket_fails_before_any_work(s3, tmp_path, monkeypatch):
+    from carat.data.synth import SynthConfig, synthesize_corpus
+
+    monkeypatch.setenv("CARAT_STAGING_DIR", str(tmp_path / "staging"))
+    with pytest.raises(DataError, match="s3://no-such-bucket/corpus: bucket 'no-such-bucket' does not exist"):
+        synthesize_corpus("s3://no-such-bucket/corpus", SynthConfig(scale=0.005, length_scale=0.05), reference=False)
+    assert not (tmp_path / "staging").exists()
+
+
 def test_a_missing_prefix_says_no_corpus_there(s3):
     with pytest.raises(DataError, match=rf"s3://{BUCKET}/nothing-here/manifest.parquet: missing; write the corpus"):
         build_loader(f"s3://{BUCKET}/nothing-here", "train", LoaderConfig(), rank=0, world_size=1, epoch=0,

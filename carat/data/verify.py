@@ -115,7 +115,7 @@ def _read_headers(path: Path | ObjectPath, offsets: list[int]) -> list[bytes]:
     """The 512 bytes at each offset: preads of a local file, or concurrent ranged GETs of an object."""
     if isinstance(path, ObjectPath):
         return with_retries(path.url, "read tar headers", lambda: path.fs.cat_ranges(
-            [path.path] * len(offsets), offsets, [o + 512 for o in offsets]))
+            [path.path] * len(offsets), offsets, [o + 512 for o in offsets], on_error="raise"))
     with open(path, "rb") as handle:
         return [os.pread(handle.fileno(), 512, offset) for offset in offsets]
 
