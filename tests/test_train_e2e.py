@@ -181,6 +181,8 @@ def test_ray_two_workers_and_a_killed_worker_is_restarted(shards, tmp_path):
     results = check_run_dir(run, world=2)
     assert (run / ".fault-injected-1-1").is_file()          # rank 1 really died after epoch 1 ...
     assert "resumed from" in output                          # ... and the restarted group resumed
+    # the Ray carat starts for itself prints no notices a newcomer reads as failures (issue 28)
+    assert "Token authentication is enabled" not in output and "PreemptionWatcher" not in output
     ray_checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert ray_checkpoints, "Ray kept no checkpoint"
     assert ranks_in_checkpoint(ray_checkpoints[-1]) == {0, 1}

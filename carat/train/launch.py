@@ -263,7 +263,34 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        if starts_a_local_ray():
+            quiet_local_ray_defaults()
         ray.init(log_to_driver=True, configure_logging=False)
+
+
+def starts_a_local_ray() -> bool:
+    """Whether ``ray.init()`` here would start a new single-machine Ray (no RAY_ADDRESS, no running local
+    cluster) rather than join one."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # a private helper of Ray 2.60: if it changes, join or start as Ray decides, unquieted
+        return False
+
+
+def quiet_local_ray_defaults() -> None:
+    """Settings for the Ray that carat starts for itself, so a quickstart's console holds carat's lines only.
+
+    Ray 2.60 enables token authentication on a new local cluster and says so in a warning ("Token authentication
+    is enabled for this Ray cluster"): authentication stays on, the notice is dropped (setting RAY_AUTH_MODE to
+    silence it makes this Ray fail to start its GCS). Ray Train's preemption watcher (node drains on a cluster of
+    spot or preemptible nodes) has nothing to watch on one machine, and its actor logs a core-worker error line
+    ("PreemptionWatcher ... max_restarts > 0") at every start: it is off unless the user set
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER. A cluster joined through RAY_ADDRESS gets neither change."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: list | None = None,
