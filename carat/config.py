@@ -23,18 +23,18 @@ from typing import Any, Literal
 
 from carat.data.loader_config import TINY_OVERRIDES as TINY_LOADER
 from carat.data.loader_config import LoaderConfig
-from carat.data.prepare import PrepareConfig
-from carat.data.shards import TINY_OVERRIDES as TINY_STORAGE
-from carat.data.shards import StorageConfig
-from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
-from carat.data.synth import SynthConfig
+from carat.data.prepare_config import PrepareConfig
+from carat.data.storage_config import TINY_OVERRIDES as TINY_STORAGE
+from carat.data.storage_config import StorageConfig
+from carat.data.synth_config import TINY_OVERRIDES as TINY_SYNTH
+from carat.data.synth_config import SynthConfig
 from carat.errors import ConfigError
 from carat.model.config import (
     REFERENCE_LOSS, REFERENCE_MODEL, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig,
     check_pos_weight, slots_per_second_ratios,
 )
-from carat.train.optim import TINY_OVERRIDES as TINY_OPTIM
-from carat.train.optim import OptimConfig
+from carat.train.optim_config import TINY_OVERRIDES as TINY_OPTIM
+from carat.train.optim_config import OptimConfig
 from carat.tune.config import TuneConfig
 
 PRESETS: tuple[str, ...] = ("seed", "official", "tiny", "small")

@@ -9,16 +9,39 @@ import sys
 import pytest
 
 
+WAIT_POLICY_PROBE = """
+import os, runpy, sys
+import carat.threads as threads
+torch_loaded_at_call = []
+original = threads.set_default_wait_policy
+threads.set_default_wait_policy = lambda: (torch_loaded_at_call.append("torch" in sys.modules), original())
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print(os.environ.get("OMP_WAIT_POLICY"), torch_loaded_at_call)
+"""
+
+
+@pytest.mark.parametrize("command", ["carat.train", "carat.tune"])
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_training_package_sets_the_default_before_torch_and_keeps_the_users(given, expected):
+def test_the_training_commands_set_the_default_before_torch_and_keep_the_users(command, given, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given:
         env["OMP_WAIT_POLICY"] = given
-    code = ("import os, sys; import carat.train; print(os.environ.get('OMP_WAIT_POLICY'), "
-            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE, command], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split("\n")[-2] == f"{expected} [False]"  # set once, before torch was loaded
+
+
+def test_reading_a_configuration_has_no_side_effects_and_loads_no_torch():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, sys; import carat.config, carat.train, carat.model.config; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), sorted(m for m in ('torch', 'pyarrow', 'ray', 'deepspeed') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    # the package itself loads no torch: the variable is in place before any carat module does
-    assert out.stdout.split() == [expected, "False"]
+    assert out.stdout.split() == ["None", "[]"]
 
 
 def test_ray_workers_get_the_drivers_policy(tmp_path, monkeypatch):

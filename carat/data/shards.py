@@ -43,7 +43,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,8 +51,9 @@ import pyarrow.parquet as pq
 import xxhash
 
 from carat.atomic import publish, temp_path, write_text_atomic
-from carat.errors import ConfigError, DataError
+from carat.errors import DataError
 from carat.storage import ObjectPath, as_location
+from carat.data.storage_config import TINY_OVERRIDES, StorageConfig  # noqa: F401  (re-exported)
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
 
 FORMAT_VERSION = 1
@@ -87,35 +88,6 @@ SHARD_SCHEMA = pa.schema([
     ("bytes", pa.int64()),
     ("sha256", pa.string()),
 ])
-
-
-@dataclass
-class StorageConfig:
-    """How segments are stored in shards."""
-
-    dtype: Literal["float16", "float32"] = "float16"
-    """Feature dtype on disk. float16 halves bytes; values beyond +-65504 are rejected (DataError), never
-    stored as inf. Features are always returned as float32 by the loader."""
-    shard_max_bytes: int = 256 * 1024 * 1024
-    """Target maximum shard size in bytes (a single larger sample still gets its own shard). A few hundred
-    MB suits object stores and node splitting."""
-    shard_max_samples: int | None = None
-    """Optional cap on samples per shard (None = no cap); small values make many shards in tests."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"storage.dtype={self.dtype!r} must be 'float16' or 'float32'")
-        if not isinstance(self.shard_max_bytes, int) or self.shard_max_bytes < 64 * 1024:
-            raise ConfigError(
-                f"storage.shard_max_bytes={self.shard_max_bytes!r} must be an int >= 65536 (64 KiB); "
-                "the default is 268435456 (256 MiB)")
-        if self.shard_max_samples is not None and (
-                not isinstance(self.shard_max_samples, int) or self.shard_max_samples < 1):
-            raise ConfigError(
-                f"storage.shard_max_samples={self.shard_max_samples!r} must be None or an int >= 1")
-
-
-TINY_OVERRIDES: dict[str, object] = {"dtype": "float32", "shard_max_samples": 64}
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,24 @@
 Imports only torch, numpy and the standard library (plus carat.errors); a test enforces it.
 """
 
-from carat.model.carat import CARAT, CaratOutput
-from carat.model.config import LossConfig, ModelConfig, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, TINY_MODEL_SIZE
-from carat.model.losses import TERMS, CaratLoss
+from __future__ import annotations
 
-__all__ = ["CARAT", "CaratOutput", "CaratLoss", "LossConfig", "ModelConfig", "TERMS", "TINY_LOSS_OVERRIDES",
-           "TINY_MODEL_OVERRIDES", "TINY_MODEL_SIZE"]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "CARAT": "carat.model.carat", "CaratOutput": "carat.model.carat",
+    "LossConfig": "carat.model.config", "ModelConfig": "carat.model.config",
+    "TINY_LOSS_OVERRIDES": "carat.model.config", "TINY_MODEL_OVERRIDES": "carat.model.config",
+    "TINY_MODEL_SIZE": "carat.model.config",
+    "TERMS": "carat.model.losses", "CaratLoss": "carat.model.losses",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The exports load on first use (PEP 562), so that reading a configuration (``carat.model.config``, which
+    :mod:`carat.config` imports) loads no torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'carat.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

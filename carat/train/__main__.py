@@ -9,7 +9,12 @@
 
 from __future__ import annotations
 
-import argparse
+from carat.threads import set_default_wait_policy
+
+# First: libgomp reads the variable once, when the first module below loads torch.
+set_default_wait_policy()
+
+import argparse  # noqa: E402  (the imports follow the wait policy on purpose)
 import sys
 from collections.abc import Callable
 from pathlib import Path
