@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carat.export import load_model
+from carat.inference import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_ensemble import test_scores  # noqa: E402  (bench scripts are not a package)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from carat.errors import CaratError
-from carat.export import load_model
+from carat.inference import load_model
 from carat.metrics import compute_metrics, macro_roc_auc, tune_shared_threshold, tune_thresholds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

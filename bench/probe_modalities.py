@@ -17,8 +17,8 @@ import torch
 from carat.data.loader import build_loader
 from carat.data.segment import EMOTIONS
 from carat.errors import CaratError
-from carat.evaluate import collect_scores
-from carat.export import load_model
+from carat.inference import collect_scores
+from carat.inference import load_model
 from carat.metrics import macro_roc_auc, roc_auc
 
 REMOVED: tuple[tuple[str, ...], ...] = ((), ("text",), ("visual",), ("audio",), ("visual", "audio"),

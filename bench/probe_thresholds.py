@@ -20,8 +20,8 @@ import torch
 
 from carat.data.loader import build_loader
 from carat.errors import CaratError
-from carat.evaluate import collect_scores
-from carat.export import load_model
+from carat.inference import collect_scores
+from carat.inference import load_model
 from carat.metrics import DEFAULT_THRESHOLD_GRID, compute_metrics, tune_thresholds
 
 GRID = DEFAULT_THRESHOLD_GRID

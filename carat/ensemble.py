@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from carat.config import CaratConfig
 from carat.errors import CaratError
+from carat.inference import (  # noqa: F401  (the reading side lives in carat.inference; re-exported)
+    MANIFEST, MEMBERS, EnsembleModel, is_ensemble, load_ensemble, load_member, member_dirs, read_manifest)
 
-MANIFEST = "ensemble.json"
-MEMBERS = "members"
 
 
 def member_name(index: int) -> str:
@@ -52,34 +51,6 @@ def member_config(cfg: CaratConfig, run_dir: Path, index: int) -> CaratConfig:
     return dataclasses.replace(cfg, train=train, loader=loader)
 
 
-def member_dirs(run_dir: Path) -> list[Path]:
-    """An ensemble run's member directories from its manifest; CaratError when one is missing or unfinished."""
-    manifest = read_manifest(run_dir)
-    dirs = [run_dir / MEMBERS / name for name in manifest["members"]]
-    for path in dirs:
-        if not (path / "results.json").is_file():
-            raise CaratError(f"{run_dir}: ensemble member {path.name} did not finish (no {path / 'results.json'}); "
-                             f"rerun the same train.run_name to finish it")
-    return dirs
-
-
-def is_ensemble(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CaratError(f"{path}: unreadable ensemble manifest ({err})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list) or not manifest["members"]:
-        raise CaratError(f"{path}: an ensemble manifest needs a non-empty 'members' list")
-    if any(not isinstance(m, str) or "/" in m or m in ("", ".", "..") for m in manifest["members"]):
-        raise CaratError(f"{path}: member names must be plain directory names, got {manifest['members']}")
-    return manifest
-
-
 def write_manifest(run_dir: Path, cfg: CaratConfig) -> None:
     from carat.train.rundir import write_json_atomic
 
@@ -90,50 +61,6 @@ def write_manifest(run_dir: Path, cfg: CaratConfig) -> None:
         "loader_seeds": [cfg.loader.seed + i for i in range(size)],
         "rule": "mean of the members' probabilities (CARAT.scores)",
     })
-
-
-class EnsembleModel(nn.Module):
-    """The members as one scorer with CARAT's evaluation interface: ``scores(model(**inputs))`` is the mean of
-    the members' ``scores``, so :func:`carat.evaluate.score_batches` and ``carat.predict`` use it unchanged."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        if not members:
-            raise CaratError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
-
-    def forward(self, **inputs: torch.Tensor) -> list:
-        return [member(**inputs) for member in self.members]
-
-    def scores(self, outputs: list) -> torch.Tensor:
-        return torch.stack([m.scores(out) for m, out in zip(self.members, outputs)]).mean(dim=0)
-
-
-def load_ensemble(run_dir: Path) -> tuple[EnsembleModel, CaratConfig]:
-    """(EnsembleModel in eval mode, member 0's config) of a finished ensemble run."""
-    loaded = [load_member(path) for path in member_dirs(run_dir)]
-    return EnsembleModel([model for model, _ in loaded]).eval(), loaded[0][1]
-
-
-def load_member(member_dir: Path) -> tuple[nn.Module, CaratConfig]:
-    """A member's best model, or a CaratError naming the member and how to get it back."""
-    from carat.export import load_model
-    from carat.train.checkpoint import tag_damage
-
-    best = member_dir / "best" / "best"
-    retrain = (f"restore {member_dir / 'best'} from a copy, or delete {member_dir} and rerun the same "
-               "`python -m carat.train` command (it retrains that member)")
-    if not best.is_dir():
-        raise CaratError(f"ensemble member {member_dir.name} has no best model ({member_dir / 'best'} is "
-                         f"missing); {retrain}")
-    damage = tag_damage(best)
-    if damage is not None:
-        raise CaratError(f"ensemble member {member_dir.name}: its best model {best} is damaged or incomplete: "
-                         f"{damage}; {retrain}")
-    try:
-        return load_model(member_dir)
-    except CaratError as err:
-        raise CaratError(f"ensemble member {member_dir.name}: {err}; {retrain}") from None
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -169,7 +96,7 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore:
 
     ``rescore``: no member was trained by this call. An existing RUN/results.json is then kept: the new
     figures must equal it (:func:`check_same_figures`), else it is an error naming what differs."""
-    from carat.evaluate import score_split
+    from carat.inference import score_split
     from carat.metrics import (
         SUMMARY_METRICS, card_prior, format_results_table, result_warnings, results_columns, split_results,
         verdict,

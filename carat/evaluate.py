@@ -10,47 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
 
-import numpy as np
 import torch
 
-from carat.data.batch import Batch
 from carat.errors import CaratError
+from carat.inference import collect_scores, load_model, score_batches, score_split  # noqa: F401  (re-exported)
 from carat.storage import resolved
 from carat.train.runsync import local_copy
 from carat.metrics import compute_metrics, format_results_table, tune_thresholds
-
-
-@torch.no_grad()
-def collect_scores(batches: Iterable[Batch], device: torch.device,
-                   score: Callable[[Batch], torch.Tensor]) -> dict[str, np.ndarray]:
-    """Keys, labels and ``score(batch)`` of every real (weight > 0) sample; fillers are dropped here."""
-    keys: list[str] = []
-    labels, scores = [], []
-    for batch in batches:
-        batch = batch.to(device)
-        real = batch.weight > 0
-        batch_scores = score(batch)
-        keys += [k for k, keep in zip(batch.keys, real.tolist()) if keep]
-        labels.append(batch.labels[real].float().cpu().numpy())
-        scores.append(batch_scores[real].float().cpu().numpy())
-    return {"keys": np.array(keys, dtype=object),
-            "labels": np.concatenate(labels) if labels else np.zeros((0, 6), np.float32),
-            "scores": np.concatenate(scores) if scores else np.zeros((0, 6), np.float32)}
-
-
-def score_batches(model, batches: Iterable[Batch], device: torch.device) -> dict[str, np.ndarray]:
-    """Scores of a plain (non-DeepSpeed) CARAT model."""
-    model.eval().to(device)
-    return collect_scores(batches, device, lambda batch: model.scores(model(**batch.model_inputs())))
-
-
-def score_split(model, cfg, shard_dir: Path, split: str, device: torch.device) -> dict[str, np.ndarray]:
-    from carat.data.loader import build_loader
-
-    loader = build_loader(shard_dir, split, cfg.loader, rank=0, world_size=1, epoch=0, train=False)
-    return score_batches(model, loader, device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carat.export import load_model
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,7 +22,7 @@ import torch
 from carat.data.batch import Batch
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.errors import CaratError, DataError
-from carat.evaluate import score_batches, score_split
+from carat.inference import score_batches, score_split
 from carat.metrics import above_threshold
 from carat.storage import resolved
 from carat.train.runsync import local_copy
@@ -130,7 +130,7 @@ def _write_rows(out: Path, rows: list[dict], threshold: float | np.ndarray) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carat.export import load_model
+    from carat.inference import load_model
 
     parser = argparse.ArgumentParser(prog="python -m carat.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

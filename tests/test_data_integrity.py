@@ -395,10 +395,10 @@ def test_npz_object_arrays_and_non_integer_lengths_are_errors_naming_the_array(t
 
 
 def test_predict_names_a_bad_npz_array_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
-    import carat.export
+    import carat.inference
     from carat.predict import main as predict_main
 
-    monkeypatch.setattr(carat.export, "load_model", lambda *args: (None, None))  # the .npz is what is tested
+    monkeypatch.setattr(carat.inference, "load_model", lambda *args: (None, None))  # the .npz is what is tested
     objects = np.empty(3, dtype=object)
     objects[:] = [np.zeros((2, 74))] * 3
     code = predict_main(["--checkpoint", str(tmp_path / "no-model"), "--npz", str(_npz(tmp_path / "o.npz",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from carat.config import load_config
+from carat.data import provision
 from carat.errors import DataError
 from carat.train import __main__ as train_main
 
@@ -76,7 +77,7 @@ def test_the_default_dir_with_a_card_but_no_manifest_is_never_synthesized_into(t
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "card.json").write_text('{"source": "csd"}')
     with pytest.raises(DataError, match="card.json but no manifest.parquet"):
-        train_main.ensure_shards(_cfg(), Path("shards").resolve())
+        provision.ensure_shards(_cfg(), Path("shards").resolve())
     assert fake_synth == []
     assert (tmp_path / "shards" / "card.json").read_text() == '{"source": "csd"}'
 
@@ -84,7 +85,7 @@ def test_the_default_dir_with_a_card_but_no_manifest_is_never_synthesized_into(t
 def test_a_named_empty_dir_is_an_error_even_with_synthesis_allowed(tmp_path, fake_synth):
     named = tmp_path / "mistyped"
     with pytest.raises(DataError, match="only fills the default shard_dir"):
-        train_main.ensure_shards(_cfg(f"--train.shard_dir={named}", "--train.synth_if_missing=true"), named)
+        provision.ensure_shards(_cfg(f"--train.shard_dir={named}", "--train.synth_if_missing=true"), named)
     assert fake_synth == [] and not named.exists()
 
 
@@ -97,7 +98,7 @@ def test_the_empty_default_dir_is_synthesized_once_by_processes_starting_togethe
 
     def start() -> None:
         try:
-            train_main.ensure_shards(cfg, (tmp_path / "shards").resolve())
+            provision.ensure_shards(cfg, (tmp_path / "shards").resolve())
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
@@ -108,7 +109,7 @@ def test_the_empty_default_dir_is_synthesized_once_by_processes_starting_togethe
         t.join()
     assert errors == []
     assert len(fake_synth) == 1  # the others waited on the lock and found the corpus
-    assert not (tmp_path / "shards" / train_main.SYNTH_IN_PROGRESS).exists()
+    assert not (tmp_path / "shards" / provision.SYNTH_IN_PROGRESS).exists()
 
 
 def test_an_interrupted_train_time_synthesis_is_resumed_but_not_a_prepared_corpus(tmp_path, monkeypatch,
@@ -117,20 +118,20 @@ def test_an_interrupted_train_time_synthesis_is_resumed_but_not_a_prepared_corpu
     shards = (tmp_path / "shards").resolve()
     (shards / "train").mkdir(parents=True)
     (shards / "train" / "train-000000.tar").write_bytes(b"partial")
-    (shards / train_main.SYNTH_IN_PROGRESS).write_text("x")
-    train_main.ensure_shards(_cfg(), shards)
+    (shards / provision.SYNTH_IN_PROGRESS).write_text("x")
+    provision.ensure_shards(_cfg(), shards)
     assert fake_synth == [shards]
     # prepare removes the marker: its (interrupted) output is real data from then on
     from carat.data.prepare import PrepareConfig, prepare_corpus
 
     (shards / "manifest.parquet").unlink()
     (shards / "card.json").unlink()
-    (shards / train_main.SYNTH_IN_PROGRESS).write_text("x")
+    (shards / provision.SYNTH_IN_PROGRESS).write_text("x")
     with pytest.raises(Exception):
         prepare_corpus(tmp_path / "no-such-input", shards, PrepareConfig())
-    assert not (shards / train_main.SYNTH_IN_PROGRESS).exists()
+    assert not (shards / provision.SYNTH_IN_PROGRESS).exists()
     with pytest.raises(DataError, match="no manifest.parquet"):
-        train_main.ensure_shards(_cfg(), shards)
+        provision.ensure_shards(_cfg(), shards)
     assert len(fake_synth) == 1
 
 

@@ -263,7 +263,7 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
     out = Path(out_dir)
     check_writable_dir(out, "the corpus")  # before the (long) listing of the source
     # Real data goes here now: an interrupted train-time synthesis' marker must not make carat.train treat
-    # these shards as its own leftovers (carat.train.__main__.SYNTH_IN_PROGRESS).
+    # these shards as its own leftovers (carat.data.provision.SYNTH_IN_PROGRESS).
     (out / ".synth-in-progress").unlink(missing_ok=True)
     storage = storage if storage is not None else StorageConfig()
     issues = IssueLog(max_keys=cfg.max_reported_keys)

@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -629,3 +630,72 @@ def safe_torch_load() -> Iterator[None]:
             yield
         finally:
             torch.load = original
+
+
+# -- reading a DeepSpeed checkpoint back (export, evaluate, predict, the resume checks) ------------------------
+MODULE_PREFIX = "model."  # the training wrapper holds CARAT as `.model` next to the loss
+
+
+def read_client_state(save_dir: Path, tag: str) -> dict[str, Any]:
+    """The model-states file of rank 0 (DeepSpeed's state plus carat's client state), loaded with
+    ``weights_only=True``: a crafted checkpoint cannot run code."""
+    files = sorted((save_dir / tag).glob("*model_states.pt"))
+    if not files:
+        raise CaratError(f"{save_dir / tag} has no *model_states.pt file")
+    state = load_checkpoint_file(files[0])
+    if not isinstance(state, dict):
+        raise CaratError(f"{files[0]} is not a DeepSpeed model-states file (it holds a {type(state).__name__})")
+    return state
+
+
+def check_complete(save_dir: Path, tag: str) -> None:
+    """A torn or damaged tag (a save that a kill interrupted, a truncated file, bytes that no longer match the
+    marker's sha256) is an error naming the file. Checkpoints from before completion markers (no tag in
+    ``save_dir`` has one) are taken as they are; markers from before hashes are checked by size, with a note."""
+    tag_dir = save_dir / tag
+    has_markers = (tag_dir / COMPLETE_FILE).exists() or any(save_dir.glob(f"*/{COMPLETE_FILE}"))
+    reason = incomplete_reason(tag_dir) if has_markers else None
+    if reason is None:
+        if has_markers and unhashed_note(tag_dir):
+            print(f"[carat] note: {unhashed_note(tag_dir)}", file=sys.stderr, flush=True)
+        return
+    if tag == "best":  # a best model has nothing to fall back to
+        raise CaratError(f"best model {tag_dir} is damaged or incomplete: {reason}; restore it from a copy, or "
+                         f"score one epoch's checkpoint with --checkpoint {save_dir.parent / 'checkpoints'} "
+                         "--tag epoch-NNN")
+    raise CaratError(f"{tag_dir} is a damaged or incomplete checkpoint ({reason}); pick another tag with --tag "
+                     f"(tags: {', '.join(sorted(p.name for p in save_dir.iterdir() if p.is_dir()))})")
+
+
+def consolidate(save_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(CARAT state dict in fp32, the checkpoint's client state) from a sharded DeepSpeed checkpoint."""
+    check_complete(save_dir, tag)
+    state = read_client_state(save_dir, tag)
+    if list((save_dir / tag).glob("*optim_states.pt")) and not _is_stage0(state):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            with safe_torch_load():
+                full = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+        except CaratError:
+            raise
+        except Exception as err:  # a damaged shard file: DeepSpeed raises whatever torch.load raised
+            raise CheckpointError(f"{save_dir / tag}: cannot merge the ZeRO shards ({type(err).__name__}: "
+                                  f"{str(err)[:300]})") from None
+    else:  # ZeRO stage 0 keeps the whole module in the model-states file
+        full = state["module"]
+    weights = {k[len(MODULE_PREFIX):]: v.float() if v.is_floating_point() else v
+               for k, v in full.items() if k.startswith(MODULE_PREFIX)}
+    if not weights:
+        raise CaratError(f"{save_dir / tag}: no '{MODULE_PREFIX}*' weights found; is this a carat checkpoint?")
+    from carat.train.averaging import averaged_weights
+
+    average = averaged_weights(state)  # train.ema_decay: the weights the run evaluated
+    unknown = sorted(set(average) - set(weights))
+    if unknown:
+        raise CaratError(f"{save_dir / tag}: its weight average names parameters the model lacks ({unknown[:3]})")
+    return {**weights, **average}, state
+
+
+def _is_stage0(state: dict[str, Any]) -> bool:
+    return int(state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) == 0

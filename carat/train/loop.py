@@ -53,7 +53,7 @@ from carat.config import CaratConfig, config_to_dict, config_to_toml
 from carat.data.batch import Batch
 from carat.data.loader import build_loader
 from carat.errors import CaratError, DataError
-from carat.evaluate import collect_scores
+from carat.inference import collect_scores
 from carat.metrics import (
     NUM_CLASSES, SCORE_SPREAD_ATOL, SUMMARY_METRICS, card_prior, compute_metrics, constant_prediction,
     format_results_table, result_warnings, results_columns, scores_depend_on_input, split_results, tuned_metrics,
@@ -482,7 +482,7 @@ class Trainer:
         """Refuse, before anything is written, a resume whose saved state means something else: another
         world size (ZeRO shards optimizer state by rank), another corpus, or changed config keys that
         shape the model, loss, schedule or batch plan (:data:`carat.train.checkpoint.RESUMABLE_CHANGES`)."""
-        from carat.export import read_client_state
+        from carat.train.checkpoint import read_client_state
 
         refusal = resume_refusal(read_client_state(point.root, point.tag), config_to_dict(self.cfg), self.corpus,
                                  self.world, point.root / point.tag, self.ctx.shard_dir, self.run.config)

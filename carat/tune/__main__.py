@@ -45,7 +45,7 @@ def run_sweep(cfg: CaratConfig) -> Path:
     """Make the shards once, run (or resume) the sweep, write its table, plots and best.toml."""
     import ray
 
-    from carat.train.__main__ import ensure_shards
+    from carat.data.provision import ensure_shards
     from carat.train.launch import ensure_ray
     from carat.tune.report import best_config, best_row, plot_sweep, trial_rows, write_best, write_table
     from carat.tune.sweep import build_tuner, metric_key, plan_resources, sweep_name, trial_base

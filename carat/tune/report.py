@@ -21,6 +21,11 @@ from carat.atomic import write_text_atomic
 from carat.config import CaratConfig, config_to_toml
 from carat.tune.space import apply_params, search_ranges
 
+
+def trial_run_name(trial_id: str) -> str:
+    """The run directory (under the sweep's runs) of trial ``trial_id``."""
+    return f"trial-{trial_id}"
+
 SUMMARY_KEYS: tuple[str, ...] = ("micro_f1", "macro_f1", "macro_auc", "tuned_micro_f1", "tuned_macro_f1")
 
 

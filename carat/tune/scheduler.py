@@ -43,8 +43,7 @@ class EpochASHA(ASHAScheduler):
         Only records: the decisions on them were taken at the time (a stopped trial is not restarted)."""
         if self.runs_dir is None or self._metric is None:
             return
-        from carat.tune.report import run_history
-        from carat.tune.sweep import trial_run_name
+        from carat.tune.report import run_history, trial_run_name
 
         bracket = self._trial_info[trial.trial_id]
         recorded = 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict, config_to_toml
 from carat.errors import CaratError
+from carat.tune.report import trial_run_name
 from carat.tune.space import apply_params, param_space
 
 
@@ -75,10 +76,6 @@ def trial_base(cfg: CaratConfig, shard_dir: Path, resources: TrialResources) -> 
                     shard_dir=str(shard_dir), synth_if_missing=False, select_metric=cfg.tune.metric, run_name=None,
                     ensemble_size=1)
     return replace(cfg, train=train)
-
-
-def trial_run_name(trial_id: str) -> str:
-    return f"trial-{trial_id}"
 
 
 def trial_dirname(trial: Any) -> str:
