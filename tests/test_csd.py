@@ -11,7 +11,8 @@ import pytest
 from carat.data.card import read_card
 from carat.data.csd import select_frames
 from carat.data.prepare import PrepareConfig, prepare_corpus
-from carat.data.shards import StorageConfig, verify_shards
+from carat.data.shards import StorageConfig
+from carat.data.verify import require_verified
 from carat.errors import ConfigError, DataError
 from tests.data_fixtures import make_csd_fixture, read_corpus_samples
 
@@ -30,7 +31,7 @@ def _prepare(fx, out, cfg=CFG, storage=F32, **kw):
 
 def test_round_trip_bit_identical(fx, tmp_path):
     out = _prepare(fx, tmp_path / "out")
-    verify_shards(out, deep=True)
+    require_verified(out, "full")
     samples = read_corpus_samples(out)
     assert set(samples) == set(fx.expected)
     for key, exp in fx.expected.items():

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.verify import require_verified, verify_corpus
 from carat.data.shards import (
     FLOAT16_MAX, MANIFEST_FILE, SHARDS_FILE, StorageConfig, read_manifest, read_shard_table, tar_key,
-    verify_shards, write_corpus,
+    write_corpus,
 )
 from carat.errors import ConfigError, DataError
 
@@ -134,14 +135,14 @@ def test_interrupted_write_resumes_byte_identical(tmp_path: Path) -> None:
     assert index.shards_reused == 1  # shard 0 kept; shard 1 rewritten (corrupt), the rest written
     assert loads["n"] == 40 - 8
     assert _files(run) == _files(tmp_path / "ref")
-    verify_shards(run, deep=True)
+    require_verified(run, "full")
 
 
 def test_rerun_with_new_plan_removes_stale_shards(tmp_path: Path) -> None:
     write_tiny(tmp_path, per_shard=4)
     write_tiny(tmp_path, per_shard=16)
     assert len(list((tmp_path / "train").glob("*.tar"))) == 2
-    verify_shards(tmp_path, deep=True)
+    require_verified(tmp_path, "full")
 
 
 def test_float16_overflow_is_an_error_naming_key_and_modality(tmp_path: Path) -> None:
@@ -202,32 +203,33 @@ def test_shard_max_bytes_respected(tmp_path: Path) -> None:
     assert sum(s.num_samples for s in index.shards) == 40
 
 
-def test_verify_shards_names_the_bad_file(tmp_path: Path) -> None:
+def test_verify_names_the_bad_file(tmp_path: Path) -> None:
     write_tiny(tmp_path)
-    assert len(verify_shards(tmp_path, deep=True)) == len(read_shard_table(tmp_path))
+    report = verify_corpus(tmp_path, "full")
+    assert report.ok and report.shards == len(read_shard_table(tmp_path))
     shard = tmp_path / "train/train-000002.tar"
     data = bytearray(shard.read_bytes())
     data[2000] ^= 0xFF  # same size, different content
     shard.write_bytes(bytes(data))
-    verify_shards(tmp_path)  # shallow check sees sizes only
-    with pytest.raises(DataError, match="train-000002.tar: sha256"):
-        verify_shards(tmp_path, deep=True)
+    require_verified(tmp_path, "quick")  # sizes and tar headers: a flipped payload byte is the full check's
+    with pytest.raises(DataError, match="train/train-000002.tar.*sha256"):
+        require_verified(tmp_path, "full")
     shard.write_bytes(bytes(data[:-1024]))
-    with pytest.raises(DataError, match="train-000002.tar: size"):
-        verify_shards(tmp_path)
+    with pytest.raises(DataError, match="train/train-000002.tar.*bytes, the shard table says"):
+        require_verified(tmp_path, "quick")
     shard.unlink()
-    with pytest.raises(DataError, match="train-000002.tar: shard listed in the manifest is missing"):
-        verify_shards(tmp_path)
+    with pytest.raises(DataError, match="train/train-000002.tar.*shard file missing"):
+        require_verified(tmp_path, "quick")
     (tmp_path / SHARDS_FILE).unlink()
-    with pytest.raises(DataError, match="shards.parquet: missing"):
-        verify_shards(tmp_path)
+    with pytest.raises(DataError, match="shards.parquet"):
+        require_verified(tmp_path, "quick")
 
 
 def test_unlisted_shard_detected(tmp_path: Path) -> None:
     write_tiny(tmp_path)
     (tmp_path / "valid/valid-000009.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="valid-000009.tar: shard not listed"):
-        verify_shards(tmp_path)
+    with pytest.raises(DataError, match="valid/valid-000009.tar.*shard not listed"):
+        require_verified(tmp_path, "quick")
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -153,13 +153,14 @@ def test_oracle_features_follow_the_planted_cues():
 
 
 def test_synthesize_corpus_writes_shards_manifest_card_deterministically(tmp_path):
-    from carat.data.shards import StorageConfig, verify_shards
+    from carat.data.shards import StorageConfig
+    from carat.data.verify import require_verified
 
     storage = StorageConfig(dtype="float32", shard_max_samples=16)
     cfg = SynthConfig(scale=0.004, length_scale=0.05, reference_max_train=40, reference_max_eval=20)
     out1 = synthesize_corpus(tmp_path / "a", cfg, storage)
     out2 = synthesize_corpus(tmp_path / "b", cfg, storage)
-    verify_shards(out1, deep=True)
+    require_verified(out1, "full")
     sha = lambda d: pq.read_table(d / "shards.parquet").column("sha256").to_pylist()
     assert sha(out1) == sha(out2)
     card = read_card(out1)

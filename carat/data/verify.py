@@ -111,6 +111,19 @@ def _check_tables(out_dir: Path, report: VerifyReport):
     return rows, shards
 
 
+def _check_unlisted(out_dir: Path, shards: list, report: VerifyReport) -> None:
+    """A tar in a split folder that the shard table does not list: a stale or foreign file beside the corpus
+    (the loader never reads it, but a corpus is one writer's output)."""
+    from carat.data.shards import SHARDS_FILE
+
+    listed = {info.shard for info in shards}
+    for split in sorted({info.split for info in shards}):
+        for path in sorted((out_dir / split).glob("*.tar")):
+            if f"{split}/{path.name}" not in listed:
+                report.problems.append(Problem(f"{split}/{path.name}", None, f"shard not listed in {SHARDS_FILE} "
+                                               "(a stale or foreign file)"))
+
+
 def _read_headers(path: Path | ObjectPath, offsets: list[int]) -> list[bytes]:
     """The 512 bytes at each offset: preads of a local file, or concurrent ranged GETs of an object."""
     if isinstance(path, ObjectPath):
@@ -237,6 +250,8 @@ def verify_corpus(out_dir: Path | ObjectPath | str, depth: Depth = "full") -> Ve
     rows, shards = _check_tables(out_dir, report)
     if rows is None:
         return report
+    if isinstance(out_dir, Path):
+        _check_unlisted(out_dir, shards, report)
     for info in shards:
         path, mine = out_dir / info.shard, rows.get(info.shard, [])
         if not path.is_file():
