@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.faults import fault_env  # noqa: E402  (the crash injection lives with the tests, not in carat)
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
@@ -77,10 +79,10 @@ def soak(args: argparse.Namespace) -> dict:
     with open(work / "soaked.log", "w") as log:
         while not results.is_file():
             kill_after = rng.uniform(args.min_kill_s, straight_seconds) if kills < args.kills else None
-            extra = {}
+            env = cpu_env()
             if args.worker_faults and args.launcher == "ray":  # a worker dies once per attempt as well
-                extra["CARAT_FAIL_AFTER_EPOCH"] = f"{rng.randrange(args.epochs)}:{rng.randrange(args.workers)}"
-            code = run_once(train_command(args, shards, storage, "soaked"), cpu_env(**extra), kill_after, log)
+                env = fault_env(f"{rng.randrange(args.epochs)}:{rng.randrange(args.workers)}", env)
+            code = run_once(train_command(args, shards, storage, "soaked"), env, kill_after, log)
             if code is None:
                 kills += 1
             elif code != 0:

@@ -13,6 +13,7 @@ import torch
 from carat.data.shards import StorageConfig
 from carat.data.synth import SynthConfig, synthesize_corpus
 from carat.errors import CaratError, ConfigError
+from tests.faults import fault_env
 from tests.model_helpers import make_batch, perturb_parameters, tiny_model
 
 LENGTHS = {"text": [7, 20, 3], "visual": [30, 11, 5], "audio": [90, 40, 17]}
@@ -168,7 +169,7 @@ def test_a_member_killed_mid_run_resumes_on_the_rerun(shards, tmp_path):
            "--train.epochs=2", "--train.ensemble_size=2", "--train.synth_if_missing=false",
            "--loader.num_workers=0"]
     members = storage / "crash" / "members"
-    crashed = run_module(cmd, cpu_env(CARAT_FAIL_AFTER_EPOCH="1:0"))  # member 0 dies after its first epoch
+    crashed = run_module(cmd, fault_env("1:0", cpu_env()))  # member 0 dies after its first epoch
     assert crashed.returncode != 0
     assert (members / "member-0" / ".fault-injected-1-0").is_file()
     assert not (members / "member-0" / "results.json").exists() and not (members / "member-1").exists()

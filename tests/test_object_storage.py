@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from carat.data.loader import build_loader
@@ -19,6 +18,7 @@ from carat.data.loader_config import LoaderConfig
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location, forget_filesystems
 from tests.data_fixtures import tiny_loop_corpus
+from tests.faults import fault_env
 from tests.s3_server import FaultyProxy, moto_server
 
 BUCKET = "carat-test"
@@ -281,8 +281,7 @@ def test_train_from_the_bucket_into_the_bucket_resume_elsewhere_then_evaluate_fr
     runs = f"s3://{BUCKET}/runs"
     base = [sys.executable, "-m", "carat.train", *loop_args(bucket_corpus, runs, "r", 2)]
     # Machine A dies hard (os._exit) when epoch 2 begins: what reached the bucket is what was committed.
-    crashed = subprocess.run(base, env={**os.environ, "CARAT_FAIL_AFTER_EPOCH": "1:0",
-                                        "CARAT_STAGING_DIR": str(tmp_path / "machine-a")},
+    crashed = subprocess.run(base, env=fault_env("1:0", {**os.environ, "CARAT_STAGING_DIR": str(tmp_path / "machine-a")}),
                              capture_output=True, text=True, timeout=600, cwd=REPO)
     assert crashed.returncode != 0
     run = ObjectPath(f"{runs}/r")
@@ -325,7 +324,8 @@ def test_ray_two_workers_from_the_bucket_into_the_bucket_with_a_killed_worker(s3
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "CARAT_FAIL_AFTER_EPOCH": "1:1", "CARAT_STAGING_DIR": str(tmp_path / "staging")})
+                "CARAT_STAGING_DIR": str(tmp_path / "staging")})
+    env = fault_env("1:1", env)
     args = ["--preset", "tiny", f"--train.shard_dir={bucket_corpus}", f"--train.storage_path={runs}",
             "--train.run_name=ray", "--train.epochs=2", "--train.synth_if_missing=false", "--loader.num_workers=0",
             "--launcher", "ray", "--train.num_workers=2", "--train.max_failures=1",

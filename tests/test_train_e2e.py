@@ -18,6 +18,7 @@ import pytest
 
 from carat.data.shards import StorageConfig
 from carat.data.synth import SynthConfig, synthesize_corpus
+from tests.faults import fault_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_ray_two_workers_and_a_killed_worker_is_restarted(shards, tmp_path):
     proc = run_module(
         [sys.executable, "-m", "carat.train", "--launcher", "ray", "--train.num_workers=2",
          "--train.max_failures=1"] + common_args(shards, storage, "ray", epochs=2),
-        cpu_env(CARAT_FAIL_AFTER_EPOCH="1:1"),
+        fault_env("1:1", cpu_env()),
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -195,7 +196,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(shards, tmp_path):
     straight = run_module(base + common_args(shards, storage, "straight", epochs=3), cpu_env())
     assert straight.returncode == 0, straight.stderr[-3000:]
     crashed = run_module(base + common_args(shards, storage, "resumed", epochs=3),
-                         cpu_env(CARAT_FAIL_AFTER_EPOCH="1:0"))
+                         fault_env("1:0", cpu_env()))
     assert crashed.returncode != 0 and not (storage / "resumed" / "results.json").exists()
     resumed = run_module(base + common_args(shards, storage, "resumed", epochs=3), cpu_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]

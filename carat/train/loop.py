@@ -35,7 +35,6 @@ import collections
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -79,10 +78,6 @@ EXPLODED_STEPS_IN_A_ROW = 3
 """Steps in a row with a loss above ``train.loss_explosion_factor`` times the initial loss scale that stop the
 run as diverged. One such step is a spike the run may survive (it is warned about); three are a trend. Short
 epochs are covered by the epoch's median step loss."""
-
-FAULT_ENV = "CARAT_FAIL_AFTER_EPOCH"
-"""Test hook: `<epoch>:<rank>` makes that rank exit hard once, when the epoch after `<epoch>` begins (fault tests)."""
-
 
 @dataclass
 class WorkerContext:
@@ -816,7 +811,6 @@ class Trainer:
         return results
 
     def run_epoch(self) -> None:
-        self.maybe_inject_fault()
         record: dict[str, Any] = {"epoch": self.epoch}
         record.update(self.train_epoch())
         metrics = self.validate()
@@ -861,19 +855,6 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="carat-ckpt-") as tmp:
             self.save_checkpoint(Path(tmp), tag, record)
             self.ctx.report(record, Path(tmp))
-
-    def maybe_inject_fault(self) -> None:
-        spec = os.environ.get(FAULT_ENV)
-        if not spec:
-            return
-        epoch, rank = (int(x) for x in spec.split(":"))
-        marker = self.run.root / f".fault-injected-{epoch}-{rank}"
-        if self.epoch == epoch and self.rank == rank and not marker.exists():
-            marker.write_text("1")
-            print(f"[carat] injected fault: rank {rank} exits after epoch {epoch}", flush=True)
-            # Let Ray's controller register the last report first: a crash mid-epoch, not mid-report.
-            time.sleep(3.0)
-            os._exit(17)
 
     def final_evaluation(self) -> dict[str, Any]:
         """Reload the best epoch's weights, score valid and test, tune per-class thresholds on valid."""
