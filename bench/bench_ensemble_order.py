@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from carat.inference import load_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_ensemble import test_scores  # noqa: E402  (bench scripts are not a package)
-from probe_thresholds import split_scores  # noqa: E402
+from carat.data.loader import build_loader
+from carat.inference import load_model, score_batches
+from carat.metrics import compute_metrics, macro_roc_auc, tune_shared_threshold, tune_thresholds
 
 
 def train_member(shards: Path, out: Path, preset: str, seed: int, loader_seed: int) -> Path:
@@ -44,6 +43,20 @@ def train_member(shards: Path, out: Path, preset: str, seed: int, loader_seed: i
                         f"--train.seed={seed}", f"--loader.seed={loader_seed}", "--train.synth_if_missing=false"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
     return run
+
+
+def split_scores(model, cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
+    loader = build_loader(Path(cfg.train.shard_dir), split, cfg.loader, rank=0, world_size=1, epoch=0, train=False)
+    scored = score_batches(model, loader, torch.device("cpu"))
+    return scored["labels"], scored["scores"]
+
+
+def test_scores(yv: np.ndarray, sv: np.ndarray, yt: np.ndarray, st: np.ndarray) -> tuple[float, float, float]:
+    """(test micro-F1 at the shared valid threshold, macro-F1 at per-emotion valid thresholds, test macro-AUC):
+    the training loop's rules."""
+    micro = compute_metrics(yt, st, np.full(6, tune_shared_threshold(yv, sv)))["micro_f1"]
+    macro = compute_metrics(yt, st, tune_thresholds(yv, sv))["macro_f1"]
+    return micro, macro, macro_roc_auc(yt, st)
 
 
 def member_scores(run: Path) -> dict[str, np.ndarray]:
