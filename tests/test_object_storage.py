@@ -5,6 +5,7 @@ patched: carat reads ``AWS_ENDPOINT_URL`` and the standard credentials, as it wo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -346,3 +347,28 @@ def test_ray_two_workers_from_the_bucket_into_the_bucket_with_a_killed_worker(s3
              if f.startswith(ray_checkpoints[-1] + "/") and "rng_rank" in f}
     assert ranks == {0, 1}
     assert any((tmp_path / "cache").rglob("0*")), "the ranks read through the block cache"
+
+
+def test_a_sweep_in_a_bucket_is_refused_naming_what_may_be_there(s3, capsys):
+    from carat.tune.__main__ import main
+
+    assert main(["--preset", "tiny", f"--train.shard_dir=s3://{BUCKET}/corpus",
+                 f"--tune.storage_path=s3://{BUCKET}/sweeps"]) == 1
+    err = capsys.readouterr().err
+    assert f"not in s3://{BUCKET}/sweeps" in err and "train.shard_dir, may be in a bucket" in err
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_its_trials_from_a_corpus_in_the_bucket(s3, bucket_corpus, tmp_path):
+    from tests.test_tune import run_sweep
+
+    proc = run_sweep(["--preset", "tiny", f"--train.shard_dir={bucket_corpus}", f"--train.storage_path={tmp_path}",
+                      "--train.epochs=1", "--train.synth_if_missing=false", "--loader.num_workers=0",
+                      "--tune.num_samples=1", "--tune.sweep_name=s", "--train.log_every=1000",
+                      f"--loader.cache_dir={tmp_path / 'cache'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = list(csv.DictReader((tmp_path / "s" / "trials.csv").open()))
+    assert row["status"] == "completed" and float(row["best_metric"]) > 0
+    run = Path(row["run_dir"])
+    assert json.loads((run / "results.json").read_text())["test"]["n_samples"] > 0
+    assert any((tmp_path / "cache").rglob("*"))  # the trial's loader read the bucket through its cache

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from carat.config import CaratConfig, cli_config, config_parser, describe_config
-from carat.errors import CaratError
+from carat.errors import CaratError, ConfigError
+from carat.storage import is_url, resolved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,17 @@ def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namesp
     return cli_config(args, overrides), args
 
 
+def sweep_storage(cfg: CaratConfig) -> Path:
+    """Where the sweep's directory goes: a local or shared filesystem. Trials write their run directories there
+    as they train (Ray Tune's own ``s3://`` storage would hold Tune's files, not carat's runs)."""
+    where = cfg.tune.storage_path or cfg.train.storage_path
+    if is_url(where):
+        raise ConfigError(f"sweeps keep their directory on a local or shared filesystem, not in {where}: set "
+                          "--tune.storage_path to a directory every node sees (the corpus, train.shard_dir, may be "
+                          "in a bucket)")
+    return Path(where).resolve()
+
+
 def run_sweep(cfg: CaratConfig) -> Path:
     """Make the shards once, run (or resume) the sweep, write its table, plots and best.toml."""
     import ray
@@ -50,10 +62,10 @@ def run_sweep(cfg: CaratConfig) -> Path:
     from carat.tune.report import best_config, best_row, plot_sweep, trial_rows, write_best, write_table
     from carat.tune.sweep import build_tuner, metric_key, plan_resources, sweep_name, trial_base
 
-    shard_dir = Path(cfg.train.shard_dir).resolve()
+    shard_dir = resolved(cfg.train.shard_dir)  # a directory, or a corpus in a bucket (s3://...)
+    storage = sweep_storage(cfg)
     # Once, here, before any trial starts: trials only read the corpus (they run with synth_if_missing=false).
     ensure_shards(cfg, shard_dir)
-    storage = Path(cfg.tune.storage_path or cfg.train.storage_path).resolve()
     sweep_dir = storage / sweep_name(cfg)
     ensure_ray()
     resources = plan_resources(cfg, ray.cluster_resources())

@@ -18,6 +18,7 @@ from typing import Any
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict, config_to_toml
 from carat.errors import CaratError
+from carat.storage import as_location
 from carat.tune.report import trial_run_name
 from carat.tune.space import apply_params, param_space
 
@@ -94,7 +95,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, cp
     cfg = apply_params(config_from_dict(base), params)
     run_name = trial_run_name(trial_id)
     cfg = replace(cfg, train=replace(cfg.train, run_name=run_name, storage_path=runs_dir))
-    trainer = build_trainer(cfg, Path(runs_dir) / run_name, Path(cfg.train.shard_dir),
+    trainer = build_trainer(cfg, Path(runs_dir) / run_name, as_location(cfg.train.shard_dir),
                             callbacks=[TuneReportCallback()], num_workers=cfg.train.num_workers,
                             cpus_per_rank=cpus_per_worker)
     try:
