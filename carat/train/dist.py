@@ -42,6 +42,16 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def all_reduce_sums(values: torch.Tensor | list[float], device: torch.device) -> torch.Tensor:
+    """Sum a vector of numbers over ranks in one collective (float64, on ``device``): several scalar
+    all-reduces cost one round trip each, and on a GPU one device sync each."""
+    tensor = (values.to(device=device, dtype=torch.float64) if isinstance(values, torch.Tensor)
+              else torch.tensor([float(v) for v in values], dtype=torch.float64, device=device))
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (any number of rows) from every rank along dim 0, in rank order.
 

@@ -80,6 +80,19 @@ run as diverged. One such step is a spike the run may survive (it is warned abou
 epochs are covered by the epoch's median step loss."""
 
 @dataclass
+class StepNumbers:
+    """One step's numbers on the host: this rank's loss terms, samples (weight) and real frames, and the sums
+    over ranks of the samples, of the ranks with a non-finite term, and of the sample-weighted total loss."""
+
+    terms: dict[str, float]
+    n_local: float
+    frames: int
+    n_global: float
+    ranks_with_bad_terms: float
+    weighted_total_global: float
+
+
+@dataclass
 class WorkerContext:
     """What a launcher tells the loop."""
 
@@ -490,20 +503,17 @@ class Trainer:
         real frames seen. With ``diagnose`` (on the same steps on every rank: it gathers gradients) it also
         fills :attr:`step_diagnostics`."""
         batch = batch.to(self.device, non_blocking=True)
-        n_local = float(batch.weight.sum().item())
-        n_global = dist.all_reduce_sum(n_local, self.device)
-        frames = int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum())
         out, terms = self.engine(self._cast(batch), labels=batch.labels, sample_weight=batch.weight)
-        values = {name: float(value.detach().float().item()) for name, value in terms.items()}
+        numbers = self.step_numbers(batch, terms)
+        values, frames, n_local, n_global = numbers.terms, numbers.frames, numbers.n_local, numbers.n_global
         bad_terms = sorted(name for name, value in values.items() if not math.isfinite(value))
         # Every rank skips together (a rank alone skipping backward would hang the others' all-reduce).
-        if dist.all_reduce_sum(float(bool(bad_terms)), self.device) > 0:
+        if numbers.ranks_with_bad_terms > 0:
             self.skip_nonfinite_step(batch, "loss", bad_terms, values)
             return None, frames
         if self.cfg.train.loss_explosion_factor:
             # The mean over all ranks: every rank takes the same decision on the same number.
-            self.check_loss_scale(dist.all_reduce_sum(values["total"] * n_local, self.device) / max(n_global, 1.0),
-                                  batch)
+            self.check_loss_scale(numbers.weighted_total_global / max(n_global, 1.0), batch)
         # DeepSpeed averages gradients over ranks; scaling each rank's mean by its share of the global batch
         # makes the result the mean over all samples of the step, whatever the per-rank batch sizes.
         scale = n_local * self.world / max(n_global, 1.0)
@@ -521,6 +531,22 @@ class Trainer:
         with torch.no_grad():
             self.model.update_memory(out, batch.labels, gather=dist.gather_rows, sample_weight=batch.weight)
         return values, frames
+
+    def step_numbers(self, batch: Batch, terms: dict[str, torch.Tensor]) -> StepNumbers:
+        """The numbers a step decides on, read from the device once and summed over ranks in one collective
+        (each ``.item()`` and each scalar all-reduce is a device sync: a dozen per step otherwise)."""
+        names = list(terms)
+        local = torch.stack([terms[name].detach().float() for name in names]).double()
+        n_local = batch.weight.sum().double()
+        frames = (batch.text_mask.sum() + batch.visual_mask.sum() + batch.audio_mask.sum()).double()
+        bad = (~torch.isfinite(local)).any().double()
+        weighted_total = local[names.index("total")] * n_local
+        shared = dist.all_reduce_sums(torch.stack([n_local, bad, weighted_total]), self.device)
+        host = torch.cat([local, torch.stack([n_local, frames]), shared]).tolist()
+        k = len(names)
+        return StepNumbers(terms=dict(zip(names, host[:k])), n_local=host[k], frames=int(host[k + 1]),
+                           n_global=host[k + 2], ranks_with_bad_terms=host[k + 3],
+                           weighted_total_global=host[k + 4])
 
     # -- divergence --------------------------------------------------------------------------------------
     def step_was_finite(self) -> bool:
@@ -704,10 +730,12 @@ class Trainer:
         self.check_epoch_loss(first_step)
         self.check_finite_state()
         elapsed = time.perf_counter() - start
-        totals = {name: dist.all_reduce_sum(value, self.device) for name, value in sorted(sums.items())}
-        n_total = dist.all_reduce_sum(seen, self.device)
-        n_scored = n_total - dist.all_reduce_sum(skipped_n, self.device)
-        frames_total = dist.all_reduce_sum(frames_seen, self.device)
+        names = sorted(sums)  # the same on every rank: ranks skip non-finite steps together
+        summed = dist.all_reduce_sums([*(sums[name] for name in names), seen, skipped_n, frames_seen],
+                                      self.device).tolist()
+        totals = dict(zip(names, summed))
+        n_total, skipped_total, frames_total = summed[len(names):]
+        n_scored = n_total - skipped_total
         # Loss terms under train/ (plotted as losses), throughput under perf/.
         epoch_terms = {f"train/{k}": v / max(n_scored, 1.0) for k, v in totals.items()}
         epoch_terms["train/nonfinite_steps"] = self.nonfinite_epoch
