@@ -161,6 +161,22 @@ def test_the_block_cache_serves_the_second_epoch_with_the_endpoint_down(s3, buck
     assert_same_batches(again, batches(local_corpus, "train"))
 
 
+def test_a_damaged_cache_block_is_fetched_again_not_reported_as_a_damaged_corpus(s3, bucket_corpus, local_corpus,
+                                                                                 tmp_path):
+    cache = tmp_path / "cache"
+    batches(bucket_corpus, "train", cache_dir=str(cache))
+    blocks = sorted(p for p in cache.rglob("*") if p.is_file() and p.name.isdigit())
+    originals = {p: p.read_bytes() for p in blocks}
+    for block in blocks:  # flip bytes in every cached block: each holds some sample's payload
+        data = bytearray(originals[block])
+        for i in range(100, len(data), 997):
+            data[i] ^= 0xFF
+        block.write_bytes(bytes(data))
+    again = batches(bucket_corpus, "train", cache_dir=str(cache))  # on_error=raise: a mismatch left would stop
+    assert_same_batches(again, batches(local_corpus, "train"))
+    assert all(block.read_bytes() == originals[block] for block in blocks)  # the cache holds good copies again
+
+
 def test_a_bounded_cache_stays_within_its_bytes(bucket_corpus, tmp_path):
     from carat.data.remote import BlockCache
 

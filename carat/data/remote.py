@@ -51,6 +51,7 @@ class BlockCache:
         self._used = sum(size for _, size, _ in self._blocks())
         self.hits = 0
         self.misses = 0
+        self.refetched = 0
 
     def _path(self, digest: str, block: int) -> Path:
         return self.directory / digest[:32] / f"{block:08d}"
@@ -106,18 +107,23 @@ class BlockCache:
             total -= size
         self._used = total
 
-    def read(self, obj: ObjectPath, digest: str, object_bytes: int, start: int, size: int) -> bytes:
-        """Bytes ``start..start+size`` of ``obj`` (of ``object_bytes`` bytes, content hash ``digest``)."""
+    def read(self, obj: ObjectPath, digest: str, object_bytes: int, start: int, size: int,
+             refresh: bool = False) -> bytes:
+        """Bytes ``start..start+size`` of ``obj`` (of ``object_bytes`` bytes, content hash ``digest``);
+        ``refresh`` fetches every block of the range from the store again and replaces the cached copies (the
+        reader asks for it when cached bytes fail their sample hashes)."""
         stop = min(start + size, object_bytes)
         if stop <= start:
             return b""
         B = self.block_bytes
         blocks = range(start // B, (stop - 1) // B + 1)
         parts: dict[int, bytes] = {}
-        for b in blocks:
+        for b in blocks if not refresh else ():
             got = self._cached(digest, b, max(start, b * B) - b * B, min(stop, (b + 1) * B) - b * B)
             if got is not None:
                 parts[b] = got
+        if refresh:
+            self.refetched += len(blocks)
         self.hits += len(parts)
         missing = [b for b in blocks if b not in parts]
         self.misses += len(missing)
@@ -157,11 +163,11 @@ class ObjectRangeReader:
         # The cache names blocks by content hash: without the shard table's hashes it cannot be used safely.
         self.cache = cache if shard_bytes is not None and shard_sha256 is not None else None
 
-    def read(self, sid: int, start: int, size: int) -> bytes:
+    def read(self, sid: int, start: int, size: int, refresh: bool = False) -> bytes:
         obj = self.root / self.shards[sid]
         if self.cache is None:
             return obj.read_range(start, start + size)
-        return self.cache.read(obj, self.shard_sha256[sid], self.shard_bytes[sid], start, size)
+        return self.cache.read(obj, self.shard_sha256[sid], self.shard_bytes[sid], start, size, refresh)
 
 
 # ------------------------------------------------------------------------------------------- publishing

@@ -225,6 +225,15 @@ class ShardReader:
         except OSError as exc:
             return {}, [(rel, idx.keys[r], f"cannot read shard: {exc}") for r in rows]
         skips = self._hash_mismatches(data, start, rows, rel)
+        if skips and self._remote is not None and self._remote.cache is not None:
+            # A damaged block of the local cache is no damage to the corpus: fetch the range again, bypassing
+            # (and replacing) the cached blocks; what still mismatches is damaged in the bucket itself.
+            try:
+                data = self._remote.read(sid, start, stop - start, refresh=True)
+            except DataError as exc:
+                why = StorageFailure(str(exc).removeprefix(f"{rel}: "))
+                return {}, [(rel, idx.keys[r], why) for r in rows]
+            skips = self._hash_mismatches(data, start, rows, rel)
         damaged = {key for _, key, _ in skips}
         wanted = {tar_key(idx.keys[r]): r for r in rows if idx.keys[r] not in damaged}
         found: dict[int, DecodedSample] = {}
