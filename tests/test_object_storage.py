@@ -388,3 +388,18 @@ def test_a_sweep_trains_its_trials_from_a_corpus_in_the_bucket(s3, bucket_corpus
     run = Path(row["run_dir"])
     assert json.loads((run / "results.json").read_text())["test"]["n_samples"] > 0
     assert any((tmp_path / "cache").rglob("*"))  # the trial's loader read the bucket through its cache
+
+
+def test_a_failed_run_keeps_its_own_error_when_the_last_upload_fails_too(s3, tmp_path, monkeypatch, capsys):
+    from carat.errors import CaratError
+    from carat.train.runsync import synced_run
+
+    monkeypatch.setattr("carat.storage.BACKOFF_S", 0.0)
+    run_dir = tmp_path / "staging" / "failed"
+    with pytest.raises(CaratError, match="training diverged: the run's own error"):
+        with synced_run(run_dir, f"s3://{BUCKET}/masked", poll_s=3600):
+            (run_dir / "history.jsonl").write_text("{}\n")
+            s3.down()
+            raise CaratError("training diverged: the run's own error")
+    err = capsys.readouterr().err
+    assert f"could not be mirrored to s3://{BUCKET}/masked/failed" in err and str(run_dir) in err

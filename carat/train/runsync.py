@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -163,10 +164,26 @@ def synced_run(run_dir: Path, storage_path: str, poll_s: float = POLL_S) -> Iter
     COMMIT_HOOKS.append(hook)
     try:
         yield sync
-    finally:
+    except BaseException as run_error:
         COMMIT_HOOKS.remove(hook)
+        stop_after_failure(sync, run_error)
+        raise
+    COMMIT_HOOKS.remove(hook)
+    sync.stop()
+    print(f"[carat] run directory synced to {sync.remote}", flush=True)
+
+
+def stop_after_failure(sync: RunSync, run_error: BaseException) -> None:
+    """The last mirror pass of a run that failed: the run's own error is what the user must read, so a failed
+    upload is a warning beside it, never in its place."""
+    try:
         sync.stop()
-        print(f"[carat] run directory synced to {sync.remote}", flush=True)
+    except Exception as sync_error:  # the store is down too: the local run directory still holds everything
+        print(f"[carat] warning: the failed run's directory could not be mirrored to {sync.remote} "
+              f"({sync_error}); it is complete in {sync.local}", file=sys.stderr, flush=True)
+    else:
+        print(f"[carat] run directory synced to {sync.remote} ({type(run_error).__name__} ended the run)",
+              flush=True)
 
 
 def local_copy(value: str | Path) -> Path:
