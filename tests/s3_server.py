@@ -16,11 +16,7 @@ import threading
 import time
 from typing import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

@@ -15,6 +15,7 @@ from carat.data.synth import SynthConfig, synthesize_corpus
 from carat.errors import CaratError, ConfigError
 from tests.faults import fault_env
 from tests.model_helpers import make_batch, perturb_parameters, tiny_model
+from tests.ports import free_port
 
 LENGTHS = {"text": [7, 20, 3], "visual": [30, 11, 5], "audio": [90, 40, 17]}
 
@@ -143,7 +144,7 @@ def test_deepspeed_launcher_trains_every_member_on_two_ranks(shards, tmp_path):
     storage = tmp_path / "runs"
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     proc = run_module(
-        [deepspeed, "--num_gpus", "2", "--master_port", "29563", "--module", "carat.train", "--launcher",
+        [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "carat.train", "--launcher",
          "deepspeed", "--preset", "tiny", f"--train.shard_dir={shards}", f"--train.storage_path={storage}",
          "--train.run_name=dsens", "--train.epochs=1", "--train.ensemble_size=2", "--train.synth_if_missing=false",
          "--loader.num_workers=0"], cpu_env(LOCAL_SIZE="2"))

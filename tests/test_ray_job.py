@@ -14,10 +14,10 @@ import pytest
 
 from carat.data.shards import StorageConfig
 from carat.data.synth import SynthConfig, synthesize_corpus
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-DASHBOARD_PORT = 8277
 
 
 def ray_cli() -> str:
@@ -30,11 +30,12 @@ def ray_head():
     # environment to the head and to the CLI, never read from ~/.ray/auth_token, which a fresh HOME lacks
     # (the test once passed only where an earlier ray.init had left that file behind).
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    subprocess.run([ray_cli(), "start", "--head", "--num-cpus", "2", "--port", "6397",
-                    "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"],
+    dashboard = free_port()
+    subprocess.run([ray_cli(), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
+                    "--dashboard-port", str(dashboard), "--disable-usage-stats"],
                    check=True, capture_output=True, env=env)
     try:
-        yield env
+        yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
     finally:
         subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
 
@@ -44,7 +45,7 @@ def test_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
     synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=3),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
     storage = tmp_path / "runs"
-    env = dict(ray_head, RAY_ADDRESS=f"http://127.0.0.1:{DASHBOARD_PORT}")
+    env = ray_head
     proc = subprocess.run(
         [ray_cli(), "job", "submit", "--working-dir", ".", "--runtime-env-json",
          json.dumps({"excludes": ["shards/", "runs/", ".git/"], "env_vars": {"DS_ACCELERATOR": "cpu"}}), "--",

@@ -19,6 +19,7 @@ import pytest
 from carat.data.shards import StorageConfig
 from carat.data.synth import SynthConfig, synthesize_corpus
 from tests.faults import fault_env
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_deepspeed_launcher_two_ranks_zero3_checkpointing_and_export(shards, tmp
     storage = tmp_path / "runs"
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     proc = run_module(
-        [deepspeed, "--num_gpus", "2", "--master_port", "29561", "--module", "carat.train", "--launcher",
+        [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "carat.train", "--launcher",
          "deepspeed", "--train.zero_stage=3", "--model.checkpoint_encoders=audio,visual",
          "--model.checkpoint_alignment=audio", "--model.ctc_target_length=none"]
         + common_args(shards, storage, "ds", epochs=1),
