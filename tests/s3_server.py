@@ -13,19 +13,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from typing import Iterator
 
-from tests.ports import free_port
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+from tests.ports import free_port, wait_for_port
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from carat.data.shards import StorageConfig
 from carat.data.synth import SynthConfig, synthesize_corpus
-from tests.ports import free_port
+from tests.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -26,18 +27,26 @@ def ray_cli() -> str:
 
 @pytest.fixture()
 def ray_head():
+    """A Ray head of its own, on free ports, in its own session: stopped by signalling that session, never by
+    `ray stop`, which stops every Ray on the machine (another test's, a developer's)."""
     # Token authentication as a cluster deployment runs it (cluster/README.md): one token, passed in the
     # environment to the head and to the CLI, never read from ~/.ray/auth_token, which a fresh HOME lacks
     # (the test once passed only where an earlier ray.init had left that file behind).
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     dashboard = free_port()
-    subprocess.run([ray_cli(), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
-                    "--dashboard-port", str(dashboard), "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env)
+    head = subprocess.Popen([ray_cli(), "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()),
+                             "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_for_port(dashboard, timeout=120)
         yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
     finally:
-        subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
+        os.killpg(head.pid, signal.SIGTERM)  # the head's daemons and workers share its session
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 def test_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
