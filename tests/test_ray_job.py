@@ -9,6 +9,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,12 @@ def ray_head():
     # (the test once passed only where an earlier ray.init had left that file behind).
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     dashboard = free_port()
+    # Its own temp dir (short: Ray's socket paths must fit 107 bytes): `ray start` writes the head's address to
+    # <temp dir>/ray_current_cluster, where any later local `ray.init()` (the next test's) would try to join it
+    # once it is gone.
+    temp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
     head = subprocess.Popen([ray_cli(), "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()),
-                             "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                             "--dashboard-port", str(dashboard), "--disable-usage-stats", f"--temp-dir={temp}"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(dashboard, timeout=120)
@@ -47,6 +52,7 @@ def ray_head():
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_job_submit_trains_on_a_running_cluster(ray_head, tmp_path):
