@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 import os
 import shutil
 import subprocess
@@ -294,6 +295,44 @@ def test_ray_resumes_its_newest_checkpoint_only_so_a_damaged_one_is_named(tmp_pa
     reason = ckpt.damaged_ray_checkpoint(run)
     assert reason.startswith(f"Ray's newest checkpoint {newest} is damaged: {MODEL_FILE} does not match its sha256")
     assert ckpt.damaged_ray_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_damaged_newest_ray_checkpoint_falls_back_to_the_newest_intact_earlier_one(tmp_path):
+    run = tmp_path / "run"
+    oldest = _sealed_tag(run / "checkpoint_2026-01-01_00-00-00.000000", "epoch-001", 1).parent
+    middle = _sealed_tag(run / "checkpoint_2026-01-01_00-01-00.000000", "epoch-002", 2).parent
+    newest = _sealed_tag(run / "checkpoint_2026-01-01_00-02-00.000000", "epoch-003", 3).parent
+    assert ckpt.usable_ray_checkpoint(newest, run) == newest
+    _flip(newest / "epoch-003" / MODEL_FILE, 100)
+    _flip(middle / "epoch-002" / OPTIM_FILE, 100)
+    assert ckpt.earlier_ray_checkpoint(run) == oldest
+    assert ckpt.usable_ray_checkpoint(newest, run) == oldest  # the middle one is damaged too
+    _flip(oldest / "epoch-001" / MODEL_FILE, 100)
+    assert ckpt.earlier_ray_checkpoint(run) is None
+    assert ckpt.usable_ray_checkpoint(newest, run) == newest  # nothing intact: the loop names the damage
+
+
+@pytest.mark.slow
+def test_a_ray_rerun_resumes_from_the_earlier_checkpoint_when_the_newest_is_damaged(shards, tmp_path):
+    from tests.test_train_e2e import cpu_env, run_module
+
+    args = [sys.executable, "-m", "carat.train", *_args(shards, tmp_path / "runs", "ray", 2)]
+    args[args.index("none")] = "ray"
+    args += ["--train.num_workers=1"]
+    first = run_module(args, cpu_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "runs" / "ray"
+    ray_dirs = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(ray_dirs) == 2
+    newest_tag = next(p for p in ray_dirs[-1].iterdir() if p.name.startswith("epoch-"))
+    _flip(newest_tag / MODEL_FILE, 4000, count=16)
+    (run / "results.json").unlink()
+    again = run_module(args, cpu_env())  # the same run again: its last epoch is retrained from epoch 1's state
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Ray's newest checkpoint {newest_tag} is damaged" in again.stderr
+    assert f"resuming from the earlier {ray_dirs[0]}" in again.stderr
+    assert f"resumed from {ray_dirs[0] / 'epoch-001'} after epoch 1" in again.stdout
+    assert json.loads((run / "results.json").read_text())["world_size"] == 1
 
 
 @pytest.mark.slow

@@ -129,12 +129,18 @@ def precheck_resume(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> None:
     from carat.config import config_to_dict
     from carat.train.checkpoint import read_client_state
     from carat.train.checkpoint import (
-        CheckpointError, corpus_fingerprint, damaged_ray_checkpoint, newest_checkpoint, resume_refusal,
+        CheckpointError, corpus_fingerprint, damaged_ray_checkpoint, earlier_ray_checkpoint, newest_checkpoint,
+        resume_refusal,
     )
 
     damaged = damaged_ray_checkpoint(run_dir) if cfg.train.launcher == "ray" else None
     if damaged:
-        raise CheckpointError(damaged)
+        earlier = earlier_ray_checkpoint(run_dir)
+        if earlier is None:
+            raise CheckpointError(f"{damaged}, and no earlier Ray checkpoint of {run_dir} is intact: restore that "
+                                  f"folder from a copy, or move {run_dir} away to start this run over")
+        print(f"[carat] warning: {damaged}; the workers resume from the earlier {earlier}", file=sys.stderr,
+              flush=True)
     point = newest_checkpoint(run_dir)
     if point is None:
         return

@@ -483,8 +483,8 @@ def newest_checkpoint(run_dir: Path) -> ResumePoint | None:
 
 def damaged_ray_checkpoint(run_dir: Path) -> str | None:
     """Why Ray's newest ``checkpoint_*`` of ``run_dir`` cannot be resumed from (None: it can, or there is none).
-    Ray Train restores its newest registered checkpoint only, so a damaged one cannot be skipped the way a
-    damaged tag of ``checkpoints/`` is: the rerun must be refused before Ray starts."""
+    Ray Train hands its workers its newest registered checkpoint only; :func:`usable_ray_checkpoint` makes
+    them fall back to the newest earlier one that is intact."""
     ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     if not ray_dirs:
         return None
@@ -494,8 +494,34 @@ def damaged_ray_checkpoint(run_dir: Path) -> str | None:
     if not damaged or any(reason is None for _, reason in damaged):
         return None
     tag, reason = damaged[0]
-    return (f"Ray's newest checkpoint {newest / tag} is damaged: {reason}; Ray resumes from its newest checkpoint "
-            f"only: restore that folder from a copy, or move {run_dir} away to start this run over")
+    return f"Ray's newest checkpoint {newest / tag} is damaged: {reason}"
+
+
+def intact_ray_checkpoint(directory: Path) -> bool:
+    point = find_resume_point(directory, quiet=True)
+    return point is not None and point.tag is not None
+
+
+def earlier_ray_checkpoint(run_dir: Path, than: Path | None = None) -> Path | None:
+    """The newest intact ``checkpoint_*`` of ``run_dir`` older than ``than`` (default: older than the newest)."""
+    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    limit = than.name if than is not None else (ray_dirs[-1].name if ray_dirs else "")
+    return next((d for d in reversed(ray_dirs) if d.name < limit and intact_ray_checkpoint(d)), None)
+
+
+def usable_ray_checkpoint(given: Path, run_dir: Path) -> Path:
+    """The checkpoint a Ray worker resumes from: the one Ray handed it (``given``, its newest), or, when that one
+    is damaged, the newest intact earlier one of the run (a warning says so); ``given`` when there is none (the
+    loop then names the damage)."""
+    if intact_ray_checkpoint(given):
+        return given
+    earlier = earlier_ray_checkpoint(run_dir, than=given)
+    if earlier is None:
+        return given
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[carat] warning: Ray's newest checkpoint {given.name} is damaged; resuming from the earlier "
+              f"{earlier}", file=sys.stderr, flush=True)
+    return earlier
 
 
 def resume_refusal(saved: dict[str, Any], current_config: dict[str, Any], corpus: str | None, world: int | None,

@@ -29,6 +29,7 @@ from carat.storage import as_location
 from carat.threads import WAIT_POLICY_ENV, available_cpus, wait_policy
 from carat.train import dist
 from carat.train.network import bind_gloo_to_master_route
+from carat.train.checkpoint import usable_ray_checkpoint
 from carat.train.loop import WorkerContext, run_training
 
 
@@ -178,7 +179,7 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
             run(None)
         else:
             with checkpoint.as_directory() as directory:
-                run(Path(directory))
+                run(usable_ray_checkpoint(Path(directory), Path(loop_config["run_dir"])))
     except CaratError as error:
         final.record(error)
         raise
