@@ -403,3 +403,23 @@ def test_a_failed_run_keeps_its_own_error_when_the_last_upload_fails_too(s3, tmp
             raise CaratError("training diverged: the run's own error")
     err = capsys.readouterr().err
     assert f"could not be mirrored to s3://{BUCKET}/masked/failed" in err and str(run_dir) in err
+
+
+def test_prepare_into_the_bucket_publishes_the_local_corpus_and_trains_from_it(s3, tmp_path, monkeypatch):
+    """`prepare --out s3://...` (real .csd files): the objects are the bytes a local prepare writes, manifest
+    last; a run reads it back with the local corpus' batches."""
+    from carat.data.__main__ import main as data_main
+    from tests.data_fixtures import make_csd_fixture
+
+    monkeypatch.setenv("CARAT_STAGING_DIR", str(tmp_path / "staging"))
+    fixture = make_csd_fixture(tmp_path / "csd", per_split={"train": 6, "valid": 3, "test": 3})
+    local, url = tmp_path / "local", f"s3://{BUCKET}/prepared"
+    for out in (str(local), url):
+        assert data_main(["prepare", "--source", "csd", "--input", str(fixture.directory), "--out", out,
+                          "--no-progress"]) == 0
+    remote = ObjectPath(url)
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = path.relative_to(local).as_posix()
+        if rel.endswith(".tar") or rel in ("manifest.parquet", "shards.parquet"):
+            assert (remote / rel).read_bytes() == path.read_bytes(), rel
+    assert_same_batches(batches(remote, "train"), batches(local, "train"))
