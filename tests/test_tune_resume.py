@@ -11,14 +11,7 @@ import sys
 import pytest
 
 from tests.test_tune import _rows
-
-
-def _tune_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
-    return env
+from tests.test_tune import _sweep_env as _tune_env
 
 
 @pytest.mark.slow
