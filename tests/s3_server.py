@@ -123,10 +123,7 @@ class FaultyProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+            _close_both(src, dst)
 
     def _pump_cut(self, src: socket.socket, dst: socket.socket) -> None:
         """Forward the response head and half of its body, then close both sides."""
@@ -158,7 +155,11 @@ class FaultyProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+            _close_both(src, dst)
+
+
+def _close_both(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
