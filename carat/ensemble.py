@@ -97,12 +97,8 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore:
     ``rescore``: no member was trained by this call. An existing RUN/results.json is then kept: the new
     figures must equal it (:func:`check_same_figures`), else it is an error naming what differs."""
     from carat.inference import score_split
-    from carat.metrics import (
-        SUMMARY_METRICS, card_prior, format_results_table, result_warnings, results_columns, split_results,
-        verdict,
-    )
-    from carat.atomic import write_text_atomic
-    from carat.train.rundir import RunDir, copy_card, write_json_atomic
+    from carat.report import assemble_results, judge, write_results_files
+    from carat.train.rundir import RunDir, copy_card
 
     model, member_cfg = load_ensemble(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,28 +107,22 @@ def evaluate_ensemble(cfg: CaratConfig, run_dir: Path, shard_dir: Path, rescore:
     members = {path.name: json.loads((path / "results.json").read_text()) for path in dirs}
     card_path = shard_dir / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    results: dict[str, Any] = {
-        # the label prior from the card's train split, as a single run's results have it
-        **split_results(valid, test, cfg.model.threshold, cfg.train.tune_thresholds, prior=card_prior(card)),
-        "ensemble_size": len(members), "launcher": cfg.train.launcher, "run_dir": str(run_dir),
-        "members": [member_summary(name, r) for name, r in members.items()],
-        "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0) for r in members.values())),
-    }
+    results = assemble_results(
+        valid, test, cfg.model.threshold, cfg.train.tune_thresholds, card,
+        ensemble_size=len(members), launcher=cfg.train.launcher, run_dir=str(run_dir),
+        members=[member_summary(name, r) for name, r in members.items()],
+        nonfinite_steps=int(sum(r.get("nonfinite_steps", 0) for r in members.values())))
     run = RunDir(run_dir)
     copy_card(shard_dir, run)
-    judged = verdict(results, card)
-    if judged is not None:
-        results["verdict"] = judged
+    end_warnings = judge(results, card)
     results["warnings"] = [f"{name}: {w}" for name, r in members.items() for w in r.get("warnings", [])]
-    results["warnings"] += result_warnings(results, card)
+    results["warnings"] += end_warnings
     if rescore and run.results.is_file():
         check_same_figures(run.results, results)
         print(f"[carat] ensemble results unchanged: {run.results}")
         return results
-    write_json_atomic(run.results, results)
-    table = format_results_table(results_columns(results, cfg.model.threshold),
-                                 metrics=(*SUMMARY_METRICS, "macro_auc"))
-    write_text_atomic(run.results_table, f"ensemble of {len(members)} members\n{table}\n")
+    write_results_files(results, run.results, run.results_table, cfg.model.threshold,
+                        heading=f"ensemble of {len(members)} members")
     return results
 
 

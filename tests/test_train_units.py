@@ -61,18 +61,15 @@ def test_history_truncation_on_resume(tmp_path):
     assert [r["epoch"] for r in read_jsonl(path)] == [0, 1]
 
 
-def test_reference_floor_is_read_from_the_card(tmp_path):
-    from carat.train.__main__ import reference_floor
+def test_reference_floor_is_read_from_the_card():
+    from carat.report import reference_floor
 
-    card = tmp_path / "card.json"
-    assert reference_floor(card) is None
-    card.write_text(json.dumps({"reference_scorer": {
+    assert reference_floor({}) is None
+    line = reference_floor({"reference_scorer": {
         "fused": {"tuned_on_valid": {"micro_f1": 0.51, "macro_f1": 0.4}},
-        "all_positive_baseline": {"micro_f1": 0.36, "macro_f1": 0.34}}}))
-    line = reference_floor(card)
+        "all_positive_baseline": {"micro_f1": 0.36, "macro_f1": 0.34}}})
     assert "micro-F1 0.5100" in line and "micro-F1 0.3600" in line
-    card.write_text(json.dumps({"counts": {}}))  # a prepared (non-synthetic) corpus has no floor
-    assert reference_floor(card) is None
+    assert reference_floor({"counts": {}}) is None  # a prepared (non-synthetic) corpus has no floor
 
 
 def test_old_epoch_checkpoints_are_pruned(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from carat.config import CaratConfig, cli_config, config_parser, describe_config
 from carat.errors import CaratError, ConfigError
-from carat.metrics import format_verdict, verdict
+from carat.report import summary_lines
 from carat.storage import resolved
 from carat.train.rundir import new_run_name
 from carat.train.runsync import staged_storage, synced_run
@@ -204,43 +204,8 @@ def ensure_once(cfg: CaratConfig, shard_dir: Path, launcher: str) -> None:
 
 
 def print_summary(run_dir: Path) -> None:
-    table = run_dir / "results.txt"
-    if table.is_file():
-        print(table.read_text())
-    floor = reference_floor(run_dir / "card.json")
-    if floor:
-        print(floor)
-    results = _read_json(run_dir / "results.json")
-    judged = results.get("verdict") or verdict(results, _read_json(run_dir / "card.json"))
-    if judged:
-        print(format_verdict(judged))
-    for message in results.get("warnings", []):  # repeated here: under Ray they scroll by in worker logs
-        print(f"[carat] warning: {message}")
-    print(f"[carat] run directory: {run_dir}")
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def reference_floor(card_path: Path) -> str | None:
-    """The dataset card's baselines on the test split: the floor every training run should beat."""
-    import json
-
-    if not card_path.is_file():
-        return None
-    from carat.metrics import card_references
-
-    refs = card_references(json.loads(card_path.read_text()))
-    fused, everything = refs["floor"], refs["all_positive"]
-    if not fused or not everything:
-        return None
-    return (f"[carat] test-split floors from the dataset card: logistic regression on pooled features "
-            f"micro-F1 {fused['micro_f1']:.4f} / macro-F1 {fused['macro_f1']:.4f} (tuned on valid); "
-            f"predicting every emotion "
-            f"micro-F1 {everything['micro_f1']:.4f} / macro-F1 {everything['macro_f1']:.4f}")
+    for line in summary_lines(run_dir):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,10 @@ from carat.data.loader import build_loader
 from carat.errors import CaratError, DataError
 from carat.inference import collect_scores
 from carat.metrics import (
-    NUM_CLASSES, SCORE_SPREAD_ATOL, SUMMARY_METRICS, card_prior, compute_metrics, constant_prediction,
-    format_results_table, result_warnings, results_columns, scores_depend_on_input, split_results, tuned_metrics,
-    verdict,
+    NUM_CLASSES, SCORE_SPREAD_ATOL, compute_metrics, constant_prediction, scores_depend_on_input, tuned_metrics,
 )
 from carat.model import CARAT, CaratLoss
+from carat.report import assemble_results, judge, write_results_files
 from carat.train import dist
 from carat.train.averaging import WeightAverage
 from carat.train.checkpoint import (
@@ -896,14 +895,9 @@ class Trainer:
             valid = self.predict_split("valid")
             test = self.predict_split("test")
         card = self.read_card()
-        results: dict[str, Any] = {
-            "best_epoch": self.best["epoch"] + 1,
-            # the label prior from the train split's prevalence in the card (else valid's): the verdict's
-            # input-independent baseline
-            **split_results(valid, test, self.cfg.model.threshold, self.cfg.train.tune_thresholds,
-                            prior=card_prior(card)),
-            "world_size": self.world, "launcher": self.ctx.launcher, "run_dir": str(self.run.root),
-        }
+        results = {"best_epoch": self.best["epoch"] + 1, **assemble_results(
+            valid, test, self.cfg.model.threshold, self.cfg.train.tune_thresholds, card,
+            world_size=self.world, launcher=self.ctx.launcher, run_dir=str(self.run.root))}
         results["select_metric"] = self.best["metric"]
         results["best_value"] = self.best["value"]
         results["nonfinite_steps"] = self.nonfinite_total
@@ -921,16 +915,11 @@ class Trainer:
 
     def judge(self, results: dict[str, Any], card: dict[str, Any]) -> None:
         """Rank 0: the verdict against the run's dataset card, the end-of-run warnings, all warnings."""
-        judged = verdict(results, card)
-        if judged is not None:
-            results["verdict"] = judged
-        trivial = trivial_floor_flags(results, card)
-        if trivial is not None:
-            results["below_trivial_floor"] = trivial
+        end_warnings = judge(results, card)
         if self.nonfinite_total:
             self.warn(f"{self.nonfinite_total} training step(s) were skipped for a non-finite loss or gradient "
                       "(train/nonfinite_steps in history.jsonl says which epochs)")
-        for message in result_warnings(results, card):
+        for message in end_warnings:
             self.warn(message)
         results["warnings"] = list(self.warnings)
 
@@ -939,10 +928,7 @@ class Trainer:
             DIAGNOSTICS_PLOT, plot_diagnostics, plot_per_emotion_f1, plot_pr_curves, plot_training_curves,
         )
 
-        write_json_atomic(self.run.results, results)
-        table = format_results_table(results_columns(results, self.cfg.model.threshold),
-                                     metrics=(*SUMMARY_METRICS, "macro_auc"))
-        self.run.results_table.write_text(table + "\n")
+        write_results_files(results, self.run.results, self.run.results_table, self.cfg.model.threshold)
         self.run.plots.mkdir(exist_ok=True)
         plot_training_curves(self.history, self.run.plots)
         plot_diagnostics(self.history, self.run.plots / DIAGNOSTICS_PLOT)
@@ -994,20 +980,6 @@ def first_nonfinite_tensor(named: list[tuple[str, torch.Tensor]]) -> str | None:
         finite = torch.stack([torch.isfinite(floats[i][1].detach()).all() for i in indices]).cpu()
         bad += [indices[int(k)] for k in (~finite).nonzero().flatten()]
     return floats[min(bad)][0] if bad else None
-
-
-def trivial_floor_flags(results: dict[str, Any], card: dict[str, Any]) -> bool | None:
-    """Whether the model's test micro-F1 is not above predicting every emotion (the card's trivial floor),
-    at the model threshold and, when tuned, at thresholds tuned on valid: True when either is. None when
-    the card has no such baseline. (result_warnings words the same finding for the user.)"""
-    from carat.metrics import card_references
-
-    baseline = card_references(card)["all_positive"]
-    if baseline is None:
-        return None
-    scores = [results[k]["micro_f1"] for k in ("test", "test_tuned") if isinstance(results.get(k), dict)
-              and "micro_f1" in results[k]]
-    return any(float(v) <= float(baseline["micro_f1"]) for v in scores)
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
