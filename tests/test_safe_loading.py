@@ -128,7 +128,7 @@ def test_resume_refuses_crafted_optimizer_states_in_one_line_naming_the_file(tmp
     from carat.data.shards import StorageConfig
     from carat.data.synth import SynthConfig, synthesize_corpus
     from carat.train import __main__ as train_main
-    from carat.train.loop import FAULT_ENV
+    from tests.faults import fault_env
 
     shards = tmp_path / "shards"
     synthesize_corpus(shards, SynthConfig(scale=0.003, length_scale=0.03, seed=2),
@@ -138,7 +138,7 @@ def test_resume_refuses_crafted_optimizer_states_in_one_line_naming_the_file(tmp
             "--train.run_name=evil", "--train.epochs=2", "--loader.num_workers=0", "--launcher", "none"]
     # a run that died after its first epoch's checkpoint (in a child: the fault exits the process)
     died = subprocess.run([sys.executable, "-m", "carat.train", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, FAULT_ENV: "1:0"})
+                          timeout=600, env=fault_env("1:0"))
     assert died.returncode == 17, died.stderr[-2000:]
     tag = tmp_path / "runs" / "evil" / "checkpoints" / "epoch-001"
     (optim,) = tag.glob("*optim_states.pt")

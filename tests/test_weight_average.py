@@ -74,15 +74,15 @@ def test_best_export_and_final_scores_are_the_averaged_weights_and_resume_is_exa
 
     from carat import evaluate, export
     from carat.export import consolidate
-    from carat.train.loop import FAULT_ENV
+    from tests.faults import fault_env
 
     # subprocesses with one thread each: the uninterrupted run and the killed one must reduce in the same order
     storage = tmp_path / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    def train(name: str, **extra_env: str) -> subprocess.CompletedProcess:
+    def train(name: str, fault: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "carat.train", *_args(shards, storage, name, 3)],
-                              env=dict(env, **extra_env), capture_output=True, text=True)
+                              env=fault_env(fault, env) if fault else env, capture_output=True, text=True)
 
     first = train("ema")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -109,7 +109,7 @@ def test_best_export_and_final_scores_are_the_averaged_weights_and_resume_is_exa
 
     # a run killed after epoch 1 and rerun: the average, and so every validation score and the final one,
     # continue exactly
-    assert train("killed", **{FAULT_ENV: "1:0"}).returncode == 17
+    assert train("killed", fault="1:0").returncode == 17
     done = train("killed")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout
