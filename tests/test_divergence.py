@@ -327,9 +327,9 @@ def test_a_ray_run_that_diverges_is_not_restarted_into_the_same_divergence(refer
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
-                                                              "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    from tests.test_train_e2e import cpu_env
+
+    env = cpu_env()
     args = _preset_args(reference_shards, tmp_path, "ray", "--train.epochs=2", "--optim.lr=1e6")
     args[args.index("none")] = "ray"
     proc = subprocess.run([sys.executable, "-m", "carat.train", *args, "--train.num_workers=2",

@@ -338,11 +338,9 @@ def test_train_from_the_bucket_into_the_bucket_resume_elsewhere_then_evaluate_fr
 @pytest.mark.slow
 def test_ray_two_workers_from_the_bucket_into_the_bucket_with_a_killed_worker(s3, bucket_corpus, tmp_path):
     runs = f"s3://{BUCKET}/ray-runs"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "CARAT_STAGING_DIR": str(tmp_path / "staging")})
-    env = fault_env("1:1", env)
+    from tests.test_train_e2e import cpu_env
+
+    env = fault_env("1:1", cpu_env(CARAT_STAGING_DIR=str(tmp_path / "staging")))
     args = ["--preset", "tiny", f"--train.shard_dir={bucket_corpus}", f"--train.storage_path={runs}",
             "--train.run_name=ray", "--train.epochs=2", "--train.synth_if_missing=false", "--loader.num_workers=0",
             "--launcher", "ray", "--train.num_workers=2", "--train.max_failures=1",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from tests.test_train_e2e import cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +49,7 @@ def test_two_node_ray_cluster_trains_with_a_rank_on_each_node(tmp_path):
     shards = tmp_path / "shards"
     synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=4),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "RAY_USAGE_STATS_ENABLED": "0"})
+    env = cpu_env(RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, "--preset", "tiny", f"--train.shard_dir={shards}",
          f"--train.storage_path={tmp_path / 'runs'}", "--run-name=two-nodes", "--train.epochs=2",

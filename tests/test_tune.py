@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,11 +284,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _sweep_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
-    return env
+    from tests.test_train_e2e import cpu_env
+
+    return cpu_env(RAY_USAGE_STATS_ENABLED="0")
 
 
 def run_sweep(args: list[str]) -> subprocess.CompletedProcess:

@@ -469,23 +469,33 @@ def corpus_fingerprint(shard_dir: Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def newest_checkpoint(run_dir: Path) -> ResumePoint | None:
-    """The complete checkpoint a rerun of ``run_dir`` would resume from: Ray's newest ``checkpoint_*`` (Ray
-    registers one only after carat's save completed) or the newest complete tag in ``checkpoints/``."""
-    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    for directory in reversed(ray_dirs):
-        point = find_resume_point(directory, quiet=True)
-        if point is not None and point.tag is not None:
-            return point
-    point = find_resume_point(run_dir / "checkpoints", quiet=True)
+def ray_checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Ray Train's ``checkpoint_*`` folders of ``run_dir``, oldest first (their names are timestamps)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def complete_point(root: Path) -> ResumePoint | None:
+    """The newest complete tag of a save dir, or None when it has none (a damaged one is skipped, quietly)."""
+    point = find_resume_point(root, quiet=True)
     return point if point is not None and point.tag is not None else None
+
+
+def newest_checkpoint(run_dir: Path) -> ResumePoint | None:
+    """The complete checkpoint a rerun of ``run_dir`` would resume from: Ray's newest intact ``checkpoint_*``
+    (Ray registers one only after carat's save completed; :func:`usable_ray_checkpoint` skips a damaged one) or
+    the newest complete tag in ``checkpoints/``."""
+    for directory in reversed(ray_checkpoint_dirs(run_dir)):
+        point = complete_point(directory)
+        if point is not None:
+            return point
+    return complete_point(run_dir / "checkpoints")
 
 
 def damaged_ray_checkpoint(run_dir: Path) -> str | None:
     """Why Ray's newest ``checkpoint_*`` of ``run_dir`` cannot be resumed from (None: it can, or there is none).
     Ray Train hands its workers its newest registered checkpoint only; :func:`usable_ray_checkpoint` makes
     them fall back to the newest earlier one that is intact."""
-    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    ray_dirs = ray_checkpoint_dirs(run_dir)
     if not ray_dirs:
         return None
     newest = ray_dirs[-1]
@@ -497,23 +507,18 @@ def damaged_ray_checkpoint(run_dir: Path) -> str | None:
     return f"Ray's newest checkpoint {newest / tag} is damaged: {reason}"
 
 
-def intact_ray_checkpoint(directory: Path) -> bool:
-    point = find_resume_point(directory, quiet=True)
-    return point is not None and point.tag is not None
-
-
 def earlier_ray_checkpoint(run_dir: Path, than: Path | None = None) -> Path | None:
     """The newest intact ``checkpoint_*`` of ``run_dir`` older than ``than`` (default: older than the newest)."""
-    ray_dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    ray_dirs = ray_checkpoint_dirs(run_dir)
     limit = than.name if than is not None else (ray_dirs[-1].name if ray_dirs else "")
-    return next((d for d in reversed(ray_dirs) if d.name < limit and intact_ray_checkpoint(d)), None)
+    return next((d for d in reversed(ray_dirs) if d.name < limit and complete_point(d) is not None), None)
 
 
 def usable_ray_checkpoint(given: Path, run_dir: Path) -> Path:
     """The checkpoint a Ray worker resumes from: the one Ray handed it (``given``, its newest), or, when that one
     is damaged, the newest intact earlier one of the run (a warning says so); ``given`` when there is none (the
     loop then names the damage)."""
-    if intact_ray_checkpoint(given):
+    if complete_point(given) is not None:
         return given
     earlier = earlier_ray_checkpoint(run_dir, than=given)
     if earlier is None:

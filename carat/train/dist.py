@@ -36,10 +36,7 @@ def barrier() -> None:
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
     """Sum a Python number over ranks (float64 so sample counts stay exact)."""
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item())
+    return float(all_reduce_sums([value], device)[0])
 
 
 def all_reduce_sums(values: torch.Tensor | list[float], device: torch.device) -> torch.Tensor:
