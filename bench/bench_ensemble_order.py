@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from carat.data.loader import build_loader
+from carat.data.loader.pipeline import build_loader
 from carat.inference import load_model, score_batches
 from carat.metrics import compute_metrics, macro_roc_auc, tune_shared_threshold, tune_thresholds
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+from carat.data.sources.synth import TINY_OVERRIDES as TINY_SYNTH
 from carat.metrics import card_references, compared_micro_rule, model_tuned_pair
 
 CORPORA: dict[str, dict[str, object]] = {
@@ -105,9 +105,7 @@ def make_corpus(work: Path, name: str, preset: str) -> Path:
     if (out / "card.json").is_file():
         return out
     flags = [f"--scale={size['scale']}", f"--length-scale={size['length_scale']}", f"--seed={spec.pop('seed')}"]
-    names = {"cue_layout": "--cue-layout", "cue_strength": "--cue-strength", "label_noise": "--label-noise",
-             "feature_scale_spread": "--feature-scale-spread", "feature_mean_spread": "--feature-mean-spread"}
-    flags += [f"{names[k]}={v}" for k, v in spec.items()]
+    flags += [f"--synth.{k}={v}" for k, v in spec.items()]  # cue_layout, cue_strength, label_noise ...
     out.parent.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if csd:

@@ -45,16 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from carat.data.collate import collate, nonfinite_rows, to_batch
-from carat.data.loader import build_loader
-from carat.data.loader_config import LoaderConfig
-from carat.data.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
-from carat.data.shards import StorageConfig, sample_hash, write_corpus
-from carat.data.shm_pool import SharedBufferPool
-from carat.data.split_index import load_split_index
-from carat.data.synth import SynthConfig, SyntheticCorpus
-from carat.data.tar_reader import ShardReader
+from carat.data.loader.collate import collate, nonfinite_rows, to_batch
+from carat.data.loader.pipeline import build_loader
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.loader.plan import batch_cost, cost_order, padding_efficiency, plan_batches, plan_epoch
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.corpus.shards import StorageConfig, sample_hash, write_corpus
+from carat.data.loader.shm_pool import SharedBufferPool
+from carat.data.loader.split_index import load_split_index
+from carat.data.sources.synth import SynthConfig, SyntheticCorpus
+from carat.data.loader.tar_reader import ShardReader
 
 WEIGHTS = (1.0, 1.0, 1.0)
 
@@ -346,7 +346,7 @@ def local_s3_server():
 
 def bench_bucket(shard_dir: Path, workdir: Path, repeats: int) -> list[str]:
     """Loader throughput from the local S3 server vs local disk, without / with a cold / warm block cache."""
-    from carat.data.remote import publish_corpus
+    from carat.data.corpus.remote import publish_corpus
     from carat.storage import ObjectPath
 
     lines = ["| source | num_workers | wall samples/s | samples per CPU-second | main CPU us/sample | "

@@ -32,8 +32,8 @@ def _dir_bytes(path: Path) -> int:
 def run_child(out_dir: Path, scale: float, length_scale: float, dtype: str, reference: bool) -> dict:
     """Write one corpus in this process; report time, size and peak RSS."""
     sys.path.insert(0, str(REPO))
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, split_sizes, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, split_sizes, synthesize_corpus
 
     cfg = SynthConfig(scale=scale, length_scale=length_scale)
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def run_child(out_dir: Path, scale: float, length_scale: float, dtype: str, refe
 def time_generation(scale: float, length_scale: float, sample: int) -> dict:
     """Seconds to generate (not write) ``sample`` segments spread over the train split."""
     sys.path.insert(0, str(REPO))
-    from carat.data.synth import SynthConfig, SyntheticCorpus
+    from carat.data.sources.synth import SynthConfig, SyntheticCorpus
 
     start = time.perf_counter()
     corpus = SyntheticCorpus(SynthConfig(scale=scale, length_scale=length_scale))

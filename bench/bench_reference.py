@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_supcon import elementwise_supcon  # noqa: E402
 
 from carat.config import load_config  # noqa: E402
-from carat.data.featstats import load_feature_stats  # noqa: E402
-from carat.data.loader import build_loader  # noqa: E402
-from carat.data.loader_config import LoaderConfig  # noqa: E402
-from carat.data.plan import cost_order, padding_efficiency, plan_batches  # noqa: E402
+from carat.data.corpus.featstats import load_feature_stats  # noqa: E402
+from carat.data.loader.pipeline import build_loader  # noqa: E402
+from carat.data.loader.loader_config import LoaderConfig  # noqa: E402
+from carat.data.loader.plan import cost_order, padding_efficiency, plan_batches  # noqa: E402
 from carat.model import CARAT, CaratLoss  # noqa: E402
 from carat.model import losses as losses_module  # noqa: E402
 from carat.model.memory import LabelPrototypes  # noqa: E402

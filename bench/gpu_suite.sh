@@ -197,8 +197,8 @@ EOF
     CUDA=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1])).get("cuda_available", False)))' \
         "$WORK/versions.json" 2>/dev/null || echo 0)
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    if python3 -c "import carat.train" && python3 -c "import carat.train.launch, carat.data.loader, deepspeed"; then
-        echo "import carat.train (and carat.train.launch, carat.data.loader, deepspeed): ok"
+    if python3 -c "import carat.train" && python3 -c "import carat.train.launch, carat.data.loader.pipeline, deepspeed"; then
+        echo "import carat.train (and carat.train.launch, carat.data.loader.pipeline, deepspeed): ok"
     else
         echo "import check failed"
         rc=1
@@ -225,7 +225,7 @@ step_synth() {
     python3 - "$SHARDS" <<'EOF'
 import sys
 from collections import Counter
-from carat.data.shards import read_manifest
+from carat.data.corpus.shards import read_manifest
 rows = read_manifest(sys.argv[1]).to_pylist()
 print("clips per split:", dict(Counter(r["split"] for r in rows)),
       "max audio frames:", max(r["len_audio"] for r in rows))

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more --section.key=value overrides")
     args = parser.parse_args()
     from carat.config import load_config
-    from carat.data.shards import read_manifest
+    from carat.data.corpus.shards import read_manifest
 
     cfg = load_config("seed")
     with tempfile.TemporaryDirectory() as tmp:

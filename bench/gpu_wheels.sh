@@ -10,7 +10,7 @@
 # only by Ray Tune's searcher), so neither travels (ray's wheel alone is ~70 MB, over the 64 MiB limit).
 #   deepspeed 0.19.8   carat.train (built here: a pure-python sdist build, py3-none-any)
 #     hjson, pydantic (+ pydantic-core, annotated-types, typing-inspection)   deepspeed's imports
-#   webdataset         carat/data/tar_reader.py imports it at module level
+#   webdataset         carat/data/loader/tar_reader.py imports it at module level
 #     braceexpand      webdataset's import
 # The rest of deepspeed's and webdataset's requirements (einops, msgpack, ninja, numpy, packaging, psutil,
 # py-cpuinfo, tqdm, pyyaml) and carat's (scipy, scikit-learn, pyarrow, h5py, tensorboard, matplotlib) are on

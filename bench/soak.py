@@ -58,8 +58,8 @@ def run_once(command: list[str], env: dict[str, str], kill_after: float | None, 
 
 
 def soak(args: argparse.Namespace) -> dict:
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     work = Path(args.work).resolve()
     shards = work / "shards"

@@ -1,11 +1,14 @@
 """Loading carat's configuration tree (:mod:`carat.tree`) from a preset (:mod:`carat.presets`), a TOML file and
-command-line overrides.
+command-line overrides; and, the same way, the sections of the commands outside the tree (``[evaluate]``,
+``[predict]``, ``[export]``: :func:`load_sections`).
 
 Precedence: the preset's defaults < a TOML file (``--config FILE``) < ``--section.key=value`` overrides.
 Every section is a dataclass defined next to the code it configures (``model`` in ``carat.model.config``,
-``loader`` in ``carat.data.loader_config`` ...); this module only composes them, parses values against the field
+``loader`` in ``carat.data.loader.loader_config`` ...); this module only composes them, parses values against the field
 types, and turns every mistake into a :class:`~carat.errors.ConfigError` that names the key and what is
-allowed. The resolved tree is written to every run directory as ``config.toml``.
+allowed. The resolved tree is written to every run directory as ``config.toml``. The command-line side (the
+shared arguments, flags that are shorthands for keys) is :mod:`carat.cli`; the override grammar
+(:func:`split_overrides`, :func:`parse_overrides`) is here, since :func:`load_config` takes overrides as text.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -160,10 +163,11 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
         raise ConfigError(f"[{section}] {err}") from None
 
 
-def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], origin: str) -> None:
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], origin: str,
+           known: Sequence[str] = SECTIONS) -> None:
     for section, values in extra.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+        if section not in known:
+            raise ConfigError(f"{origin}: unknown section [{section}]{_suggest(section, list(known))}")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
         base.setdefault(section, {}).update(values)
@@ -212,21 +216,26 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_config_file(file: str | Path) -> dict[str, Any]:
+    """A ``--config`` TOML file as a dict; ConfigError naming the file when it is missing or not TOML."""
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
 def load_config(
     preset: str = "seed", file: str | Path | None = None, overrides: list[str] | None = None
 ) -> CaratConfig:
     """Resolve a preset, an optional TOML file and ``--section.key=value`` overrides into a CaratConfig."""
     values: dict[str, dict[str, Any]] = {}
     if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        data = read_config_file(file)
         preset = str(data.pop("preset", preset))
-        _merge(values, data, str(path))
+        _merge(values, data, str(file))
     merged = preset_values(preset)
     for section, section_values in values.items():
         merged.setdefault(section, {}).update(section_values)
@@ -236,6 +245,18 @@ def load_config(
         cls = next(f for f in fields(CaratConfig) if f.name == section).default_factory
         built[section] = _build_section(section, cls, merged.get(section, {}))
     return CaratConfig(preset=preset, **built)
+
+
+def load_sections(classes: Mapping[str, type], file: str | Path | None = None,
+                  overrides: list[str] | None = None) -> dict[str, Any]:
+    """Sections outside the training tree (a command's own, such as ``{"evaluate": EvaluateConfig}``): their
+    defaults < a TOML file < ``--section.key=value`` overrides, checked as the tree is (unknown keys and sections
+    named with a suggestion, values parsed against the field types). The file holds only these sections."""
+    values: dict[str, dict[str, Any]] = {}
+    if file is not None:
+        _merge(values, read_config_file(file), str(file), known=list(classes))
+    _merge(values, parse_overrides(list(overrides or [])), "command line", known=list(classes))
+    return {section: _build_section(section, cls, values.get(section, {})) for section, cls in classes.items()}
 
 
 def config_to_dict(cfg: CaratConfig) -> dict[str, Any]:
@@ -266,7 +287,16 @@ def config_to_toml(cfg: CaratConfig) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (litgpt style), read from its source."""
+    """The docstring under each field of a config dataclass (litgpt style), read from its source; a section that
+    extends another (:mod:`carat.inference_config`) inherits the docs of the fields it inherits."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect
     import textwrap
@@ -285,30 +315,49 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe_config(cfg: CaratConfig) -> str:
+def describe_config(cfg: CaratConfig, sections: Sequence[str] | None = None) -> str:
     """The resolved config as commented TOML: every key, its value, and what it means; under a preset with
-    sources (``official``), also where the preset's value comes from and whether this config overrides it."""
-    import textwrap
-
+    sources (``official``), also where the preset's value comes from and whether this config overrides it.
+    ``sections``: only those tables, after the preset line (what ``python -m carat.data synth`` reads); TOML that
+    ``--config`` reads back either way."""
     data = config_to_dict(cfg)
     sources = PRESET_SOURCES.get(cfg.preset, {})
     preset = json.loads(json.dumps(config_to_dict(PRESETS[cfg.preset]()))) if sources else {}
     lines = [f"preset = {_toml_value(data.pop('preset'))}"]
     for section, values in data.items():
-        cls = type(getattr(cfg, section))
-        docs = field_docs(cls)
-        lines.append(f"\n[{section}]")
-        for key, value in values.items():
-            for doc_line in textwrap.wrap(docs.get(key, ""), 100):
-                lines.append(f"# {doc_line}")
-            source = sources.get(f"{section}.{key}")
-            if source is not None:
-                expected = preset[section][key]
-                note = "" if value == expected else f" [overridden here; the preset's value: {_toml_value(expected)}]"
-                for doc_line in textwrap.wrap(f"{cfg.preset}: {source}{note}", 100):
-                    lines.append(f"# {doc_line}")
-            lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
+        if sections is None or section in sections:
+            lines += _describe_table(section, type(getattr(cfg, section)), values, sources, cfg.preset,
+                                     preset.get(section, {}))
     return "\n".join(lines) + "\n"
+
+
+def describe_sections(sections: Mapping[str, Any]) -> str:
+    """Resolved sections outside the tree (a command's own, from :func:`load_sections`) as commented TOML."""
+    lines: list[str] = []
+    for section, value in sections.items():
+        values = json.loads(json.dumps(dataclasses.asdict(value)))
+        lines += _describe_table(section, type(value), values, {}, "", {})
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _describe_table(section: str, cls: type, values: dict[str, Any], sources: Mapping[str, str], preset_name: str,
+                    preset_values: Mapping[str, Any]) -> list[str]:
+    """One ``[section]`` table: each key's docstring as comments (and its source in the preset), then the key."""
+    import textwrap
+
+    docs = field_docs(cls)
+    lines = [f"\n[{section}]"]
+    for key, value in values.items():
+        for doc_line in textwrap.wrap(docs.get(key, ""), 100):
+            lines.append(f"# {doc_line}")
+        source = sources.get(f"{section}.{key}")
+        if source is not None:
+            expected = preset_values[key]
+            note = "" if value == expected else f" [overridden here; the preset's value: {_toml_value(expected)}]"
+            for doc_line in textwrap.wrap(f"{preset_name}: {source}{note}", 100):
+                lines.append(f"# {doc_line}")
+        lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
+    return lines
 
 
 def config_from_dict(data: dict[str, Any]) -> CaratConfig:
@@ -320,37 +369,3 @@ def config_from_dict(data: dict[str, Any]) -> CaratConfig:
         cls = next(f for f in fields(CaratConfig) if f.name == section).default_factory
         built[section] = _build_section(section, cls, data.get(section, {}))
     return CaratConfig(preset=preset, **built)
-
-
-# ------------------------------------------------------------------------------------- command lines
-def config_parser(prog: str, doc: str | None, sections: str, file_help: str) -> "argparse.ArgumentParser":
-    """The arguments every config-driven command shares (carat.train, carat.tune): --config, --preset,
-    --show-config; any other --section.key=value is left to :func:`cli_config` as an override."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Any config value: --section.key=value (sections: {sections}). "
-               "Precedence: preset < --config file < overrides.",
-    )
-    add_config_arguments(parser, file_help,
-                         preset_help="defaults to start from (default: tiny without --config, else the file's "
-                                     "preset or seed)",
-                         show_help="print the resolved configuration, every key documented, and exit")
-    return parser
-
-
-def add_config_arguments(parser: Any, file_help: str, preset_help: str, show_help: str) -> None:
-    """--config, --preset and --show-config on ``parser`` (a parser or an argument group): the three arguments
-    every config-driven command (carat.train, carat.tune, carat.data) shares, with its own help texts."""
-    parser.add_argument("--config", type=Path, help=file_help)
-    parser.add_argument("--preset", choices=PRESETS, help=preset_help)
-    parser.add_argument("--show-config", action="store_true", help=show_help)
-
-
-def cli_config(args: "argparse.Namespace", overrides: list[str]) -> CaratConfig:
-    """The config a command line names: :data:`carat.presets.DEFAULT_PRESET` without --config (the quickstart),
-    else the file's own preset (or seed) unless --preset says otherwise; then the overrides."""
-    if args.config is not None and args.preset is None:
-        return load_config(file=args.config, overrides=overrides)
-    return load_config(preset=args.preset or DEFAULT_PRESET, file=args.config, overrides=overrides)

@@ -6,19 +6,50 @@ and the resolved config to rebuild the model with. ``carat.evaluate`` and ``cara
 
     python -m carat.export --checkpoint runs/NAME --out model.pt          # the run's best model
     python -m carat.export --checkpoint runs/NAME/checkpoints --tag epoch-003 --out model.pt
+    python -m carat.export --config export.toml --export.tag=epoch-003 --show-config
+
+Its flags are shorthands of the keys of the [export] section (``ExportConfig``): a ``--config`` TOML file may set
+them in an [export] table, ``--export.KEY=VALUE`` overrides any, and ``--show-config`` prints the resolved
+section, every key documented. Precedence: defaults < --config file < flags < overrides.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import carat
 from carat.atomic import publish, temp_path
+from carat.cli import Alias, add_aliases, require, resolve_section, section_parser
+from carat.config import describe_sections
 from carat.errors import CaratError
 from carat.inference import MEMBERS, is_ensemble, is_run_dir, load_model, resolve_checkpoint  # noqa: F401
+from carat.inference_config import CheckpointSource, checkpoint_aliases
 from carat.train.checkpoint import check_complete, consolidate, read_client_state  # noqa: F401  (re-exported)
+
+
+@dataclass
+class ExportConfig(CheckpointSource):
+    """``python -m carat.export``: which checkpoint, which file."""
+
+    checkpoint: str | None = None
+    """Run directory (its best model) or DeepSpeed checkpoint folder; a path or an object-store URL
+    (s3://bucket/runs/NAME). An ensemble run is exported member by member (runs/NAME/members/member-0). Required."""
+    out: str | None = None
+    """The plain PyTorch file to write (model.pt). Required."""
+
+
+SECTION = "export"
+ALIASES: tuple[Alias, ...] = checkpoint_aliases(SECTION) + (Alias("--out", f"{SECTION}.out"),)
+"""Every flag is a documented shorthand of an [export] key."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = section_parser("python -m carat.export", __doc__, SECTION)
+    add_aliases(parser, ALIASES, {SECTION: ExportConfig()})
+    return parser
 
 
 def export(path: Path, out: Path, tag: str | None = None) -> Path:
@@ -46,17 +77,16 @@ def export(path: Path, out: Path, tag: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carat.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="run directory or DeepSpeed checkpoint; a path or an object-store URL")
-    parser.add_argument("--tag", help="checkpoint tag (default: the run's best, else `latest`)")
-    parser.add_argument("--out", type=Path, required=True, help="output .pt file")
-    args = parser.parse_args(argv)
+    parser = build_parser()
     try:
+        args, cfg = resolve_section(parser, argv, SECTION, ExportConfig, ALIASES)
+        if args.show_config:
+            print(describe_sections({SECTION: cfg}), end="")
+            return 0
+        require(parser, cfg, ALIASES, ("checkpoint", "out"))
         from carat.train.runsync import local_copy
 
-        out = export(local_copy(args.checkpoint), args.out, args.tag)
+        out = export(local_copy(cfg.checkpoint), Path(cfg.out), cfg.tag)
     except CaratError as err:
         print(f"carat.export: error: {err}", file=sys.stderr)
         return 1

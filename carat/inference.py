@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from carat.config import CaratConfig, config_from_dict
-from carat.data.batch import Batch
+from carat.data.loader.batch import Batch
 from carat.errors import CaratError
 
 MANIFEST = "ensemble.json"
@@ -50,8 +50,19 @@ def score_batches(model, batches: Iterable[Batch], device: torch.device) -> dict
     return collect_scores(batches, device, lambda batch: model.scores(model(**batch.model_inputs())))
 
 
+def torch_device(name: str) -> torch.device:
+    """A ``device`` config value (:class:`carat.inference_config.ScoringConfig`) as a torch device: ``auto`` is
+    cuda when one is available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise CaratError(f"device={name!r} is not a torch device ({err}); use auto, cpu, cuda or cuda:N") from None
+
+
 def score_split(model, cfg, shard_dir: Path, split: str, device: torch.device) -> dict[str, np.ndarray]:
-    from carat.data.loader import build_loader
+    from carat.data.loader.pipeline import build_loader
 
     loader = build_loader(shard_dir, split, cfg.loader, rank=0, world_size=1, epoch=0, train=False)
     return score_batches(model, loader, device)

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.errors import DataError
 
 NUM_CLASSES = len(EMOTIONS)

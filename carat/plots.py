@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.errors import DataError
 from carat.metrics import SUMMARY_METRICS, average_precision, precision_recall_curve, validate_inputs
 

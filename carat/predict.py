@@ -2,6 +2,11 @@
 
     python -m carat.predict --checkpoint runs/NAME --shards shards --split test --out preds.csv
     python -m carat.predict --checkpoint model.pt --npz features.npz --out preds.json
+    python -m carat.predict --config predict.toml --predict.threshold=0.3 --show-config
+
+Its flags are shorthands of the keys of the [predict] section (``PredictConfig``): a ``--config`` TOML file may
+set them in a [predict] table, ``--predict.KEY=VALUE`` overrides any, and ``--show-config`` prints the resolved
+section, every key documented. Precedence: defaults < --config file < flags < overrides.
 
 The ``.npz`` holds right-padded arrays ``text`` [N, Lt, 300], ``visual`` [N, Lv, 35], ``audio`` [N, La, 74],
 their lengths ``text_lengths``, ``visual_lengths``, ``audio_lengths`` [N], and optionally ``ids`` [N] (str).
@@ -14,18 +19,56 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from carat.data.batch import Batch
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
-from carat.errors import CaratError, DataError
-from carat.inference import score_batches, score_split
+from carat.data.loader.batch import Batch
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.cli import Alias, add_aliases, require, resolve_section, section_parser
+from carat.config import describe_sections
+from carat.errors import CaratError, ConfigError, DataError
+from carat.inference import score_batches, score_split, torch_device
+from carat.inference_config import ScoringConfig, scoring_aliases
 from carat.metrics import above_threshold
 from carat.storage import resolved
 from carat.train.runsync import local_copy
+
+
+@dataclass
+class PredictConfig(ScoringConfig):
+    """``python -m carat.predict``: which model, which clips (a shard split or a features file), where to write."""
+
+    shards: str | None = None
+    """Shard directory or object-store URL whose `split` is scored; give this or `npz`."""
+    npz: str | None = None
+    """Features .npz to score (its arrays: the description above, or `python -m carat.predict --help`); give
+    this or `shards`."""
+    out: str | None = None
+    """Output file: .csv (a row per clip) or .json (with the emotions and the threshold). Required."""
+
+    def __post_init__(self) -> None:
+        if self.shards is not None and self.npz is not None:
+            raise ConfigError(f"predict.shards={self.shards!r} and predict.npz={self.npz!r}: give one source of "
+                              "clips, not both")
+        if self.out is not None and Path(self.out).suffix not in (".json", ".csv"):
+            raise ConfigError(f"predict.out={self.out!r}: use a .json or .csv file name")
+
+
+SECTION = "predict"
+SOURCE_ALIASES: tuple[Alias, ...] = (Alias("--shards", f"{SECTION}.shards"), Alias("--npz", f"{SECTION}.npz"))
+ALIASES: tuple[Alias, ...] = scoring_aliases(SECTION) + SOURCE_ALIASES + (Alias("--out", f"{SECTION}.out"),)
+"""Every flag is a documented shorthand of a [predict] key."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = section_parser("python -m carat.predict", __doc__, SECTION)
+    defaults = {SECTION: PredictConfig()}
+    add_aliases(parser, [a for a in ALIASES if a not in SOURCE_ALIASES], defaults)
+    add_aliases(parser.add_mutually_exclusive_group(), SOURCE_ALIASES, defaults)
+    return parser
 
 
 def npz_batches(path: Path, batch_size: int = 16) -> list[Batch]:
@@ -132,33 +175,28 @@ def _write_rows(out: Path, rows: list[dict], threshold: float | np.ndarray) -> N
 def main(argv: list[str] | None = None) -> int:
     from carat.inference import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m carat.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="path or object-store URL")
-    parser.add_argument("--tag")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="shard directory or object-store URL (with --split)")
-    source.add_argument("--npz", type=Path, help="features .npz (see above)")
-    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--threshold", type=float)
-    parser.add_argument("--out", type=Path, required=True, help=".json or .csv")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser = build_parser()
     try:
-        if args.out.suffix not in (".json", ".csv"):
-            raise CaratError(f"--out {args.out}: use a .json or .csv file name")
-        model, cfg = load_model(local_copy(args.checkpoint), args.tag)
-        device = torch.device(args.device)
-        if args.npz is not None:
-            pred = score_batches(model, npz_batches(args.npz), device)
+        args, cfg = resolve_section(parser, argv, SECTION, PredictConfig, ALIASES)
+        if args.show_config:
+            print(describe_sections({SECTION: cfg}), end="")
+            return 0
+        require(parser, cfg, ALIASES, ("checkpoint", "out"))
+        if cfg.shards is None and cfg.npz is None:
+            parser.error("one of the arguments --shards --npz is required (or predict.shards / predict.npz in the "
+                         "--config file)")
+        model, run_cfg = load_model(local_copy(cfg.checkpoint), cfg.tag)
+        device = torch_device(cfg.device)
+        if cfg.npz is not None:
+            pred = score_batches(model, npz_batches(Path(cfg.npz)), device)
         else:
-            pred = score_split(model, cfg, resolved(args.shards), args.split, device)
-        threshold = cfg.model.threshold if args.threshold is None else args.threshold
-        write_predictions(args.out, pred["keys"], pred["scores"], threshold)
+            pred = score_split(model, run_cfg, resolved(cfg.shards), cfg.split, device)
+        threshold = run_cfg.model.threshold if cfg.threshold is None else cfg.threshold
+        write_predictions(Path(cfg.out), pred["keys"], pred["scores"], threshold)
     except CaratError as err:
         print(f"carat.predict: error: {err}", file=sys.stderr)
         return 1
-    print(f"[carat] wrote {len(pred['keys'])} predictions to {args.out}")
+    print(f"[carat] wrote {len(pred['keys'])} predictions to {cfg.out}")
     return 0
 
 

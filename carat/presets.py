@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any, Callable
 
-from carat.data.loader_config import TINY_OVERRIDES as TINY_LOADER
-from carat.data.loader_config import LoaderConfig
-from carat.data.storage_config import TINY_OVERRIDES as TINY_STORAGE
-from carat.data.storage_config import StorageConfig
-from carat.data.synth_config import TINY_OVERRIDES as TINY_SYNTH
-from carat.data.synth_config import SynthConfig
+from carat.data.loader.loader_config import TINY_OVERRIDES as TINY_LOADER
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.corpus.storage_config import TINY_OVERRIDES as TINY_STORAGE
+from carat.data.corpus.storage_config import StorageConfig
+from carat.data.sources.synth_config import TINY_OVERRIDES as TINY_SYNTH
+from carat.data.sources.synth_config import SynthConfig
 from carat.errors import ConfigError
 from carat.model.config import (
     REFERENCE_LOSS, REFERENCE_MODEL, TINY_LOSS_OVERRIDES, TINY_MODEL_OVERRIDES, LossConfig, ModelConfig,

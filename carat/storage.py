@@ -100,6 +100,17 @@ def filesystem(protocol: str) -> Any:
     return fs
 
 
+def arrow_filesystem(location: ObjectPath) -> tuple[Any, str]:
+    """The store as a pyarrow filesystem and the path in it, as Ray Train's ``storage_filesystem`` takes them:
+    through fsspec, so Ray's uploads use the credentials and endpoint carat uses everywhere, with botocore's
+    default retries (Ray's persistence has none of carat's bounded ones)."""
+    import fsspec
+    import pyarrow.fs
+
+    fs = fsspec.filesystem(location.protocol, skip_instance_cache=True)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), location.path
+
+
 def forget_filesystems() -> None:
     """Drop this process' clients, so the next use reads the environment again (credentials, endpoint)."""
     _FILESYSTEMS.clear()
@@ -164,6 +175,9 @@ def with_retries(url: str, doing: str, call: Callable[[], T], retries: int = RET
 # ------------------------------------------------------------------------------------------ ObjectPath
 
 
+URL_PATH_PROTOCOLS = ("http", "https")
+"""Protocols whose fsspec filesystem names files by their whole URL."""
+
 class ObjectPath:
     """An object-store URL with the subset of :class:`pathlib.Path` that carat uses on corpora and runs.
 
@@ -186,17 +200,22 @@ class ObjectPath:
         return self.url.split("://", 1)[0]
 
     @property
-    def path(self) -> str:
-        """The URL without its scheme (what fsspec calls the path: ``bucket/key``)."""
+    def key(self) -> str:
+        """The URL without its scheme: ``bucket/key`` (``host/path`` for http(s))."""
         return self.url.split("://", 1)[1]
 
     @property
+    def path(self) -> str:
+        """What fsspec calls the path: the key for a store, the whole URL for http(s) (its filesystem takes URLs)."""
+        return self.url if self.protocol in URL_PATH_PROTOCOLS else self.key
+
+    @property
     def bucket(self) -> str:
-        return self.path.split("/", 1)[0]
+        return self.key.split("/", 1)[0]
 
     @property
     def name(self) -> str:
-        return posixpath.basename(self.path)
+        return posixpath.basename(self.key)
 
     @property
     def stem(self) -> str:
@@ -208,7 +227,7 @@ class ObjectPath:
 
     @property
     def parent(self) -> ObjectPath:
-        parent = posixpath.dirname(self.path)
+        parent = posixpath.dirname(self.key)
         return ObjectPath(f"{self.protocol}://{parent}") if parent else self
 
     @property
@@ -297,17 +316,24 @@ class ObjectPath:
     def glob(self, pattern: str) -> Iterator[ObjectPath]:
         matches = self._call("list", lambda: self.fs.glob(f"{self.path}/{pattern}"))
         for match in sorted(matches):
-            yield ObjectPath(f"{self.protocol}://{match}")
+            yield self._entry(match)
 
     def iterdir(self) -> Iterator[ObjectPath]:
         entries = self._call("list", lambda: self.fs.ls(self.path, detail=False))
         for entry in sorted(entries):
             if entry.rstrip("/") != self.path:
-                yield ObjectPath(f"{self.protocol}://{entry}")
+                yield self._entry(entry)
+
+    def _entry(self, listed: str) -> ObjectPath:
+        """An fsspec listing's name as a location (stores list keys, http(s) lists URLs)."""
+        return ObjectPath(listed if "://" in listed else f"{self.protocol}://{listed}")
 
     def entries_under(self) -> dict[str, SimpleNamespace]:
         """``st_size`` and ``st_mtime`` of every object under this prefix, by path relative to it (one listing)."""
         found = self._call("list", lambda: self.fs.find(self.path, detail=True))
+        for name, info in found.items():
+            if info.get("size") is None:  # an http(s) directory page lists names only: ask each file
+                found[name] = self._entry(name)._call("stat", lambda: self.fs.info(name))
         return {posixpath.relpath(name, self.path): SimpleNamespace(st_size=int(info.get("size") or 0),
                                                                     st_mtime=_mtime(info))
                 for name, info in found.items()}

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from carat.data.loader_config import LoaderConfig
-from carat.data.prepare_config import PrepareConfig
-from carat.data.storage_config import StorageConfig
-from carat.data.synth_config import SynthConfig
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.corpus.prepare_config import PrepareConfig
+from carat.data.corpus.storage_config import StorageConfig
+from carat.data.sources.synth_config import SynthConfig
 from carat.errors import ConfigError
 from carat.model.config import LossConfig, ModelConfig, check_pos_weight
 from carat.train.optim_config import OptimConfig
@@ -40,7 +40,7 @@ class CaratConfig:
 def check_cross_sections(cfg: CaratConfig) -> None:
     """Checks that involve two sections, run whenever a config is built: a mismatch fails in the launching
     process before Ray or DeepSpeed start, not as a shape error inside a worker."""
-    from carat.data.segment import EMOTIONS, FEATURE_DIMS
+    from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS
 
     model = cfg.model
     check_pos_weight(cfg.loss, model)

@@ -30,7 +30,7 @@ RATES = {"text": 3.0, "visual": 30.0, "audio": 100.0}
 
 def standard_fold_videos(n: dict[str, int]) -> dict[str, list[str]]:
     """The first n[split] video ids of each standard fold (so the packaged folds apply)."""
-    folds = json.loads((Path(__file__).resolve().parents[1] / "carat/data/mosei_std_folds.json").read_text())
+    folds = json.loads((Path(__file__).resolve().parents[1] / "carat/data/sources/mosei_std_folds.json").read_text())
     return {split: folds[split][:k] for split, k in n.items()}
 
 
@@ -224,8 +224,8 @@ def read_corpus_samples(out_dir: Path) -> dict[str, dict]:
 def tiny_loop_corpus(out: Path) -> Path:
     """The smallest synthetic corpus the real training loop runs on (scale 0.005, 16-sample shards, no
     reference scorer): shared by the end-to-end, checkpoint-safety and divergence tests."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     synthesize_corpus(out, SynthConfig(scale=0.005, length_scale=0.05, seed=1),
                       StorageConfig(dtype="float32", shard_max_samples=16), reference=False)

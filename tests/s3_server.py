@@ -1,5 +1,6 @@
 """A real S3-compatible server on 127.0.0.1 for the object-storage tests (moto's server mode, in a subprocess),
-and a TCP proxy in front of it that can go down or cut responses short, the way a network fails.
+a TCP proxy in front of it that can go down or cut responses short, the way a network fails, and a static
+HTTP file server that honours byte ranges (a corpus published on a web server).
 
 Nothing here patches a client: carat talks HTTP to these sockets through s3fs/botocore exactly as it would to
 AWS, MinIO or Ceph (``AWS_ENDPOINT_URL``).
@@ -8,7 +9,11 @@ AWS, MinIO or Ceph (``AWS_ENDPOINT_URL``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
+import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -163,3 +168,43 @@ def _close_both(*sockets: socket.socket) -> None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
+
+
+class _RangeFileHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers ``Range: bytes=a-b`` with 206 (the standard library's answers 200 with
+    the whole file), as nginx, S3 website endpoints and CDNs do."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if wanted is None or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(wanted.group(1)), min(int(wanted.group(2) or size - 1), size - 1)
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            body = handle.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+@contextlib.contextmanager
+def http_file_server(directory: str) -> Iterator[str]:
+    """``directory`` served read-only over HTTP on a free port of 127.0.0.1 (directory pages list its files);
+    yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeFileHandler,
+                                                                                 directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -164,3 +164,65 @@ def test_split_overrides_keeps_values_with_their_keys():
     assert rest == ["inspect", "DIR", "--no-plots", "--quick"]
     # a typo travels with its value (carat.config names it); a key without a value stays alone (and is refused)
     assert overrides == ["--loader.token_budget", "700", "--loader.seed=3", "--trian.epochs", "2", "--train.epochs"]
+
+
+# ---------------------------------------------------------------- sections outside the tree, and carat.cli
+def test_command_sections_load_from_file_and_overrides_with_the_tree_checks(tmp_path):
+    from carat.config import describe_sections, load_sections
+    from carat.export import ExportConfig
+
+    path = tmp_path / "export.toml"
+    path.write_text('[export]\ncheckpoint = "runs/a"\nout = "a.pt"\n')
+    loaded = load_sections({"export": ExportConfig}, path, ["--export.out=b.pt"])["export"]
+    assert (loaded.checkpoint, loaded.tag, loaded.out) == ("runs/a", None, "b.pt")
+    with pytest.raises(ConfigError, match=r"unknown key export\.chekpoint \(did you mean 'checkpoint'\?\)"):
+        load_sections({"export": ExportConfig}, None, ["--export.chekpoint=x"])
+    # a command's file holds its own table: the training tree's are not read here, so they are refused
+    path.write_text('[export]\nout = "a.pt"\n[train]\nepochs = 3\n')
+    with pytest.raises(ConfigError, match=r"unknown section \[train\]; valid: export"):
+        load_sections({"export": ExportConfig}, path)
+    shown = describe_sections({"export": loaded})
+    path.write_text(shown)
+    assert load_sections({"export": ExportConfig}, path)["export"] == loaded
+    assert "# The plain PyTorch file to write" in shown and "# Checkpoint tag in a DeepSpeed" in shown
+
+
+def test_a_deprecated_alias_works_prints_its_replacement_and_loses_to_the_key(capsys):
+    from carat.cli import Alias, add_aliases, resolve_section, section_parser
+    from carat.export import ExportConfig
+
+    aliases = (Alias("--out", "export.out"), Alias("--model-file", "export.out", "old name of --out", deprecated=True))
+    parser = section_parser("prog", None, "export")
+    add_aliases(parser, aliases, {"export": ExportConfig()})
+    _, cfg = resolve_section(parser, ["--model-file", "m.pt"], "export", ExportConfig, aliases)
+    assert cfg.out == "m.pt"
+    assert capsys.readouterr().err == ("carat: --model-file is deprecated and will be removed in the next release; "
+                                       "use --export.out=m.pt instead\n")
+    _, cfg = resolve_section(parser, ["--model-file", "m.pt", "--export.out=n.pt"], "export", ExportConfig, aliases)
+    assert cfg.out == "n.pt"
+    _, cfg = resolve_section(parser, ["--out", "m.pt"], "export", ExportConfig, aliases)
+    assert cfg.out == "m.pt" and capsys.readouterr().err.count("deprecated") == 1  # the shorthand is silent
+    assert "DEPRECATED, use --export.out=VALUE: old name of --out" in parser.format_help()
+
+
+def test_train_and_tune_shorthands_are_aliases_of_their_keys(capsys):
+    from carat.train.__main__ import resolve_config as train_config
+    from carat.tune.__main__ import resolve_config as tune_config
+
+    cfg, _ = train_config(["--launcher", "none", "--run-name", "r1"])
+    assert (cfg.train.launcher, cfg.train.run_name) == ("none", "r1")
+    cfg, _ = train_config(["--launcher", "none", "--train.launcher=deepspeed"])  # the key beats the flag
+    assert cfg.train.launcher == "deepspeed"
+    cfg, _ = tune_config(["--sweep-name", "s1"])
+    assert cfg.tune.sweep_name == "s1"
+    assert capsys.readouterr().err == ""
+
+
+def test_the_command_line_layer_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, carat.cli, carat.inference_config; "
+            "print(sorted(m for m in ('torch', 'pyarrow', 'ray', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]"]

@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from carat.data.card import read_card
-from carat.data.csd import select_frames
-from carat.data.prepare import PrepareConfig, prepare_corpus
-from carat.data.shards import StorageConfig
-from carat.data.verify import require_verified
+from carat.data.corpus.card import read_card
+from carat.data.sources.csd import select_frames
+from carat.data.corpus.prepare import PrepareConfig, prepare_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.corpus.verify import require_verified
 from carat.errors import ConfigError, DataError
 from tests.data_fixtures import make_csd_fixture, read_corpus_samples
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from carat.data.__main__ import main
-from carat.data.card import read_card
+from carat.data.corpus.card import read_card
 from tests.data_fixtures import make_csd_fixture, make_pickle_fixture
 
 
@@ -90,8 +90,8 @@ def test_module_entry_point_runs():
 
 
 def test_padding_comparison_uses_planner_and_sorted_beats_random():
-    from carat.data.inspect import padding_comparison
-    from carat.data.synth import SynthConfig, plan_corpus
+    from carat.data.corpus.inspect import padding_comparison
+    from carat.data.sources.synth import SynthConfig, plan_corpus
 
     refs = plan_corpus(SynthConfig(scale=0.05))["train"]
     lengths = np.array([r.lengths for r in refs])
@@ -232,16 +232,18 @@ def readme_data_commands() -> list[list[str]]:
 
 
 def test_readme_data_commands_still_parse_onto_the_config():
+    from carat.config import split_overrides
     from carat.data.__main__ import build_parser, resolve_config
 
     commands = readme_data_commands()
     assert [c[0] for c in commands] == ["synth", "synth", "prepare", "prepare", "inspect", "verify"]
     resolved = {}
     for argv in commands:
-        args, extras = build_parser().parse_known_args(argv)
-        assert extras == [], argv
+        rest, overrides = split_overrides(argv)
+        args, extras = build_parser().parse_known_args(rest)
+        assert extras == [], argv  # every word is a flag of the command, or a --section.key=value override
         if args.sections:
-            resolved[" ".join(argv)] = resolve_config(args, extras)
+            resolved[" ".join(argv)] = resolve_config(args, overrides)
     full = next(c for k, c in resolved.items() if "--scale 1.0" in k)
     assert full.synth.scale == 1.0 and full.synth.seed == 0
     csd = next(c for k, c in resolved.items() if "--format csd" in k)
@@ -263,3 +265,43 @@ def test_readme_csd_round_trip_on_a_tiny_corpus(tmp_path, capsys):
     card = read_card(shards)
     assert card["counts"]["total"] > 0 and card["config"]["storage"]["dtype"] == "float32"
     assert main(["verify", str(shards)]) == 0
+
+
+def test_deprecated_flags_still_set_their_key_and_name_the_replacement(capsys):
+    assert main(["synth", "--show-config", "--scale", "0.5", "--cue-layout", "shuffled", "--label-noise", "0.1",
+                 "--shard-max-samples", "20"]) == 0
+    captured = capsys.readouterr()
+    assert 'cue_layout = "shuffled"\n' in captured.out and "label_noise = 0.1\n" in captured.out
+    assert "shard_max_samples = 20\n" in captured.out and "scale = 0.5\n" in captured.out
+    assert captured.err.splitlines() == [  # one line per deprecated flag; the shorthand --scale says nothing
+        "carat: --cue-layout is deprecated and will be removed in the next release; use --synth.cue_layout=shuffled "
+        "instead",
+        "carat: --label-noise is deprecated and will be removed in the next release; use --synth.label_noise=0.1 "
+        "instead",
+        "carat: --shard-max-samples is deprecated and will be removed in the next release; use "
+        "--storage.shard_max_samples=20 instead"]
+    # the replacement beats the old flag, as any --section.key=value beats a flag
+    assert main(["prepare", "--show-config", "--nan-policy", "error", "--prepare.nan_policy=zero",
+                 "--on-error", "skip", "--inf-policy", "clip"]) == 0
+    captured = capsys.readouterr()
+    assert 'nan_policy = "zero"\n' in captured.out and 'on_error = "skip"\n' in captured.out
+    assert 'inf_policy = "clip"\n' in captured.out and len(captured.err.splitlines()) == 3
+    assert "use --prepare.on_error=skip instead" in captured.err
+    assert main(["inspect", "--show-config", "--token-budget", "500"]) == 0
+    captured = capsys.readouterr()
+    assert "token_budget = 500\n" in captured.out and "use --loader.token_budget=500 instead" in captured.err
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "DEPRECATED, use --synth.cue_strength=VALUE" in capsys.readouterr().out
+
+
+def test_readme_data_commands_use_no_deprecated_flag(capsys):
+    from carat.config import split_overrides
+    from carat.data.__main__ import build_parser, resolve_config
+
+    for argv in readme_data_commands():
+        rest, overrides = split_overrides(argv)
+        args, _ = build_parser().parse_known_args(rest)
+        if args.sections:
+            resolve_config(args, overrides)
+    assert capsys.readouterr().err == ""

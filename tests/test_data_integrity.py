@@ -18,11 +18,11 @@ import xxhash
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from carat.data.__main__ import main as data_main
-from carat.data.loader import build_loader
-from carat.data.shards import MANIFEST_FILE, read_manifest, tar_key
-from carat.data.split_index import load_split_index
-from carat.data.tar_reader import ShardReader
-from carat.data.verify import verify_corpus
+from carat.data.loader.pipeline import build_loader
+from carat.data.corpus.shards import MANIFEST_FILE, read_manifest, tar_key
+from carat.data.loader.split_index import load_split_index
+from carat.data.loader.tar_reader import ShardReader
+from carat.data.corpus.verify import verify_corpus
 from carat.errors import DataError
 from tests.data_fixtures import make_csd_fixture
 from tests.test_loader import tiny_cfg
@@ -48,8 +48,8 @@ def corpus(clean: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """A tiny corpus with every split and a card, as `synth` writes it (what training and inspect read)."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     out = tmp_path_factory.mktemp("synthetic") / "corpus"
     synthesize_corpus(out, SynthConfig(scale=0.003, length_scale=0.03, seed=3),
@@ -203,7 +203,7 @@ def test_prepare_refuses_an_empty_split_before_writing_anything(tmp_path: Path, 
 
 
 def test_the_writer_refuses_an_empty_split(tmp_path: Path) -> None:
-    from carat.data.shards import StorageConfig, write_corpus
+    from carat.data.corpus.shards import StorageConfig, write_corpus
     from tests.test_shards import load_segment, make_refs
 
     refs = make_refs({"train": 4})
@@ -236,7 +236,7 @@ def _synth_args(out: Path) -> list[str]:
 
 
 def test_a_second_writer_into_one_corpus_directory_is_refused(tmp_path: Path, capsys) -> None:
-    from carat.data.outdir import CORPUS_LOCK
+    from carat.data.corpus.outdir import CORPUS_LOCK
     from carat.locks import FileLock
 
     out = tmp_path / "corpus"
@@ -251,8 +251,8 @@ def test_a_second_writer_into_one_corpus_directory_is_refused(tmp_path: Path, ca
 
 
 def test_two_synths_started_together_into_one_out_leave_one_complete_corpus(tmp_path: Path) -> None:
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
     from carat.locks import LockHeld
 
     out, results = tmp_path / "corpus", []

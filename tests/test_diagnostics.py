@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from carat.data.segment import EMOTIONS
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.sources.segment import EMOTIONS
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from carat.metrics import constant_prediction, format_verdict, result_warnings, verdict
-from carat.train.loop import (
-    MeanMeter, fresh_best, improves, model_diagnostics, module_gradient_norms, restore_best,
-)
+from carat.train.loop import model_diagnostics, module_gradient_norms
+from carat.train.metrics_log import MeanMeter
+from carat.train.state import fresh_best, improves, restore_best
 from carat.train.rundir import read_jsonl
 
 SELECT = "macro_auc"
@@ -293,7 +293,7 @@ def _grad_worker(rank: int, world: int, port: int, shards: str, storage: str, ou
                        "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
     from carat.config import load_config
-    from carat.data.loader import build_loader
+    from carat.data.loader.pipeline import build_loader
     from carat.train import dist
     from carat.train.launch import init_process_group
     from carat.train.loop import Trainer, WorkerContext

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from carat.train import __main__ as train_main
-from carat.train import loop
+from carat.train import divergence, loop
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,8 @@ def shards(tmp_path_factory) -> Path:
 def reference_shards(tmp_path_factory) -> Path:
     """24/12/12 clips with the pooled floor in the card: the corpus on which a diverged run used to end with
     `verdict: ... beats the floor` and exit 0 (issue 26)."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     out = tmp_path_factory.mktemp("reference") / "shards"
     synthesize_corpus(out, SynthConfig(train_size=24, valid_size=12, test_size=12, length_scale=0.02, seed=1),
@@ -300,25 +300,27 @@ def test_named_state_tensors_reach_the_optimizer_moments_under_a_wrapper():
     class Wrapper:  # the shape of DeepSpeedZeroOptimizer: not a torch Optimizer, holds one
         optimizer = adam
 
-    named = loop.named_state_tensors(model, Wrapper())
+    named = divergence.named_state_tensors(model, Wrapper())
     names = [name for name, _ in named]
     assert "weight weight" in names and "optimizer state 'exp_avg_sq' of parameter 0 of group 0" in names
-    assert loop.first_nonfinite_tensor(named) is None
+    assert divergence.first_nonfinite_tensor(named) is None
     adam.state[adam.param_groups[0]["params"][1]]["exp_avg"][0] = float("inf")
-    assert loop.first_nonfinite_tensor(named) == "optimizer state 'exp_avg' of parameter 1 of group 0"
+    assert divergence.first_nonfinite_tensor(named) == "optimizer state 'exp_avg' of parameter 1 of group 0"
 
 
 def test_a_resume_keeps_the_initial_loss_scale_or_takes_the_first_epochs_mean():
     """A checkpoint from before the initial loss was saved: the first epoch's mean loss stands in, never the
     first loss after the resume (the trained loss, far lower)."""
-    from types import SimpleNamespace
+    from carat.train.state import RunState
 
-    trainer = SimpleNamespace(initial_loss=None, initial_loss_step=0, history=[{"train/total": 4.2}])
-    loop.Trainer.restore_initial_loss(trainer, {"initial_loss": 3.9, "initial_loss_step": 2})
-    assert (trainer.initial_loss, trainer.initial_loss_step) == (3.9, 2)
-    trainer = SimpleNamespace(initial_loss=None, initial_loss_step=0, history=[{"train/total": 4.2}])
-    loop.Trainer.restore_initial_loss(trainer, {"epoch": 1})
-    assert (trainer.initial_loss, trainer.initial_loss_step) == (4.2, 1)
+    state = RunState.fresh("micro_f1")
+    state.history = [{"train/total": 4.2}]
+    state.restore_initial_loss({"initial_loss": 3.9, "initial_loss_step": 2})
+    assert (state.initial_loss, state.initial_loss_step) == (3.9, 2)
+    state = RunState.fresh("micro_f1")
+    state.history = [{"train/total": 4.2}]
+    state.restore_initial_loss({"epoch": 1})
+    assert (state.initial_loss, state.initial_loss_step) == (4.2, 1)
 
 
 def test_a_ray_run_that_diverges_is_not_restarted_into_the_same_divergence(reference_shards, tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from carat.errors import CaratError, ConfigError
 from tests.faults import fault_env
 from tests.model_helpers import make_batch, perturb_parameters, tiny_model
@@ -37,7 +37,7 @@ def test_ensemble_scores_are_the_mean_of_its_members():
 def test_members_differ_in_their_batch_plans_as_well_as_their_initialisation(tmp_path):
     """A lone run's seed spread comes from its initialisation and its batch order: the members vary both."""
     from carat.config import load_config
-    from carat.data.plan import plan_epoch
+    from carat.data.loader.plan import plan_epoch
     from carat.ensemble import member_config
 
     cfg = load_config("tiny", overrides=["--train.ensemble_size=3", "--train.seed=4", "--loader.seed=7"])

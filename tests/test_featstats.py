@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from carat.data.card import read_card
-from carat.data.featstats import FeatureStatsAccumulator, load_feature_stats
-from carat.data.prepare import PrepareConfig, prepare_corpus
-from carat.data.segment import FEATURE_DIMS, MODALITIES
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.card import read_card
+from carat.data.corpus.featstats import FeatureStatsAccumulator, load_feature_stats
+from carat.data.corpus.prepare import PrepareConfig, prepare_corpus
+from carat.data.sources.segment import FEATURE_DIMS, MODALITIES
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from carat.errors import DataError
 from tests.data_fixtures import make_csd_fixture, read_corpus_samples
 

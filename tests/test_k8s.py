@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from carat.config import load_config
-from carat.data.segment import FEATURE_DIMS
+from carat.data.sources.segment import FEATURE_DIMS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -99,4 +99,20 @@ def test_the_commands_are_thin_users_of_one_inference_home():
     graph = import_graph()
     for command in ("carat.evaluate", "carat.predict", "carat.export"):
         assert "carat.inference" in graph[command], command
-    assert "carat.inference" in graph["carat.train.loop"] and "carat.inference" in graph["carat.ensemble"]
+    assert "carat.inference" in graph["carat.train.evaluation"] and "carat.inference" in graph["carat.ensemble"]
+
+
+def test_carat_data_is_grouped_by_stage():
+    """carat/data/ holds its three stages as packages and, beside them, only its command. Each stage's
+    ``__init__`` says what lives there and re-exports nothing; the loader's names every module of its package
+    (its stages, in order, in one place)."""
+    data = CARAT / "data"
+    assert sorted(p.name for p in data.glob("*.py")) == ["__init__.py", "__main__.py"]
+    assert sorted(p.name for p in data.iterdir() if (p / "__init__.py").is_file()) == ["corpus", "loader", "sources"]
+    for stage in ("sources", "corpus", "loader"):
+        tree = ast.parse((data / stage / "__init__.py").read_text())
+        assert ast.get_docstring(tree), stage
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], stage
+    stages = ast.get_docstring(ast.parse((data / "loader" / "__init__.py").read_text()))
+    missing = [p.stem for p in (data / "loader").glob("*.py") if p.stem != "__init__" and p.stem not in stages]
+    assert missing == []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from carat.train.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow  # ~25-45 s on two busy CPU cores: 20 steps plus 20 validations
@@ -85,7 +85,7 @@ def test_the_tiny_preset_beats_the_pooled_floor_on_a_corpus_it_was_not_tuned_on(
     floor in test micro-F1 and macro-F1 (thresholds tuned on valid, the floor's protocol). Measured on this
     corpus (seed 7): +0.077 / +0.046 F1, macro-AUC 0.764 vs 0.754 (BENCHMARKS.md, Learning); the assertion keeps only
     the sign, so seed-level noise does not fail it, a regression to the floor does. ~2-4 min on 2 busy cores."""
-    from carat.data.synth import TINY_OVERRIDES as TINY_SYNTH
+    from carat.data.sources.synth import TINY_OVERRIDES as TINY_SYNTH
     from carat.train.__main__ import main
 
     shards = tmp_path / "shards"

@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carat.data.batch import CollatedBatch
-from carat.data.collate import DecodedSample, collate, nonfinite_rows, to_batch
-from carat.data.loader import PlannedBatches, build_loader
-from carat.data.loader_config import LoaderConfig
-from carat.data.plan import FILLER, batch_cost, plan_batches, plan_epoch
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
-from carat.data.shards import tar_key
-from carat.data.tar_reader import fast_tar_samples
+from carat.data.loader.batch import CollatedBatch
+from carat.data.loader.collate import DecodedSample, collate, nonfinite_rows, to_batch
+from carat.data.loader.pipeline import PlannedBatches, build_loader
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.loader.plan import FILLER, batch_cost, plan_batches, plan_epoch
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.data.corpus.shards import tar_key
+from carat.data.loader.tar_reader import fast_tar_samples
 from carat.errors import ConfigError, DataError
 from tests.test_shards import load_segment, make_refs, write_tiny
 
@@ -441,7 +441,7 @@ def test_float16_storage_round_trip(tmp_path: Path) -> None:
 def test_pooled_batch_describes_and_resolves_its_ring_slot(corpus) -> None:
     """In-process round trip of the ring transfer: the worker's batch names its slot and carries addresses
     instead of the tensors written there; resolving them gives the same tensors back."""
-    from carat.data.shm_pool import PooledTensor
+    from carat.data.loader.shm_pool import PooledTensor
 
     root, _ = corpus
     loader = build_loader(root, "train", tiny_cfg(), rank=0, world_size=1, epoch=0, train=True)

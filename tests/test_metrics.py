@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.errors import DataError
 from carat.metrics import (
     SUMMARY_METRICS,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.metrics import compute_metrics, macro_roc_auc, roc_auc, tune_thresholds, tuned_metrics
 from tests.test_metrics import _random_case
 

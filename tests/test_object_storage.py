@@ -8,14 +8,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from carat.data.loader import build_loader
-from carat.data.loader_config import LoaderConfig
+from carat.data.loader.pipeline import build_loader
+from carat.data.loader.loader_config import LoaderConfig
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location, forget_filesystems
 from tests.data_fixtures import tiny_loop_corpus
@@ -66,8 +67,8 @@ def local_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bucket_corpus(s3, tmp_path_factory) -> ObjectPath:
     """The same corpus as ``local_corpus``, written straight into the bucket by the synthesizer."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CARAT_STAGING_DIR", str(tmp_path_factory.mktemp("staging")))
@@ -121,7 +122,7 @@ def test_synth_into_the_bucket_uploads_the_local_corpus_byte_for_byte(bucket_cor
 
 
 def test_an_interrupted_upload_leaves_no_manifest_and_the_rerun_completes(s3, local_corpus, tmp_path):
-    from carat.data.remote import publish_corpus
+    from carat.data.corpus.remote import publish_corpus
 
     url = ObjectPath(f"s3://{BUCKET}/interrupted")
     publish_corpus(local_corpus, url)
@@ -178,7 +179,7 @@ def test_a_damaged_cache_block_is_fetched_again_not_reported_as_a_damaged_corpus
 
 
 def test_a_bounded_cache_stays_within_its_bytes(bucket_corpus, tmp_path):
-    from carat.data.remote import BlockCache
+    from carat.data.corpus.remote import BlockCache
 
     cache = BlockCache(tmp_path / "cache", max_bytes=64 << 10, block_bytes=16 << 10)
     obj = bucket_corpus / "train/train-000000.tar"
@@ -213,7 +214,7 @@ def test_a_missing_bucket_is_one_line_naming_it(s3):
 
 
 def test_writing_into_a_missing_bucket_fails_before_any_work(s3, tmp_path, monkeypatch):
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     monkeypatch.setenv("CARAT_STAGING_DIR", str(tmp_path / "staging"))
     with pytest.raises(DataError, match="s3://no-such-bucket/corpus: bucket 'no-such-bucket' does not exist"):
@@ -360,6 +361,8 @@ def test_ray_two_workers_from_the_bucket_into_the_bucket_with_a_killed_worker(s3
     ranks = {int(f.rsplit("rng_rank", 1)[1].split(".")[0]) for f in files
              if f.startswith(ray_checkpoints[-1] + "/") and "rng_rank" in f}
     assert ranks == {0, 1}
+    # Ray Train wrote them into the bucket itself (storage_filesystem), not through the driver's staged copy
+    assert not list((tmp_path / "staging").rglob("checkpoint_*")), "Ray's checkpoints went through local disk"
     assert any((tmp_path / "cache").rglob("0*")), "the ranks read through the block cache"
 
 
@@ -421,3 +424,80 @@ def test_prepare_into_the_bucket_publishes_the_local_corpus_and_trains_from_it(s
         if rel.endswith(".tar") or rel in ("manifest.parquet", "shards.parquet"):
             assert (remote / rel).read_bytes() == path.read_bytes(), rel
     assert_same_batches(batches(remote, "train"), batches(local, "train"))
+
+
+def _bucket_files(remote: ObjectPath) -> set[str]:
+    return set(remote.walk_files()) if remote.is_dir() else set()
+
+
+def _write_tag(copy: Path, tag: str, names: list[str]) -> None:
+    for name in names:
+        (copy / tag).mkdir(parents=True, exist_ok=True)
+        (copy / tag / name).write_bytes(name.encode() * 10)
+
+
+def test_two_hosts_copies_of_a_run_meet_in_the_bucket_in_commit_order(s3, tmp_path):
+    """A run staged on two hosts (no shared run directory): the other host's mirror uploads its partition and
+    never a pointer; rank 0's mirror uploads the marker and `latest` only when a commit is announced; pruning a
+    tag on both hosts removes every object of it; swapping best/ on rank 0 keeps the other host's best/ file,
+    which the marker lists."""
+    from carat.train.checkpoint import COMPLETE_FILE
+    from carat.train.runsync import RunSync
+
+    remote = ObjectPath(f"s3://{BUCKET}/two-hosts/run")
+    owner = RunSync(tmp_path / "node1", remote, owner=True)
+    other = RunSync(tmp_path / "node2", remote, owner=False)
+    _write_tag(other.local, "checkpoints/epoch-000", ["zero_pp_rank_1.pt", "rng_rank1.pt"])
+    _write_tag(owner.local, "checkpoints/epoch-000", ["zero_pp_rank_0.pt", "rng_rank0.pt", "model_states.pt"])
+    other.sync_files()
+    owner.sync_files()
+    assert not any(name.endswith(("latest", COMPLETE_FILE)) for name in _bucket_files(remote))
+    names = ["model_states.pt", "rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_0.pt", "zero_pp_rank_1.pt"]
+    marker = json.dumps({"files": {n: 1 for n in names}})
+    (owner.local / "checkpoints/epoch-000" / COMPLETE_FILE).write_text(marker)
+    (owner.local / "checkpoints/latest").write_text("epoch-000")
+    other.sync()  # a pass of the other host's mirror never sends a pointer, even one it holds
+    assert "checkpoints/latest" not in _bucket_files(remote)
+    owner.sync()  # the commit
+    assert _bucket_files(remote) == {f"checkpoints/epoch-000/{n}" for n in [*names, COMPLETE_FILE]} | {
+        "checkpoints/latest"}
+
+    # best/ swapped in on both hosts: rank 0's copy lacks the other host's file, which its marker lists
+    _write_tag(other.local, "best", ["zero_pp_rank_1.pt"])
+    other.sync_files()
+    _write_tag(owner.local, "best", ["zero_pp_rank_0.pt"])
+    (owner.local / "best" / COMPLETE_FILE).write_text(json.dumps({"files": {"zero_pp_rank_0.pt": 1,
+                                                                              "zero_pp_rank_1.pt": 1}}))
+    owner.sync()
+    owner.download()  # as a resumed rank 0 does: it now knows the other host's best/ file too
+    (owner.local / "best" / "zero_pp_rank_1.pt").unlink()  # ... and a new best/ from its own staging lacks it
+    owner.sync()
+    assert "best/zero_pp_rank_1.pt" in _bucket_files(remote)
+
+    # a pruned tag leaves the bucket once both hosts pruned it
+    for copy in (owner, other):
+        shutil.rmtree(copy.local / "checkpoints/epoch-000")
+        copy.sync()
+    assert not any(name.startswith("checkpoints/epoch-000/") for name in _bucket_files(remote))
+    assert _bucket_files(remote) >= {"checkpoints/latest", "best/zero_pp_rank_0.pt", "best/zero_pp_rank_1.pt"}
+
+
+def test_a_corpus_on_a_web_server_reads_like_local_disk_and_names_a_missing_shard(local_corpus, tmp_path):
+    """`http(s)://` (read-only, fsspec's HTTP filesystem): a corpus published on a plain web server that honours
+    byte ranges verifies and yields the local corpus' batches bit for bit; a shard missing there is named."""
+    from carat.data.corpus.verify import verify_corpus
+    from tests.s3_server import http_file_server
+
+    site = tmp_path / "site"
+    shutil.copytree(local_corpus, site / "corpus")
+    with http_file_server(str(site)) as base:
+        url = as_location(f"{base}/corpus")
+        assert isinstance(url, ObjectPath) and url.url == f"{base}/corpus"
+        report = verify_corpus(url)
+        assert not report.problems and report.samples > 0, report
+        for split in ("train", "valid"):
+            assert_same_batches(batches(url, split), batches(local_corpus, split))
+        missing = sorted((site / "corpus" / "train").glob("*.tar"))[0]
+        missing.unlink()
+        with pytest.raises(DataError, match=f"{url}/train/{missing.name}: shard listed in the manifest is missing"):
+            batches(url, "train")

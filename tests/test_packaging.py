@@ -38,7 +38,7 @@ def test_ray_floor_is_the_tested_version():
 
 def test_runtime_imports_are_runtime_dependencies():
     # card.py (synthesis, prepare, the quickstart) needs scikit-learn; the tune's default searcher needs optuna.
-    assert "sklearn" in (REPO / "carat/data/card.py").read_text()
+    assert "sklearn" in (REPO / "carat/data/corpus/card.py").read_text()
     _dependency("scikit-learn")
     _dependency("optuna")
     assert not any(d.startswith("scikit-learn") for d in PYPROJECT["project"]["optional-dependencies"]["test"])
@@ -74,7 +74,7 @@ def test_wheel_carries_every_runtime_data_file(wheel):
     shipped = {f"carat/{p.relative_to(REPO / 'carat').as_posix()}" for p in (REPO / "carat").rglob("*")
                if p.is_file() and p.suffix in (".json", ".toml", ".yaml", ".txt") and "__pycache__" not in p.parts}
     assert shipped and shipped <= names, shipped - names
-    assert "carat/ds_configs/zero2.json" in names and "carat/data/mosei_std_folds.json" in names
+    assert "carat/ds_configs/zero2.json" in names and "carat/data/sources/mosei_std_folds.json" in names
     assert "carat/tune/__main__.py" in names
     # An SPDX license expression (PEP 639): setuptools deprecates the table form with a 2027-02-18 deadline,
     # after which an isolated `pip install .` (the Dockerfile's) would stop building.
@@ -93,7 +93,7 @@ def test_installed_wheel_finds_its_ds_configs_and_data(wheel, tmp_path):
         "for stage in range(4): read_ds_config(default_ds_config_path(stage, False))\n"
         "read_ds_config(default_ds_config_path(3, True))\n"
         "from importlib import resources\n"
-        "assert json.loads(resources.files('carat.data').joinpath('mosei_std_folds.json').read_text())\n"
+        "assert json.loads(resources.files('carat.data.sources').joinpath('mosei_std_folds.json').read_text())\n"
         "import carat.tune.__main__\n"
         "print('ok', DS_CONFIG_DIR)\n"
     )

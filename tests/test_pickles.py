@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-from carat.data.card import read_card
-from carat.data.pickles import PickleSource, decode_tokens, labels_from_array, leading_padding
-from carat.data.prepare import PrepareConfig, prepare_corpus
-from carat.data.shards import StorageConfig
+from carat.data.corpus.card import read_card
+from carat.data.sources.pickles import PickleSource, decode_tokens, labels_from_array, leading_padding
+from carat.data.corpus.prepare import PrepareConfig, prepare_corpus
+from carat.data.corpus.shards import StorageConfig
 from carat.errors import ConfigError, DataError
 from tests.data_fixtures import make_pickle_fixture, padded_tokens, read_corpus_samples, tokens_of
 

@@ -23,9 +23,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from carat.data.collate import DecodedSample, collate, to_batch  # noqa: E402
-from carat.data.plan import FILLER, batch_cost, plan_epoch  # noqa: E402
-from carat.data.segment import FEATURE_DIMS, MODALITIES  # noqa: E402
+from carat.data.loader.collate import DecodedSample, collate, to_batch  # noqa: E402
+from carat.data.loader.plan import FILLER, batch_cost, plan_epoch  # noqa: E402
+from carat.data.sources.segment import FEATURE_DIMS, MODALITIES  # noqa: E402
 from carat.train import checkpoint as ckpt  # noqa: E402
 
 lengths_strategy = st.lists(st.tuples(st.integers(0, 60), st.integers(1, 200), st.integers(1, 400)),
@@ -111,7 +111,7 @@ SAVE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_sta
 
 
 def _save_steps(root: Path, tag: str, epoch: int):
-    """The file operations of one save in the order Trainer.save_checkpoint performs them, as callables."""
+    """The file operations of one save in the order Checkpointer.save_checkpoint performs them, as callables."""
     tag_dir = root / tag
     steps = [lambda: ckpt.clear_tag(tag_dir), lambda: tag_dir.mkdir(parents=True, exist_ok=True)]
     for name in SAVE_FILES:  # DeepSpeed's files: not atomic, a kill leaves half a file
@@ -127,7 +127,7 @@ def _save_steps(root: Path, tag: str, epoch: int):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(epochs=st.integers(1, 4), kill_at=st.integers(0, 60), keep=st.integers(1, 3))
 def test_a_kill_at_any_point_of_a_save_resumes_from_the_newest_finished_one(tmp_path, epochs, kill_at, keep):
-    from carat.train.loop import prune_checkpoints
+    from carat.train.checkpointer import prune_checkpoints
 
     root = tmp_path / f"run-{epochs}-{kill_at}-{keep}"
     shutil.rmtree(root, ignore_errors=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from tests.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow

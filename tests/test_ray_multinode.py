@@ -43,8 +43,8 @@ sys.exit(rc)
 
 
 def test_two_node_ray_cluster_trains_with_a_rank_on_each_node(tmp_path):
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     shards = tmp_path / "shards"
     synthesize_corpus(shards, SynthConfig(scale=0.005, length_scale=0.05, seed=4),

@@ -89,8 +89,8 @@ def test_a_torn_checkpoint_is_a_clear_error_not_a_traceback(tmp_path, capsys):
 
 
 def test_resume_refuses_a_crafted_checkpoint_before_any_code_runs(tmp_path, capsys):
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
     from carat.train import __main__ as train_main
 
     shards = tmp_path / "shards"
@@ -109,7 +109,7 @@ def test_resume_refuses_a_crafted_checkpoint_before_any_code_runs(tmp_path, caps
 
 
 def test_a_plain_pt_labels_file_needs_no_trust_but_a_pickle_does(tmp_path):
-    from carat.data.pickles import _unpickle
+    from carat.data.sources.pickles import _unpickle
     from carat.errors import DataError
 
     plain = tmp_path / "labels.pt"
@@ -125,8 +125,8 @@ def test_a_plain_pt_labels_file_needs_no_trust_but_a_pickle_does(tmp_path):
 def test_resume_refuses_crafted_optimizer_states_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     """The optimizer states are loaded inside DeepSpeed's engine, not by carat's pre-check: a crafted file there
     must still end the run with carat's one line naming it (it was a raw `[rank0]` traceback), and never run."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
     from carat.train import __main__ as train_main
     from tests.faults import fault_env
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from carat.config import load_config
-from carat.data import provision
+from carat.data.corpus import provision
 from carat.errors import DataError
 from carat.train import __main__ as train_main
 
@@ -33,7 +33,7 @@ def _fake_synthesis(calls: list[Path], delay: float = 0.0):
 @pytest.fixture
 def fake_synth(monkeypatch):
     calls: list[Path] = []
-    import carat.data.synth as synth
+    import carat.data.sources.synth as synth
 
     monkeypatch.setattr(synth, "synthesize_corpus", _fake_synthesis(calls, delay=0.3))
     return calls
@@ -46,8 +46,8 @@ def _digest(directory: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     out = tmp_path_factory.mktemp("real") / "corpus"
     synthesize_corpus(out, SynthConfig(scale=0.003, length_scale=0.03, seed=3),
@@ -122,7 +122,7 @@ def test_an_interrupted_train_time_synthesis_is_resumed_but_not_a_prepared_corpu
     provision.ensure_shards(_cfg(), shards)
     assert fake_synth == [shards]
     # prepare removes the marker: its (interrupted) output is real data from then on
-    from carat.data.prepare import PrepareConfig, prepare_corpus
+    from carat.data.corpus.prepare import PrepareConfig, prepare_corpus
 
     (shards / "manifest.parquet").unlink()
     (shards / "card.json").unlink()

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
-from carat.data.verify import require_verified, verify_corpus
-from carat.data.shards import (
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.corpus.verify import require_verified, verify_corpus
+from carat.data.corpus.shards import (
     FLOAT16_MAX, MANIFEST_FILE, SHARDS_FILE, StorageConfig, read_manifest, read_shard_table, tar_key,
     write_corpus,
 )

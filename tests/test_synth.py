@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from carat.data.card import ReferenceCollector, read_card
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
-from carat.data.synth import (
+from carat.data.corpus.card import ReferenceCollector, read_card
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.data.sources.synth import (
     CUE_STRENGTH, LENGTH_BOUNDS, ORACLE_METHOD, TINY_OVERRIDES, SynthConfig, SyntheticCorpus, cue_strength_table,
     plan_corpus, split_sizes, synthesize_corpus,
 )
@@ -153,8 +153,8 @@ def test_oracle_features_follow_the_planted_cues():
 
 
 def test_synthesize_corpus_writes_shards_manifest_card_deterministically(tmp_path):
-    from carat.data.shards import StorageConfig
-    from carat.data.verify import require_verified
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.corpus.verify import require_verified
 
     storage = StorageConfig(dtype="float32", shard_max_samples=16)
     cfg = SynthConfig(scale=0.004, length_scale=0.05, reference_max_train=40, reference_max_eval=20)

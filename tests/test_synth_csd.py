@@ -8,12 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from carat.data.card import read_card
-from carat.data.csd import CSD_FILES
-from carat.data.prepare import PrepareConfig, load_folds, prepare_corpus
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS
-from carat.data.synth import SynthConfig, SyntheticCorpus, split_sizes
-from carat.data.synth_csd import MAP_FILE, csd_key_map, video_layout, write_synthetic_csd
+from carat.data.corpus.card import read_card
+from carat.data.sources.csd import CSD_FILES
+from carat.data.corpus.prepare import PrepareConfig, load_folds, prepare_corpus
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS
+from carat.data.sources.synth import SynthConfig, SyntheticCorpus, split_sizes
+from carat.data.sources.synth_csd import MAP_FILE, csd_key_map, video_layout, write_synthetic_csd
 from tests.data_fixtures import read_corpus_samples
 
 CFG = SynthConfig(scale=0.02, length_scale=0.1, seed=11)

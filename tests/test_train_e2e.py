@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 from tests.faults import fault_env
 from tests.ports import free_port
 
@@ -84,7 +84,7 @@ def check_run_dir(run: Path, world: int) -> dict:
 
 
 def split_size(shards: Path, split: str) -> int:
-    from carat.data.shards import read_manifest
+    from carat.data.corpus.shards import read_manifest
 
     table = read_manifest(shards)
     return sum(1 for s in table.column("split").to_pylist() if s == split)

@@ -73,7 +73,7 @@ def test_reference_floor_is_read_from_the_card():
 
 
 def test_old_epoch_checkpoints_are_pruned(tmp_path):
-    from carat.train.loop import prune_checkpoints
+    from carat.train.checkpointer import prune_checkpoints
 
     for epoch in range(1, 5):
         (tmp_path / f"epoch-{epoch:03d}").mkdir()

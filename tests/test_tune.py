@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from carat.config import config_to_toml, load_config
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.errors import ConfigError
 from carat.tune.space import apply_params, ctc_choices, grid_points, param_space, search_ranges
 from carat.tune.sweep import plan_resources, sweep_name, trial_base
@@ -297,8 +297,8 @@ def run_sweep(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Two one-epoch trials, one worker each, side by side on a tiny corpus synthesized once beforehand."""
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     root = tmp_path_factory.mktemp("sweep")
     shards = root / "shards"

@@ -21,8 +21,8 @@ def test_a_killed_sweep_resumes_its_trial_from_the_trials_own_checkpoint(tmp_pat
     import signal
     import time
 
-    from carat.data.shards import StorageConfig
-    from carat.data.synth import SynthConfig, synthesize_corpus
+    from carat.data.corpus.shards import StorageConfig
+    from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
     EPOCHS = 4  # tiny epochs take a second or two: enough of them that the kill lands mid-run
     shards = tmp_path / "shards"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from carat.data.__main__ import main as data_main
-from carat.data.segment import SegmentRef
-from carat.data.shards import StorageConfig, read_manifest, tar_key, write_corpus
-from carat.data.verify import verify_corpus
+from carat.data.sources.segment import SegmentRef
+from carat.data.corpus.shards import StorageConfig, read_manifest, tar_key, write_corpus
+from carat.data.corpus.verify import verify_corpus
 from carat.errors import DataError
 from tests.test_shards import load_segment, make_refs, write_tiny
 
@@ -106,8 +106,8 @@ def test_a_missing_manifest_is_a_problem_not_a_traceback(tmp_path, capsys):
 
 
 def test_prepare_prints_a_modality_that_was_all_nan_in_the_source(tmp_path, capsys):
-    from carat.data.card import read_card
-    from carat.data.prepare import PrepareConfig, prepare_corpus
+    from carat.data.corpus.card import read_card
+    from carat.data.corpus.prepare import PrepareConfig, prepare_corpus
     from tests.data_fixtures import make_csd_fixture
 
     fx = make_csd_fixture(tmp_path / "csd")

@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from carat.data.shards import StorageConfig
-from carat.data.synth import SynthConfig, synthesize_corpus
+from carat.data.corpus.shards import StorageConfig
+from carat.data.sources.synth import SynthConfig, synthesize_corpus
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -36,7 +36,7 @@ def overrides(shards: Path, storage: Path, stage: int) -> list[str]:
 
 def merge(a, b):
     """One batch holding both ranks' samples, padded to the longer of each modality."""
-    from carat.data.batch import Batch
+    from carat.data.loader.batch import Batch
 
     fields = {"keys": a.keys + b.keys}
     for m in ("text", "visual", "audio"):
@@ -55,7 +55,7 @@ def worker(rank: int, world: int, port: int, shards: str, storage: str, out: str
                        "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
     from carat.config import load_config
-    from carat.data.loader import build_loader
+    from carat.data.loader.pipeline import build_loader
     from carat.train import dist
     from carat.train.launch import init_process_group
     from carat.train.loop import Trainer, WorkerContext

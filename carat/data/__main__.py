@@ -5,11 +5,14 @@ prepare  convert CMU-MOSEI you hold (.csd HDF5 files or a MulT-style pickle) int
 inspect  print a corpus' dataset card and write plots (lengths, labels, padding efficiency)
 verify   check every shard against the manifest; exit status 1 with a report naming shard and key
 
-synth, prepare and inspect read the config tree of ``python -m carat.train``: ``--config FILE.toml`` (the same
-file; its [synth], [storage], [prepare] and [loader] tables apply) and ``--section.key=value`` overrides, checked
-by the same code. Their flags (``--scale``, ``--dtype``, ``--nan-policy`` ...) are aliases of config keys: an
-unset flag leaves the config's value. Precedence: the preset (seed unless ``--preset``) < the ``--config`` file
-< the flags < ``--section.key=value``.
+synth, prepare and inspect read the config tree of ``python -m carat.train``, through the command line every
+carat command shares (:mod:`carat.cli`): ``--config FILE.toml`` (the same file; its [synth], [storage], [prepare]
+and [loader] tables apply), ``--section.key=value`` overrides, checked by the same code, and ``--show-config``.
+Some flags are documented shorthands of config keys (``--scale``, ``--seed``, ``--length-scale``, ``--dtype``,
+``--shard-max-mb``, ``--source``, ``--trust-pickle``, ``--no-reference``): an unset flag leaves the config's
+value. The other knobs are set as keys (``--synth.cue_layout=shuffled``, ``--prepare.nan_policy=error``); their
+old flags (``--cue-layout``, ``--nan-policy`` ...) still work for one release, with a deprecation line.
+Precedence: the preset (seed unless ``--preset``) < the ``--config`` file < the flags < ``--section.key=value``.
 
     python -m carat.data synth --out shards --preset tiny               # the quickstart's corpus
     python -m carat.data synth --out shards --config run.toml --synth.seed=3 --show-config
@@ -20,14 +23,11 @@ Errors a user can fix (missing files, bad data, bad options) print one line and 
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from carat.cli import Alias, add_aliases, add_config_arguments, alias_overrides, parse_command_line, tree_defaults
 from carat.errors import CaratError, ConfigError
 from carat.storage import as_location
 
@@ -40,112 +40,57 @@ _PICKLE_WARNING = (
 
 MIB = 1024 * 1024
 
-
-@dataclass(frozen=True)
-class ConfigAlias:
-    """A convenience flag that sets one config key; unset, the config's value stands."""
-
-    flag: str
-    """The command-line flag, e.g. ``--length-scale``."""
-    key: str
-    """The ``section.key`` it sets, e.g. ``synth.length_scale``."""
-    help: str
-    """What the value means; the help appends the key and its seed default."""
-    const: Any = None
-    """For a flag that takes no value (``--trust-pickle``): the value it sets."""
-    to_config: Callable[[float], Any] | None = None
-    """A float flag value -> the config value, where the units differ (``--shard-max-mb``: MiB -> bytes)."""
-    show_default: Callable[[Any], str] | None = None
-    """How the help writes the key's seed default (None: as the config file does)."""
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-    def override(self, value: Any) -> str:
-        """The ``--section.key=value`` that this flag's value stands for."""
-        return f"--{self.key}={self.to_config(value) if self.to_config is not None else value}"
-
-
-SYNTH_ALIASES: tuple[ConfigAlias, ...] = (
-    ConfigAlias("--scale", "synth.scale", "fraction of the real split sizes"),
-    ConfigAlias("--seed", "synth.seed", "random seed: same seed, same bytes"),
-    ConfigAlias("--length-scale", "synth.length_scale",
-                "shrink all sequence lengths by this factor, for fast CPU tests only"),
+# Shorthands name what a command makes and from what: the corpus' size and seed, its storage format, the source and
+# the pickle confirmation. The knobs of the planted signal, the cleaning policies and the rest are config keys;
+# their flags are deprecated (README, Changelog) and still work for one release.
+SYNTH_ALIASES: tuple[Alias, ...] = (
+    Alias("--scale", "synth.scale", "fraction of the real split sizes"),
+    Alias("--seed", "synth.seed", "random seed: same seed, same bytes"),
+    Alias("--length-scale", "synth.length_scale",
+          "shrink all sequence lengths by this factor, for fast CPU tests only"),
 )
-STRUCTURE_ALIASES: tuple[ConfigAlias, ...] = (
-    ConfigAlias("--cue-strength", "synth.cue_strength", "amplitude of a planted cue in background-noise units"),
-    ConfigAlias("--cue-layout", "synth.cue_layout",
-                "which modality carries which emotion: the default table, or each emotion's row permuted across "
-                "modalities from the seed"),
-    ConfigAlias("--feature-scale-spread", "synth.feature_scale_spread",
-                "log-std of the per-dimension feature scale (~2.0 mimics real COVAREP/FACET magnitudes)"),
-    ConfigAlias("--feature-mean-spread", "synth.feature_mean_spread",
-                "std of the per-dimension feature mean, in feature units"),
-    ConfigAlias("--label-noise", "synth.label_noise", "probability that a present emotion leaves no cue at all"),
+STRUCTURE_ALIASES: tuple[Alias, ...] = (
+    Alias("--cue-strength", "synth.cue_strength", "amplitude of a planted cue in background-noise units",
+          deprecated=True),
+    Alias("--cue-layout", "synth.cue_layout",
+          "which modality carries which emotion: the default table, or each emotion's row permuted across "
+          "modalities from the seed", deprecated=True),
+    Alias("--feature-scale-spread", "synth.feature_scale_spread",
+          "log-std of the per-dimension feature scale (~2.0 mimics real COVAREP/FACET magnitudes)", deprecated=True),
+    Alias("--feature-mean-spread", "synth.feature_mean_spread",
+          "std of the per-dimension feature mean, in feature units", deprecated=True),
+    Alias("--label-noise", "synth.label_noise", "probability that a present emotion leaves no cue at all",
+          deprecated=True),
 )
-STORAGE_ALIASES: tuple[ConfigAlias, ...] = (
-    ConfigAlias("--dtype", "storage.dtype", "feature dtype on disk (float16: half the bytes)"),
-    ConfigAlias("--shard-max-mb", "storage.shard_max_bytes", "target shard size in MiB",
-                to_config=lambda mib: int(mib * MIB), show_default=lambda n: f"{n} ({n / MIB:g} MiB)"),
-    ConfigAlias("--shard-max-samples", "storage.shard_max_samples", "cap on samples per shard"),
+STORAGE_ALIASES: tuple[Alias, ...] = (
+    Alias("--dtype", "storage.dtype", "feature dtype on disk (float16: half the bytes)"),
+    Alias("--shard-max-mb", "storage.shard_max_bytes", "target shard size in MiB",
+          to_config=lambda mib: int(mib * MIB), show_default=lambda n: f"{n} ({n / MIB:g} MiB)"),
+    Alias("--shard-max-samples", "storage.shard_max_samples", "cap on samples per shard", deprecated=True),
 )
-PREPARE_ALIASES: tuple[ConfigAlias, ...] = (
-    ConfigAlias("--source", "prepare.source", "csd: a directory of the four CMU-MultimodalSDK files; pickle: a "
-                                              "MulT-style pickle"),
-    ConfigAlias("--trust-pickle", "prepare.trust_pickle",
-                "confirm the pickle (and a .pt/.pkl labels file) is trusted: unpickling executes code", const=True),
-    ConfigAlias("--nan-policy", "prepare.nan_policy", "NaN values: replace by 0 (counted in the card), or stop"),
-    ConfigAlias("--inf-policy", "prepare.inf_policy",
-                "+-inf values: zero, clip to the finite range of that dimension in the segment, or error"),
-    ConfigAlias("--on-error", "prepare.on_error",
-                "corrupt data (wrong dims, mismatched ids): raise, or skip and count in the card"),
-    ConfigAlias("--no-reference", "prepare.reference", "skip the reference scorer in the card", const=False),
+PREPARE_ALIASES: tuple[Alias, ...] = (
+    Alias("--source", "prepare.source", "csd: a directory of the four CMU-MultimodalSDK files; pickle: a "
+                                        "MulT-style pickle"),
+    Alias("--trust-pickle", "prepare.trust_pickle",
+          "confirm the pickle (and a .pt/.pkl labels file) is trusted: unpickling executes code", const=True),
+    Alias("--nan-policy", "prepare.nan_policy", "NaN values: replace by 0 (counted in the card), or stop",
+          deprecated=True),
+    Alias("--inf-policy", "prepare.inf_policy",
+          "+-inf values: zero, clip to the finite range of that dimension in the segment, or error", deprecated=True),
+    Alias("--on-error", "prepare.on_error",
+          "corrupt data (wrong dims, mismatched ids): raise, or skip and count in the card", deprecated=True),
+    Alias("--no-reference", "prepare.reference", "skip the reference scorer in the card", const=False),
 )
-LOADER_ALIASES: tuple[ConfigAlias, ...] = (
-    ConfigAlias("--token-budget", "loader.token_budget", "padded frames per batch for the padding-efficiency plot"),
+LOADER_ALIASES: tuple[Alias, ...] = (
+    Alias("--token-budget", "loader.token_budget", "padded frames per batch for the padding-efficiency plot",
+          deprecated=True),
 )
 
 
-def _toml_word(value: Any) -> str:
-    """A default as the config file writes it: true, "float16", none."""
-    if value is None or isinstance(value, bool):
-        return str(value).lower()
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
-
-def _alias_kwargs(alias: ConfigAlias, defaults: CaratConfig) -> dict[str, Any]:
-    """argparse options for an alias, read off its config field: type or choices, the seed default in the help."""
-    section, key = alias.key.split(".", 1)
-    default = getattr(getattr(defaults, section), key)
-    kwargs: dict[str, Any] = {"dest": alias.dest, "default": None}  # None: the flag was not given
-    if alias.const is not None:
-        return {**kwargs, "action": "store_const", "const": alias.const,
-                "help": f"{alias.help} (sets [{section}] {key} = {_toml_word(alias.const)}; "
-                        f"default {_toml_word(default)})"}
-    tp = typing.get_type_hints(type(getattr(defaults, section)))[key]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int | None`: the flag gives the int
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is Literal:
-        kwargs["choices"] = typing.get_args(tp)
-    else:
-        kwargs["type"] = float if alias.to_config is not None else tp
-    shown = (alias.show_default or _toml_word)(default)
-    kwargs["help"] = f"{alias.help} (default: [{section}] {key} = {shown})"
-    return kwargs
-
-
-def _add_aliases(group: argparse._ArgumentGroup, aliases: Sequence[ConfigAlias], defaults: CaratConfig) -> None:
-    for alias in aliases:
-        group.add_argument(alias.flag, **_alias_kwargs(alias, defaults))
-
-
-def _add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...], aliases: tuple[ConfigAlias, ...],
+def _add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...], aliases: tuple[Alias, ...],
                      required: tuple[str, ...]) -> None:
     """--config, --preset and --show-config for a command that reads ``sections`` of the tree through
     ``aliases`` and ``--section.key=value``; ``required`` arguments may be left out with --show-config."""
-    from carat.config import add_config_arguments
-
     tables = ", ".join(f"[{s}]" for s in sections)
     add_config_arguments(
         p.add_argument_group("configuration (the config tree of python -m carat.train)"),
@@ -153,9 +98,9 @@ def _add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...], alia
         preset_help="defaults to start from (default: the file's preset with --config, else seed)",
         show_help=f"print the resolved {tables}, every key documented, and exit")
     keys = ", ".join(f"--{s}.KEY=VALUE" for s in sections)
-    p.epilog = (f"Any key of {tables}: {keys}. The flags above are aliases of config keys: an unset flag leaves "
-                "the config's value (the seed defaults shown, or those of --config / --preset). Precedence: preset "
-                "< --config file < flags < --section.key=value.")
+    p.epilog = (f"Any key of {tables}: {keys}. Some flags above are shorthands of config keys: an unset flag "
+                "leaves the config's value (the seed defaults shown, or those of --config / --preset). Precedence: "
+                "preset < --config file < flags < --section.key=value.")
     p.set_defaults(sections=sections, aliases=aliases, required=required, command_parser=p)
 
 
@@ -164,17 +109,17 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
-def _add_storage_args(p: argparse.ArgumentParser, defaults: CaratConfig) -> None:
-    _add_aliases(p.add_argument_group("storage"), STORAGE_ALIASES, defaults)
+def _add_storage_args(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
+    add_aliases(p.add_argument_group("storage"), STORAGE_ALIASES, defaults)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
 def _cmd_synth(args: argparse.Namespace, cfg: CaratConfig) -> int:
-    from carat.data.synth import split_sizes, synthesize_corpus
+    from carat.data.sources.synth import split_sizes, synthesize_corpus
 
     sizes = split_sizes(cfg.synth)
     if args.format == "csd":
-        from carat.data.synth_csd import write_synthetic_csd
+        from carat.data.sources.synth_csd import write_synthetic_csd
 
         print(f"exporting {sum(sizes.values())} synthetic segments {sizes} as CMU-MultimodalSDK .csd files into "
               f"{args.out} (seed {cfg.synth.seed}, length_scale {cfg.synth.length_scale})", file=sys.stderr)
@@ -190,7 +135,7 @@ def _cmd_synth(args: argparse.Namespace, cfg: CaratConfig) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace, cfg: CaratConfig) -> int:
-    from carat.data.prepare import prepare_corpus
+    from carat.data.corpus.prepare import prepare_corpus
 
     overrides = {m: Path(p) for m, p in (("text", args.text_file), ("visual", args.visual_file),
                                          ("audio", args.audio_file), ("labels", args.labels_csd)) if p}
@@ -203,8 +148,8 @@ def _cmd_prepare(args: argparse.Namespace, cfg: CaratConfig) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace, cfg: CaratConfig) -> int:
-    from carat.data.card import oracle_lines, read_card
-    from carat.data.inspect import inspect_corpus
+    from carat.data.corpus.card import oracle_lines, read_card
+    from carat.data.corpus.inspect import inspect_corpus
 
     report = inspect_corpus(as_location(args.dir), plots_dir=Path(args.plots) if args.plots else None,
                             plots=not args.no_plots, loader=cfg.loader)
@@ -216,7 +161,7 @@ def _cmd_inspect(args: argparse.Namespace, cfg: CaratConfig) -> int:
 
 def _cmd_verify(args: argparse.Namespace, cfg: CaratConfig | None) -> int:
     """verify reads no configuration (``cfg`` is None): the corpus says what it should hold."""
-    from carat.data.verify import verify_corpus
+    from carat.data.corpus.verify import verify_corpus
 
     report = verify_corpus(as_location(args.dir), "quick" if args.quick else "full")
     print(report.format(limit=args.max_problems))
@@ -226,7 +171,7 @@ def _cmd_verify(args: argparse.Namespace, cfg: CaratConfig | None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from carat.config import CaratConfig
 
-    defaults = CaratConfig()  # the seed values, for the help
+    defaults = tree_defaults(CaratConfig())  # the seed values, for the help
     parser = argparse.ArgumentParser(prog="python -m carat.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,prepare,inspect,verify}")
@@ -240,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards: carat's sorted WebDataset shards + card (default); csd: the four CMU-MultimodalSDK "
                         ".csd files of CMU-MOSEI (standard-fold video ids), to run `prepare --source csd` on; "
                         "storage and reference options apply to shards only")
-    _add_aliases(p.add_argument_group("corpus size"), SYNTH_ALIASES, defaults)
+    add_aliases(p.add_argument_group("corpus size"), SYNTH_ALIASES, defaults)
     p.add_argument("--no-reference", action="store_true", help="skip the reference scorer in the card")
-    _add_aliases(p.add_argument_group("planted structure"), STRUCTURE_ALIASES, defaults)
+    add_aliases(p.add_argument_group("planted structure"), STRUCTURE_ALIASES, defaults)
     _add_storage_args(p, defaults)
     _add_config_args(p, ("synth", "storage"), SYNTH_ALIASES + STRUCTURE_ALIASES + STORAGE_ALIASES, ("--out",))
     p.set_defaults(func=_cmd_synth)
@@ -262,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-csd", help="csd: override the labels file path")
     p.add_argument("--labels", help="pickle: emotion labels (.npy/.npz [N,6] 0/1 per split, or CARAT-style "
                                     "token lists [BOS, e..., EOS] with tokens 4..9 = happy..fear)")
-    _add_aliases(p.add_argument_group("source and cleaning"), PREPARE_ALIASES, defaults)
+    add_aliases(p.add_argument_group("source and cleaning"), PREPARE_ALIASES, defaults)
     _add_storage_args(p, defaults)
     _add_config_args(p, ("prepare", "storage"), PREPARE_ALIASES + STORAGE_ALIASES, ("--input", "--out"))
     p.set_defaults(func=_cmd_prepare)
@@ -273,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", help="corpus directory (with card.json and manifest.parquet); required")
     p.add_argument("--plots", help="plot directory (default DIR/plots)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
-    _add_aliases(p.add_argument_group("batching"), LOADER_ALIASES, defaults)
+    add_aliases(p.add_argument_group("batching"), LOADER_ALIASES, defaults)
     _add_config_args(p, ("loader",), LOADER_ALIASES, ("dir",))
     p.set_defaults(func=_cmd_inspect)
 
@@ -288,23 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reject_unknown_flags(args: argparse.Namespace, extras: list[str]) -> None:
-    """argparse's exit status 2 for what is neither a flag of the command nor a ``--section.key[=value]``
-    override (those are left to carat.config, which names an unknown key and suggests one)."""
-    p: argparse.ArgumentParser = args.command_parser
-    wants_value = False  # the previous extra was `--section.key` without `=value`
-    for arg in extras:
-        name = arg.split("=", 1)[0]
-        if wants_value:
-            wants_value = False
-        elif args.sections and name.startswith("--") and "." in name:
-            wants_value = "=" not in arg
-        else:
-            known = [s for action in p._actions for s in action.option_strings]
-            close = difflib.get_close_matches(name, known, n=1)
-            p.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {close[0]}?)" if close else ""))
-
-
 def resolve_config(args: argparse.Namespace, extras: list[str]) -> CaratConfig:
     """The command's config: the preset (seed unless --preset, or the --config file's own), the file, the alias
     flags given, then the ``--section.key=value`` overrides; keys of sections the command does not read are
@@ -317,18 +245,8 @@ def resolve_config(args: argparse.Namespace, extras: list[str]) -> CaratConfig:
             raise ConfigError(f"--{section}.{key} has no effect on `{args.command}`, which reads "
                               f"{', '.join(f'[{s}]' for s in args.sections)}; put it in the --config file of "
                               "carat.train instead")
-    flags = [a.override(getattr(args, a.dest)) for a in args.aliases if getattr(args, a.dest) is not None]
-    return load_config(preset=args.preset or "seed", file=args.config, overrides=flags + list(extras))
-
-
-def describe_sections(cfg: CaratConfig, sections: Sequence[str]) -> str:
-    """``describe_config`` limited to the preset line and ``sections``: TOML that --config reads back."""
-    from carat.config import describe_config
-
-    # describe_config separates section tables by a blank line, and no line inside a table starts with "["
-    head, *tables = describe_config(cfg).split("\n\n[")
-    kept = [f"[{t.rstrip()}" for t in tables if t.split("]", 1)[0] in sections]
-    return "\n\n".join([head.rstrip(), *kept]) + "\n"
+    return load_config(preset=args.preset or "seed", file=args.config,
+                       overrides=alias_overrides(args, args.aliases) + list(extras))
 
 
 def _check_required(args: argparse.Namespace) -> None:
@@ -340,19 +258,15 @@ def _check_required(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; returns the exit status (CaratError -> one line on stderr, status 1)."""
-    from carat.config import split_overrides
-
-    parser = build_parser()
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args, unknown = parser.parse_known_args(rest)
-    extras = unknown + overrides
-    _reject_unknown_flags(args, extras)
+    args, extras = parse_command_line(build_parser(), argv)
     try:
         cfg = None
         if args.sections:
             cfg = resolve_config(args, extras)
             if args.show_config:
-                print(describe_sections(cfg, args.sections), end="")
+                from carat.config import describe_config
+
+                print(describe_config(cfg, args.sections), end="")
                 return 0
             _check_required(args)
         return int(args.func(args, cfg))

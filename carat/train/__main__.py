@@ -18,20 +18,28 @@ import argparse  # noqa: E402  (the imports follow the wait policy on purpose)
 import sys
 from pathlib import Path
 
-from carat.config import CaratConfig, cli_config, config_parser, describe_config
+from carat.cli import Alias, add_aliases, alias_overrides, cli_config, config_parser, tree_defaults
+from carat.config import CaratConfig, describe_config
 from carat.errors import CaratError, ConfigError
 from carat.report import summary_lines
 from carat.storage import resolved
 from carat.train.rundir import new_run_name
-from carat.train.runsync import staged_storage, synced_run
-from carat.data.provision import SYNTH_IN_PROGRESS, check_corpus_fits_model, ensure_shards, verify_once
+from carat.train.runsync import POLL_S, staged_storage, synced_run
+from carat.data.corpus.provision import SYNTH_IN_PROGRESS, check_corpus_fits_model, ensure_shards, verify_once
+
+
+ALIASES: tuple[Alias, ...] = (
+    Alias("--launcher", "train.launcher"),
+    Alias("--run-name", "train.run_name", "run directory name under train.storage_path; reusing a name resumes "
+                                          "that run"),
+)
+"""Documented shorthands of [train] keys (carat.cli)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = config_parser("python -m carat.train", __doc__, "synth storage prepare loader model loss optim train",
                            "TOML file with [section] tables (see configs/)")
-    parser.add_argument("--launcher", choices=("ray", "deepspeed", "none"), help="same as --train.launcher")
-    parser.add_argument("--run-name", help="same as --train.run_name; reusing a name resumes that run")
+    add_aliases(parser, ALIASES, tree_defaults(CaratConfig()))
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -39,11 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namespace]:
     args, overrides = build_parser().parse_known_args(argv)
-    if args.launcher:
-        overrides.append(f"--train.launcher={args.launcher}")
-    if args.run_name:
-        overrides.append(f"--train.run_name={args.run_name}")
-    return cli_config(args, overrides), args
+    return cli_config(args, alias_overrides(args, ALIASES) + overrides), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         ensure_once(cfg, shard_dir, launcher)
         verify_once(cfg, shard_dir)
         check_corpus_fits_model(cfg, shard_dir)
-        with run_dir_lock(run_dir), synced_run(run_dir, cfg.train.storage_path):
+        # Under Ray the workers mirror the run while it trains; the driver sends what is left at the end.
+        mirror_every = None if launcher == "ray" else POLL_S
+        with run_dir_lock(run_dir), synced_run(run_dir, cfg.train.storage_path, poll_s=mirror_every):
             if cfg.train.ensemble_size > 1:
                 if not train_ensemble_members(cfg, run_dir, shard_dir):
                     return 0

@@ -190,15 +190,38 @@ def write_completion_marker(tag_dir: Path, files: dict[str, int], info: dict[str
     write_text_atomic(tag_dir / COMPLETE_FILE, json.dumps({**doc, **info}, indent=1, default=str) + "\n")
 
 
+WRITTEN_HOOKS: list[Callable[[], None]] = []
+"""Called on every rank once its files of a checkpoint are on disk, before rank 0 vouches for them: the mirror
+of this host's copy of a run in object storage (carat.train.runsync) uploads them there, so the bucket never
+holds a marker for files another host has not sent yet."""
 COMMIT_HOOKS: list[Callable[[Path, str], None]] = []
-"""Called in this process after ``latest`` points at a newly committed tag (carat.train.runsync mirrors the run
-directory to object storage there)."""
+"""Called on rank 0 once a checkpoint is committed (``latest`` points at a new tag, or best/ was swapped in):
+the run's mirror uploads what vouches for it (carat.train.runsync)."""
+
+
+FETCH_HOOKS: list[Callable[[Path], None]] = []
+"""Called, on the ranks that keep a host's copy of a run in object storage, before they read a committed tag
+folder: the mirror (carat.train.runsync) fetches the tag's files that other hosts wrote."""
+
+
+def fetch_written_elsewhere(tag_dir: Path) -> None:
+    for hook in list(FETCH_HOOKS):
+        hook(tag_dir)
+
+
+def files_written() -> None:
+    for hook in list(WRITTEN_HOOKS):
+        hook()
+
+
+def committed(root: Path, tag: str) -> None:
+    for hook in list(COMMIT_HOOKS):
+        hook(root, tag)
 
 
 def write_latest(root: Path, tag: str) -> None:
     write_text_atomic(root / LATEST_FILE, tag)
-    for hook in list(COMMIT_HOOKS):
-        hook(root, tag)
+    committed(root, tag)
 
 
 def clear_tag(tag_dir: Path) -> None:
@@ -457,7 +480,7 @@ def corpus_fingerprint(shard_dir: Path) -> str | None:
     """A short hash of the corpus' shard table (each shard's path and sha256): equal iff the same shards."""
     import hashlib
 
-    from carat.data.shards import read_shard_table
+    from carat.data.corpus.shards import read_shard_table
 
     try:
         shards = read_shard_table(shard_dir)

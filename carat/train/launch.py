@@ -18,6 +18,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import torch
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict
 from carat.errors import CaratError
-from carat.storage import as_location
+from carat.storage import arrow_filesystem, as_location, is_url
 from carat.threads import WAIT_POLICY_ENV, available_cpus, wait_policy
 from carat.train import dist
 from carat.train.network import bind_gloo_to_master_route
 from carat.train.checkpoint import usable_ray_checkpoint
+from carat.train.runsync import RAY_TRAIN_OBJECTS, fetch_run_files, host_mirror, staged_storage
 from carat.train.loop import WorkerContext, run_training
 
 
@@ -100,14 +102,19 @@ def launch_in_process(cfg: CaratConfig, run_dir: Path, shard_dir: Path, launcher
     gpu = use_gpu(cfg)
     prepare_worker_env(gpu)
     init_process_group(gpu)
-    # Every rank must agree on the run name even if their clocks straddle a second.
-    run_dir = Path(dist.broadcast_object(str(run_dir)))
-    checkpoints = run_dir / "checkpoints"
-    ctx = WorkerContext(
-        launcher=launcher, run_dir=run_dir, shard_dir=shard_dir, report=lambda metrics, path: None,
-        resume_dir=checkpoint_to_resume(checkpoints), checkpoint_root=checkpoints,
-    )
-    return run_training(cfg, ctx)
+    # Every rank must agree on the run name even if their clocks straddle a second; the folder above it is
+    # this host's (a run in object storage is staged on each host, carat.train.runsync).
+    run_dir = run_dir.parent / dist.broadcast_object(run_dir.name)
+    host_copy = dist.rank() != 0 and dist.local_rank() == 0 and is_url(cfg.train.storage_path)
+    with host_mirror(run_dir, cfg.train.storage_path, host_copy):
+        dist.barrier()  # every host holds the run before any rank looks for a checkpoint to resume
+        checkpoints = run_dir / "checkpoints"
+        ctx = WorkerContext(
+            launcher=launcher, run_dir=run_dir, shard_dir=shard_dir, report=lambda metrics, path: None,
+            resume_dir=checkpoint_to_resume(checkpoints), checkpoint_root=checkpoints,
+            host_copy=host_copy,
+        )
+        return run_training(cfg, ctx)
 
 
 def leave_process_group() -> None:
@@ -166,23 +173,48 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(_scalar_metrics(record), checkpoint=checkpoint)
 
+    place = RayRunPlace.of_this_worker(loop_config, ray.train.get_context().get_local_rank())
+
     def run(resume_dir: Path | None) -> None:
-        ctx = WorkerContext(launcher="ray", run_dir=Path(loop_config["run_dir"]),
-                            shard_dir=as_location(loop_config["shard_dir"]), report=report, resume_dir=resume_dir)
+        ctx = WorkerContext(launcher="ray", run_dir=place.run_dir, shard_dir=as_location(loop_config["shard_dir"]),
+                            report=report, resume_dir=resume_dir, host_copy=place.host_copy)
         run_training(cfg, ctx)
 
-    final = FinalError(Path(loop_config["run_dir"]), loop_config["attempt"])
-    final.raise_if_recorded()
-    try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            run(None)
-        else:
-            with checkpoint.as_directory() as directory:
-                run(usable_ray_checkpoint(Path(directory), Path(loop_config["run_dir"])))
-    except CaratError as error:
-        final.record(error)
-        raise
+    with host_mirror(place.run_dir, place.storage_url or "", place.mirrored, owner=dist.rank() == 0,
+                     not_fetched=RAY_TRAIN_OBJECTS):
+        dist.barrier()  # every host holds the run before any rank reads it
+        final = FinalError(place.run_dir, loop_config["attempt"], place.storage_url)
+        final.raise_if_recorded()
+        try:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                run(None)
+            else:
+                with checkpoint.as_directory() as directory:
+                    run(usable_ray_checkpoint(Path(directory), place.run_dir))
+        except CaratError as error:
+            final.record(error)
+            raise
+
+
+@dataclass(frozen=True)
+class RayRunPlace:
+    """Where a Ray worker keeps the run directory. On a volume: the driver's path, shared by every node. In
+    object storage (``storage_url``): each host's own staged copy (carat.train.runsync), kept and mirrored by one
+    worker per host (``mirrored``: rank 0, and local rank 0 elsewhere, ``host_copy``)."""
+
+    run_dir: Path
+    storage_url: str | None
+    host_copy: bool
+    mirrored: bool
+
+    @staticmethod
+    def of_this_worker(loop_config: dict[str, Any], local_rank: int) -> "RayRunPlace":
+        run_dir, url = Path(loop_config["run_dir"]), loop_config.get("storage_url")
+        if not url:
+            return RayRunPlace(run_dir, None, False, False)
+        keeps = dist.rank() == 0 or local_rank == 0
+        return RayRunPlace(staged_storage(url) / run_dir.name, url, keeps and dist.rank() != 0, keeps)
 
 
 class FinalError:
@@ -194,26 +226,44 @@ class FinalError:
     it into the run directory, keyed by this fit's attempt id, and the restarted workers raise it at once.
     """
 
-    def __init__(self, run_dir: Path, attempt: str):
+    def __init__(self, run_dir: Path, attempt: str, storage_url: str | None = None):
         self.path = run_dir / f".final-error-{attempt}.json"
+        self.remote = as_location(storage_url) / run_dir.name / self.path.name if storage_url else None
+        """A run in object storage has no directory every node sees: there the bucket holds the error."""
 
     def record(self, error: CaratError) -> None:
         from carat.atomic import write_text_atomic
 
+        text = json.dumps({"type": type(error).__name__, "message": str(error)})
         with contextlib.suppress(OSError):  # a run directory gone or read-only: Ray retries as before
-            write_text_atomic(self.path, json.dumps({"type": type(error).__name__, "message": str(error)}))
+            write_text_atomic(self.path, text)
+        if self.remote is not None:
+            with contextlib.suppress(CaratError):  # the store down as well: Ray retries as before
+                self.remote.write_bytes(text.encode())
 
     def raise_if_recorded(self) -> None:
         try:
             recorded = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return
-        raise CaratError(recorded["message"])
+            recorded = self._recorded_remotely()
+        if recorded is not None:
+            raise CaratError(recorded["message"])
+
+    def _recorded_remotely(self) -> dict[str, Any] | None:
+        if self.remote is None:
+            return None
+        try:
+            return json.loads(self.remote.read_bytes()) if self.remote.is_file() else None
+        except (CaratError, ValueError):
+            return None
 
     @staticmethod
-    def clear(run_dir: Path) -> None:
+    def clear(run_dir: Path, storage_url: str | None = None) -> None:
         for path in run_dir.glob(".final-error-*.json"):
             path.unlink(missing_ok=True)
+        if storage_url:
+            for path in (as_location(storage_url) / run_dir.name).glob(".final-error-*.json"):
+                path.unlink(missing_ok=True)
 
 
 def _cluster_gpus() -> float | None:
@@ -295,10 +345,12 @@ def quiet_local_ray_defaults() -> None:
 
 
 def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: list | None = None,
-                  num_workers: int | None = None, cpus_per_rank: float | None = None):
+                  num_workers: int | None = None, cpus_per_rank: float | None = None,
+                  storage_url: str | None = None):
     """The one TorchTrainer of carat: ``python -m carat.train`` fits it, each ``carat.tune`` trial builds it
     with its own config, run directory (the Ray run name is the directory name: rerunning resumes it) and
-    Tune's report callback."""
+    Tune's report callback. ``storage_url``: the run lives in object storage under it (``run_dir`` is the
+    driver's staged copy); Ray Train then keeps its checkpoints there itself, so every node reaches them."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -312,12 +364,12 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     return TorchTrainer(
         ray_worker,
         train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "shard_dir": str(shard_dir),
-                           "attempt": uuid.uuid4().hex},
+                           "attempt": uuid.uuid4().hex, "storage_url": storage_url},
         # GPU ranks pack (one per GPU, NVLink within a node); CPU ranks spread, so every node's cores work
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
                                      placement_strategy="PACK" if gpu else "SPREAD"),
         run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=run_dir.name, **ray_storage(run_dir, storage_url),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks or []),
@@ -331,6 +383,14 @@ def build_trainer(cfg: CaratConfig, run_dir: Path, shard_dir: Path, callbacks: l
     )
 
 
+def ray_storage(run_dir: Path, storage_url: str | None) -> dict[str, Any]:
+    """RunConfig's storage: the run directory's folder, or the bucket as a pyarrow filesystem."""
+    if not storage_url:
+        return {"storage_path": str(run_dir.parent)}
+    filesystem, path = arrow_filesystem(as_location(storage_url))
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
 def read_results(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
@@ -340,12 +400,15 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 
 def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, Any]:
     ensure_ray()
+    storage_url = cfg.train.storage_path if is_url(cfg.train.storage_path) else None
     try:
-        result = build_trainer(cfg, run_dir, shard_dir).fit()
+        result = build_trainer(cfg, run_dir, shard_dir, storage_url=storage_url).fit()
     except Exception as error:  # Ray 2.60's fit raises the worker group's failure itself
         raise worker_carat_error(error) or error from None
     finally:
-        FinalError.clear(run_dir)
+        FinalError.clear(run_dir, storage_url)
+        if storage_url:  # rank 0 may have run on another node: its files reach this one through the bucket
+            fetch_run_files(run_dir, storage_url)
     if result.error is not None:
         raise worker_carat_error(result.error) or result.error
     return read_results(run_dir)

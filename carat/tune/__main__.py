@@ -22,24 +22,29 @@ import argparse  # noqa: E402  (the imports follow the wait policy on purpose)
 import sys
 from pathlib import Path
 
-from carat.config import CaratConfig, cli_config, config_parser, describe_config
+from carat.cli import Alias, add_aliases, alias_overrides, cli_config, config_parser, tree_defaults
+from carat.config import CaratConfig, describe_config
 from carat.errors import CaratError, ConfigError
 from carat.storage import is_url, resolved
+
+
+ALIASES: tuple[Alias, ...] = (
+    Alias("--sweep-name", "tune.sweep_name", "sweep directory name; reusing a name resumes that sweep"),
+)
+"""Documented shorthand of a [tune] key (carat.cli)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = config_parser("python -m carat.tune", __doc__,
                            "synth storage prepare loader model loss optim train tune",
                            "TOML file with [section] tables, [tune] included")
-    parser.add_argument("--sweep-name", help="same as --tune.sweep_name; reusing a name resumes that sweep")
+    add_aliases(parser, ALIASES, tree_defaults(CaratConfig()))
     return parser
 
 
 def resolve_config(argv: list[str] | None) -> tuple[CaratConfig, argparse.Namespace]:
     args, overrides = build_parser().parse_known_args(argv)
-    if args.sweep_name:
-        overrides.append(f"--tune.sweep_name={args.sweep_name}")
-    return cli_config(args, overrides), args
+    return cli_config(args, alias_overrides(args, ALIASES) + overrides), args
 
 
 def sweep_storage(cfg: CaratConfig) -> Path:
@@ -57,7 +62,7 @@ def run_sweep(cfg: CaratConfig) -> Path:
     """Make the shards once, run (or resume) the sweep, write its table, plots and best.toml."""
     import ray
 
-    from carat.data.provision import ensure_shards
+    from carat.data.corpus.provision import ensure_shards
     from carat.train.launch import ensure_ray
     from carat.tune.report import best_config, best_row, plot_sweep, trial_rows, write_best, write_table
     from carat.tune.sweep import build_tuner, metric_key, plan_resources, sweep_name, trial_base

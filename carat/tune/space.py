@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from carat.config import CaratConfig, config_from_dict, config_to_dict
-from carat.data.segment import EMOTIONS
+from carat.data.sources.segment import EMOTIONS
 from carat.errors import ConfigError
 
 POS_WEIGHT_PREFIX = "loss.pos_weight."

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from carat.data.card import IssueLog
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.corpus.card import IssueLog
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.errors import DataError
 
 CSD_FILES: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""The ``[prepare]`` section: how a real-data source is read and cleaned (the code is :mod:`carat.data.prepare`,
+"""The ``[prepare]`` section: how a real-data source is read and cleaned (the code is :mod:`carat.data.corpus.prepare`,
 whose docstring gives the policies).
 
 Kept apart from that code so that reading a configuration (:mod:`carat.config`) loads no data libraries.

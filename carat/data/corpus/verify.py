@@ -12,7 +12,7 @@ Two depths:
   intensities in [0, 3]. Finite garbage in a payload fails the sha256 and the sample's hash.
 
 Training runs ``quick`` at start; the loader checks every sample's hash as it reads it (see
-:mod:`carat.data.tar_reader`), so payload damage that ``quick`` cannot see still stops a run naming the sample.
+:mod:`carat.data.loader.tar_reader`), so payload damage that ``quick`` cannot see still stops a run naming the sample.
 
 Each problem names the shard and, where there is one, the sample key. The report says what was checked.
 """
@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from carat.data.segment import MODALITIES
+from carat.data.sources.segment import MODALITIES
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location, with_retries
 
@@ -75,7 +75,7 @@ class VerifyReport:
 
 def _check_tables(out_dir: Path, report: VerifyReport):
     """The manifest rows grouped by shard, after checking them against the shard table (problems recorded)."""
-    from carat.data.shards import MANIFEST_FILE, SHARDS_FILE, read_manifest, read_shard_table, sample_hashes_of
+    from carat.data.corpus.shards import MANIFEST_FILE, SHARDS_FILE, read_manifest, read_shard_table, sample_hashes_of
 
     try:
         manifest = read_manifest(out_dir)
@@ -114,7 +114,7 @@ def _check_tables(out_dir: Path, report: VerifyReport):
 def _check_unlisted(out_dir: Path, shards: list, report: VerifyReport) -> None:
     """A tar in a split folder that the shard table does not list: a stale or foreign file beside the corpus
     (the loader never reads it, but a corpus is one writer's output)."""
-    from carat.data.shards import SHARDS_FILE
+    from carat.data.corpus.shards import SHARDS_FILE
 
     listed = {info.shard for info in shards}
     for split in sorted({info.split for info in shards}):
@@ -148,7 +148,7 @@ def _local_copy(path: Path | ObjectPath) -> Iterator[Path]:
 
 def _check_headers(path: Path | ObjectPath, rel: str, rows: list[dict], report: VerifyReport) -> None:
     """At each manifest offset, a ustar header whose member name starts with the sample's tar key."""
-    from carat.data.shards import tar_key
+    from carat.data.corpus.shards import tar_key
 
     headers = _read_headers(path, [int(row["offset"]) for row in rows])
     for row, header in zip(rows, headers):
@@ -164,7 +164,7 @@ def _check_headers(path: Path | ObjectPath, rel: str, rows: list[dict], report: 
 
 def _sample_problems(sample: dict, row: dict) -> list[str]:
     """What is wrong with one decoded sample (empty: nothing)."""
-    from carat.data.collate import decode_sample
+    from carat.data.loader.collate import decode_sample
 
     lengths = (row["len_text"], row["len_visual"], row["len_audio"])
     try:
@@ -191,7 +191,7 @@ def _sample_problems(sample: dict, row: dict) -> list[str]:
 
 def _check_samples(path: Path, rel: str, rows: list[dict], report: VerifyReport) -> None:
     """Every sample of a shard, in order, decoded and checked against its manifest row."""
-    from carat.data.shards import tar_key
+    from carat.data.corpus.shards import tar_key
 
     by_key = {tar_key(r["key"]): r for r in rows}
     groups: dict[str, dict] = {}
@@ -224,7 +224,7 @@ def _check_samples(path: Path, rel: str, rows: list[dict], report: VerifyReport)
 def _check_digests(path: Path, info, rows: list[dict], report: VerifyReport) -> None:
     """The shard's sha256 against the shard table and each sample's bytes against its manifest hash, from one
     read of the file (rows in file order, as the manifest lists them)."""
-    from carat.data.shards import digest_shard
+    from carat.data.corpus.shards import digest_shard
 
     ordered = sorted(rows, key=lambda r: r["offset"])
     try:

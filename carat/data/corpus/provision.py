@@ -75,7 +75,7 @@ def synthesize_default_corpus(cfg: CaratConfig, shard_dir: Path,
                               before_synthesis: Callable[[], None] | None = None) -> None:
     """Synthesize the quickstart corpus under a lock: processes starting together (Ray Tune trials) wait for
     the first one and then use its corpus."""
-    from carat.data.synth import synthesize_corpus
+    from carat.data.sources.synth import synthesize_corpus
     from carat.locks import FileLock
 
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def verify_once(cfg: CaratConfig, shard_dir: Path) -> None:
 
     if cfg.train.verify_corpus == "off" or os.environ.get("RANK", "0") != "0":
         return
-    from carat.data.verify import require_verified
+    from carat.data.corpus.verify import require_verified
 
     require_verified(shard_dir, cfg.train.verify_corpus)
 
@@ -111,7 +111,7 @@ def check_corpus_fits_model(cfg: CaratConfig, shard_dir: Path) -> None:
         return
     import pyarrow.compute as pc
 
-    from carat.data.shards import read_manifest
+    from carat.data.corpus.shards import read_manifest
 
     limit = cfg.model.text_max_positions
     table = read_manifest(shard_dir).select(["key", "len_text"])

@@ -14,7 +14,7 @@ cannot be read or does not match its hash comes back as a :data:`Skip` naming sh
 caller decides whether that raises.
 
 A corpus in object storage (:class:`~carat.storage.ObjectPath`) is read the same way, each merged range being
-one ranged GET (optionally through a local block cache, :mod:`carat.data.remote`). A read that still fails
+one ranged GET (optionally through a local block cache, :mod:`carat.data.corpus.remote`). A read that still fails
 after the storage layer's bounded retries comes back as a :class:`StorageFailure` skip: the loader raises it
 whatever ``on_error`` says, since an unreachable store is not a bad sample.
 """
@@ -31,14 +31,14 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from typing import TYPE_CHECKING
 
-from carat.data.collate import DecodedSample, decode_sample
-from carat.data.shards import sample_hash, tar_key
-from carat.data.split_index import SplitIndex
+from carat.data.loader.collate import DecodedSample, decode_sample
+from carat.data.corpus.shards import sample_hash, tar_key
+from carat.data.loader.split_index import SplitIndex
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location
 
 if TYPE_CHECKING:
-    from carat.data.remote import BlockCache
+    from carat.data.corpus.remote import BlockCache
 
 
 Skip = tuple[str, str, str]
@@ -157,7 +157,7 @@ class ShardReader:
         self.index = index
         self._remote = None
         if isinstance(self.shard_dir, ObjectPath):
-            from carat.data.remote import ObjectRangeReader
+            from carat.data.corpus.remote import ObjectRangeReader
 
             self._remote = ObjectRangeReader(self.shard_dir, index.shards, index.shard_bytes, index.shard_sha256,
                                              cache)

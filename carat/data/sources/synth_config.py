@@ -1,4 +1,4 @@
-"""The ``[synth]`` section: the knobs of the synthetic corpus (the generator is :mod:`carat.data.synth`).
+"""The ``[synth]`` section: the knobs of the synthetic corpus (the generator is :mod:`carat.data.sources.synth`).
 
 Kept apart from that code so that reading a configuration (:mod:`carat.config`) loads no generator.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 from carat.errors import ConfigError
 
 CUE_LAYOUTS: tuple[str, ...] = ("default", "shuffled")

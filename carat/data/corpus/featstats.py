@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from carat.data.segment import FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.sources.segment import FEATURE_DIMS, MODALITIES, Segment, SegmentRef
 from carat.errors import DataError
 from carat.storage import as_location
 
@@ -150,8 +150,8 @@ def compute_feature_stats(shard_dir: Path, *, max_segments: int = 4000) -> Featu
     """Statistics from the train shards: at most ``max_segments`` segments, evenly spaced over the split.
 
     The shards are sorted by length, so evenly spaced rows cover short and long segments alike."""
-    from carat.data.split_index import load_split_index
-    from carat.data.tar_reader import ShardReader
+    from carat.data.loader.split_index import load_split_index
+    from carat.data.loader.tar_reader import ShardReader
 
     index = load_split_index(as_location(shard_dir), STATS_SPLIT)
     n = len(index)
@@ -177,7 +177,7 @@ def load_feature_stats(shard_dir: Path, *, max_segments: int = 4000) -> dict[str
     From the card's ``feature_stats``; for a corpus whose card predates it (or has no card), computed from at
     most ``max_segments`` train segments of the shards, saying so in one line on stderr. DataError naming the
     card file when the stored statistics are malformed."""
-    from carat.data.card import CARD_FILE, read_card
+    from carat.data.corpus.card import CARD_FILE, read_card
 
     shard_dir = as_location(shard_dir)
     card_path = shard_dir / CARD_FILE

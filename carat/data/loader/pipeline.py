@@ -1,11 +1,12 @@
-"""The balanced, token-budget bucketed loader over carat's WebDataset shards.
+"""The balanced, token-budget bucketed loader over carat's WebDataset shards: the stages listed, in order, in
+:mod:`carat.data.loader`, wired into torch's DataLoader (:func:`build_loader`).
 
 Design
 ------
-*Plan globally, read locally.* Every rank reads the manifest (never the tars, :mod:`carat.data.split_index`)
-and computes the same :class:`~carat.data.plan.EpochPlan` for (seed, epoch): length-sorted token-budget
-batches dealt so that every rank runs the same number of steps (see :mod:`carat.data.plan`). A rank then reads
-only the samples of its own batches, with ranged reads of their byte ranges (:mod:`carat.data.tar_reader`).
+*Plan globally, read locally.* Every rank reads the manifest (never the tars, :mod:`carat.data.loader.split_index`)
+and computes the same :class:`~carat.data.loader.plan.EpochPlan` for (seed, epoch): length-sorted token-budget
+batches dealt so that every rank runs the same number of steps (see :mod:`carat.data.loader.plan`). A rank then reads
+only the samples of its own batches, with ranged reads of their byte ranges (:mod:`carat.data.loader.tar_reader`).
 Compared with streaming whole shards per rank (``split_by_node``), no rank reads another rank's samples,
 memory holds one batch per worker, and any number of ranks x workers works with any number of shards,
 including more workers than shards: the unit of splitting is the planned batch, not the shard.
@@ -14,8 +15,8 @@ including more workers than shards: the unit of splitting is the planned batch, 
 ``split_by_worker`` rule applied to batches). The DataLoader collects workers round-robin, so batches come
 out in exactly the planned order, deterministically. Workers pad features in the stored dtype (float16 by
 default: half the bytes) straight into a ring of shared-memory buffers that the main process made once per
-epoch (:class:`~carat.data.shm_pool.SharedBufferPool`), and send only where they are; the main process copies
-them out, cast to float32 (page-locked when ``pin_memory``), into the :class:`~carat.data.batch.Batch` it
+epoch (:class:`~carat.data.loader.shm_pool.SharedBufferPool`), and send only where they are; the main process copies
+them out, cast to float32 (page-locked when ``pin_memory``), into the :class:`~carat.data.loader.batch.Batch` it
 yields, and hands the slot back. torch's default transfer (a fresh shared segment per batch, whose page
 population and fd passing cost more than reading the batch) remains as ``reuse_buffers=False``.
 ``feature_dtype="stored"`` skips the CPU cast and yields float16 features, for a consumer that casts on its
@@ -30,8 +31,8 @@ samples: they send them with the batch and the main process raises, so the error
 wrap a worker's exception in its traceback). Shards missing or of the wrong size are a DataError when the
 loader is built.
 
-The configuration (:class:`~carat.data.loader_config.LoaderConfig`, with the batch cost's modality weights)
-lives in :mod:`carat.data.loader_config`.
+The configuration (:class:`~carat.data.loader.loader_config.LoaderConfig`, with the batch cost's modality weights)
+lives in :mod:`carat.data.loader.loader_config`.
 """
 
 from __future__ import annotations
@@ -46,19 +47,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from carat.data.batch import Batch, CollatedBatch
-from carat.data.collate import Alloc, collate, empty_filler, nonfinite_rows, select_rows, to_batch
-from carat.data.loader_config import LoaderConfig
-from carat.data.plan import FILLER, EpochPlan, plan_epoch
-from carat.data.shards import storage_dtype
-from carat.data.shm_pool import SharedBufferPool
-from carat.data.split_index import SplitIndex, load_split_index
-from carat.data.tar_reader import ShardReader, Skip, StorageFailure
+from carat.data.loader.batch import Batch, CollatedBatch
+from carat.data.loader.collate import Alloc, collate, empty_filler, nonfinite_rows, select_rows, to_batch
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.loader.plan import FILLER, EpochPlan, plan_epoch
+from carat.data.corpus.shards import storage_dtype
+from carat.data.loader.shm_pool import SharedBufferPool
+from carat.data.loader.split_index import SplitIndex, load_split_index
+from carat.data.loader.tar_reader import ShardReader, Skip, StorageFailure
 from carat.errors import ConfigError, DataError
 from carat.storage import ObjectPath, as_location
 
 if TYPE_CHECKING:
-    from carat.data.remote import BlockCache
+    from carat.data.corpus.remote import BlockCache
 
 
 # ----------------------------------------------------------------------------------- the torch dataset
@@ -138,7 +139,7 @@ class PlannedBatches(IterableDataset):
         """This worker's handle on the local block cache, for a corpus in object storage."""
         if self.cache_dir is None or not isinstance(self.shard_dir, ObjectPath):
             return None
-        from carat.data.remote import BlockCache
+        from carat.data.corpus.remote import BlockCache
 
         return BlockCache(self.cache_dir, self.cache_max_bytes)
 

@@ -1,7 +1,7 @@
 """Corpora in object storage: ranged reads of shard objects (with an optional local block cache), and the
 upload that publishes a corpus written locally.
 
-*Reading.* :class:`~carat.data.tar_reader.ShardReader` plans and merges byte ranges exactly as for local files;
+*Reading.* :class:`~carat.data.loader.tar_reader.ShardReader` plans and merges byte ranges exactly as for local files;
 for a corpus at an :class:`~carat.storage.ObjectPath` each merged range becomes one ranged GET
 (:class:`ObjectRangeReader`). With ``loader.cache_dir`` set, ranges are served from fixed-size blocks kept on
 local disk (:class:`BlockCache`): the first epoch fetches each block once (neighbouring batches share them,

@@ -24,16 +24,16 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
-from carat.data.featstats import FeatureStatsAccumulator
-from carat.data.prepare_config import TINY_OVERRIDES, PrepareConfig  # noqa: F401  (re-exported)
-from carat.data.segment import MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.corpus.card import IssueLog, ReferenceCollector, build_card, write_card
+from carat.data.corpus.featstats import FeatureStatsAccumulator
+from carat.data.corpus.prepare_config import TINY_OVERRIDES, PrepareConfig  # noqa: F401  (re-exported)
+from carat.data.sources.segment import MODALITIES, SPLITS, Segment, SegmentRef
 from carat.errors import ConfigError, DataError
 from carat.storage import ObjectPath, as_location, is_url
 
 
 class Source(Protocol):
-    """What prepare needs from a source (carat.data.csd.CsdSource, carat.data.pickles.PickleSource)."""
+    """What prepare needs from a source (carat.data.sources.csd.CsdSource, carat.data.sources.pickles.PickleSource)."""
 
     name: str
     issues: IssueLog
@@ -177,8 +177,8 @@ def load_fold_lists(path: Path | None = None) -> tuple[dict[str, list[str]], str
     """(split -> video ids in file order, where they came from) of a folds JSON; see :func:`load_folds`."""
     try:
         if path is None:
-            text = resources.files("carat.data").joinpath("mosei_std_folds.json").read_text()
-            origin = "carat/data/mosei_std_folds.json"
+            text = resources.files("carat.data.sources").joinpath("mosei_std_folds.json").read_text()
+            origin = "carat/data/sources/mosei_std_folds.json"
         else:
             text, origin = Path(path).read_text(), str(path)
         doc = json.loads(text)
@@ -212,14 +212,14 @@ def open_source(input_path: Path, cfg: PrepareConfig, issues: IssueLog, *, label
                 folds_path: Path | None = None, csd_files: dict[str, Path] | None = None) -> Source:
     """Construct the source named by ``cfg.source`` (files are opened and checked here)."""
     if cfg.source == "csd":
-        from carat.data.csd import CsdSource
+        from carat.data.sources.csd import CsdSource
 
         if labels_path is not None:
             raise ConfigError("--labels applies to --source pickle; for csd pass --labels-csd to override the "
                               "labels .csd file")
         return CsdSource(Path(input_path), load_folds(folds_path), roots=cfg.roots, files=csd_files or {},
                          on_error=cfg.on_error, issues=issues)
-    from carat.data.pickles import PickleSource
+    from carat.data.sources.pickles import PickleSource
 
     if csd_files:
         raise ConfigError(f"--text-file/--visual-file/--audio-file/--labels-csd apply to --source csd, "
@@ -251,11 +251,11 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
 
     Nothing is written before the source is listed and every split found non-empty; ``out_dir`` is locked
     while it is written (a second writer gets :class:`~carat.locks.LockHeld`)."""
-    from carat.data.outdir import check_writable_dir, corpus_write_lock
-    from carat.data.shards import StorageConfig
+    from carat.data.corpus.outdir import check_writable_dir, corpus_write_lock
+    from carat.data.corpus.shards import StorageConfig
 
-    if is_url(out_dir):  # written locally, then published (carat.data.remote)
-        from carat.data.remote import write_corpus_to
+    if is_url(out_dir):  # written locally, then published (carat.data.corpus.remote)
+        from carat.data.corpus.remote import write_corpus_to
 
         return write_corpus_to(as_location(out_dir), lambda local: prepare_corpus(
             input_path, local, cfg, storage, labels_path=labels_path, folds_path=folds_path, csd_files=csd_files,
@@ -263,7 +263,7 @@ def prepare_corpus(input_path: Path | str, out_dir: Path | str, cfg: PrepareConf
     out = Path(out_dir)
     check_writable_dir(out, "the corpus")  # before the (long) listing of the source
     # Real data goes here now: an interrupted train-time synthesis' marker must not make carat.train treat
-    # these shards as its own leftovers (carat.data.provision.SYNTH_IN_PROGRESS).
+    # these shards as its own leftovers (carat.data.corpus.provision.SYNTH_IN_PROGRESS).
     (out / ".synth-in-progress").unlink(missing_ok=True)
     storage = storage if storage is not None else StorageConfig()
     issues = IssueLog(max_keys=cfg.max_reported_keys)
@@ -308,7 +308,7 @@ def report_skipped(issues: IssueLog, out: Path) -> None:
 def _write_prepared(source: Source, refs: dict[str, list[SegmentRef]], out: Path, cfg: PrepareConfig,
                     storage: Any, issues: IssueLog, log: NonFiniteLog, progress: bool) -> None:
     """Shards, manifest and card of the listed ``refs`` into ``out`` (whose lock the caller holds)."""
-    from carat.data.shards import write_corpus
+    from carat.data.corpus.shards import write_corpus
 
     loaded: set[str] = set()
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from carat.data.batch import CollatedBatch
-from carat.data.collate import Alloc, shared_alloc
-from carat.data.segment import FEATURE_DIMS, MODALITIES
+from carat.data.loader.batch import CollatedBatch
+from carat.data.loader.collate import Alloc, shared_alloc
+from carat.data.sources.segment import FEATURE_DIMS, MODALITIES
 
 
 _ALIGN = 64
@@ -103,7 +103,8 @@ class SharedBufferPool:
                 raise RuntimeError(f"loader worker {worker}: the main process is gone")
 
     def allocator(self, worker: int, slot: int) -> tuple[Alloc, torch.Tensor]:
-        """An :data:`~carat.data.collate.Alloc` carving tensors out of one slot (fresh shared memory when full)."""
+        """An :data:`~carat.data.loader.collate.Alloc` carving tensors out of one slot (fresh shared memory
+        when full)."""
         buf = self.buffers[worker][slot]
         used = 0
 

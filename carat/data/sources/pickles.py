@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from carat.data.card import IssueLog
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.corpus.card import IssueLog
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
 from carat.errors import DataError
 
 PICKLE_KEYS: dict[str, str] = {"text": "text", "visual": "vision", "audio": "audio"}

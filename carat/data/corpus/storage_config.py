@@ -1,4 +1,4 @@
-"""The ``[storage]`` section: how segments are stored in shards (the writer is :mod:`carat.data.shards`).
+"""The ``[storage]`` section: how segments are stored in shards (the writer is :mod:`carat.data.corpus.shards`).
 
 Kept apart from that code so that reading a configuration (:mod:`carat.config`) loads no pyarrow.
 """

@@ -1,9 +1,9 @@
 """Decoding of stored samples (``.npy`` and ``.json`` only) and collation into padded tensors with masks.
 
-Workers make a :class:`~carat.data.batch.CollatedBatch` (feature tensors in the stored dtype, small numpy
+Workers make a :class:`~carat.data.loader.batch.CollatedBatch` (feature tensors in the stored dtype, small numpy
 arrays, lists), with the feature tensors placed by an allocator (:data:`Alloc`: a slot of the loader's reused
 shared-memory ring, or a fresh shared segment); :func:`to_batch` turns it into a
-:class:`~carat.data.batch.Batch` in the consuming process.
+:class:`~carat.data.loader.batch.Batch` in the consuming process.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from carat.data.batch import Batch, CollatedBatch
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
+from carat.data.loader.batch import Batch, CollatedBatch
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES
 
 
 @dataclass
@@ -104,7 +104,7 @@ def shared_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Same trick as torch's default_collate: a worker's batch travels to the main process through shared
     memory, and allocating it there saves one more copy of every batch. Each fresh segment costs its page
     population and an fd transfer, which is why the loader normally writes into a reused pool instead
-    (``carat.data.shm_pool.SharedBufferPool``) and uses this only as the fallback.
+    (``carat.data.loader.shm_pool.SharedBufferPool``) and uses this only as the fallback.
     """
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
@@ -147,7 +147,7 @@ def _pad(arrays: list[np.ndarray], dim: int, alloc: Alloc) -> torch.Tensor:
 
 def collate(samples: list[DecodedSample], weight: float, alloc: Alloc | None = None) -> CollatedBatch:
     """A worker's batch: padded feature tensors (stored dtype) and small numpy arrays (see
-    :class:`~carat.data.batch.CollatedBatch`), every sample with the same ``weight``.
+    :class:`~carat.data.loader.batch.CollatedBatch`), every sample with the same ``weight``.
 
     Only the three feature tensors go through shared memory; the rest is pickled inline (a shared-memory
     segment per small tensor costs ~0.2 ms). ``alloc`` places the feature tensors (default :func:`shared_alloc`;

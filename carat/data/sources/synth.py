@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
-from carat.data.synth_config import (  # noqa: F401  (re-exported)
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, Segment, SegmentRef
+from carat.data.sources.synth_config import (  # noqa: F401  (re-exported)
     CUE_LAYOUTS, MAX_SPREAD, TINY_OVERRIDES, SynthConfig)
 from carat.storage import ObjectPath, as_location, is_url
 
@@ -321,18 +321,18 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
                       reference: bool = True) -> Path | ObjectPath:
     """Write the synthetic corpus as sorted WebDataset shards + manifest + dataset card into ``out_dir``.
 
-    ``storage`` is a :class:`carat.data.shards.StorageConfig` (default one if None). With ``reference`` the card
+    ``storage`` is a :class:`carat.data.corpus.shards.StorageConfig` (default one if None). With ``reference`` the card
     gets the mean/std-pooled logistic-regression floor and the oracle that knows the planted cues (on bounded
     subsamples, as ``reference_scorer["fused"]`` and ``["oracle"]``); it always gets the train split's
     per-dimension feature statistics. ``out_dir`` is locked while it is written: a second writer gets
     :class:`~carat.locks.LockHeld` at once. An object-store URL (``s3://bucket/prefix``) is written locally and
-    uploaded, manifest last (:func:`carat.data.remote.write_corpus_to`). Returns ``out_dir``.
+    uploaded, manifest last (:func:`carat.data.corpus.remote.write_corpus_to`). Returns ``out_dir``.
     """
-    from carat.data.outdir import corpus_write_lock
-    from carat.data.shards import StorageConfig
+    from carat.data.corpus.outdir import corpus_write_lock
+    from carat.data.corpus.shards import StorageConfig
 
-    if is_url(out_dir):  # written locally, then published (carat.data.remote)
-        from carat.data.remote import write_corpus_to
+    if is_url(out_dir):  # written locally, then published (carat.data.corpus.remote)
+        from carat.data.corpus.remote import write_corpus_to
 
         return write_corpus_to(as_location(out_dir), lambda local: synthesize_corpus(
             local, cfg, storage, progress=progress, reference=reference), progress=progress)
@@ -344,9 +344,9 @@ def synthesize_corpus(out_dir: Path | str, cfg: SynthConfig, storage: Any = None
 
 def _write_synthetic_corpus(out: Path, cfg: SynthConfig, storage: Any, *, progress: bool, reference: bool) -> None:
     """Shards, manifest and card of ``cfg``'s corpus into ``out`` (whose lock the caller holds)."""
-    from carat.data.card import IssueLog, ReferenceCollector, build_card, write_card
-    from carat.data.featstats import FeatureStatsAccumulator
-    from carat.data.shards import write_corpus
+    from carat.data.corpus.card import IssueLog, ReferenceCollector, build_card, write_card
+    from carat.data.corpus.featstats import FeatureStatsAccumulator
+    from carat.data.corpus.shards import write_corpus
 
     corpus = SyntheticCorpus(cfg)
     refs = corpus.refs()
@@ -365,7 +365,7 @@ def _write_synthetic_corpus(out: Path, cfg: SynthConfig, storage: Any, *, progre
         out, source="synth", config={"synth": asdict(cfg), "storage": asdict(storage)},
         issues=IssueLog(), source_files={}, reference=scores, feature_stats=stats.to_card(),
         notes=[
-            "Synthetic CMU-MOSEI-like corpus (carat.data.synth); not real data.",
+            "Synthetic CMU-MOSEI-like corpus (carat.data.sources.synth); not real data.",
             f"length_scale={cfg.length_scale}: sequence lengths are "
             + ("the realistic ones." if cfg.length_scale == 1.0 else
                "shrunk for fast CPU runs; do not compare timings or scores with full-length data."),

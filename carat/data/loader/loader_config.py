@@ -5,7 +5,7 @@ counts padded frames, since carat's per-modality aligners (historically "CTC" mo
 involved) run an LSTM over raw frames whose per-step work is similar across modalities. Audio (~100 Hz) has
 ~3.5x the frames of visual (~30 Hz) and ~30x the text steps, so it sets the cost of every realistic batch.
 
-Kept apart from :mod:`carat.data.loader` so that composing the configuration tree (:mod:`carat.config`)
+Kept apart from :mod:`carat.data.loader.pipeline` so that composing the configuration tree (:mod:`carat.config`)
 does not import torch's DataLoader or WebDataset.
 """
 

@@ -4,7 +4,7 @@ Following "Datasheets for Datasets" (Gebru et al., 2018) in spirit, ``out_dir/ca
 split, length quantiles per modality, label prevalence per split, NaN/inf counts and the replacement policy,
 skipped or incomplete segments with reasons (counts and the first keys), sha256 of the source files, the carat
 version and the configuration used, the train split's per-dimension feature mean / std (``feature_stats``, see
-:mod:`carat.data.featstats`), and the reference scorer: a one-vs-rest logistic regression on mean- and
+:mod:`carat.data.corpus.featstats`), and the reference scorer: a one-vs-rest logistic regression on mean- and
 std-pooled features (trained on train, thresholds 0.5 and tuned on valid, scored on test), per modality and
 fused, and for synthetic corpora an oracle that knows the planted cues (the same regression on matched-filter
 features, ``reference_scorer["oracle"]``), so a model's score can be placed between floor and ceiling. Counts,
@@ -26,8 +26,8 @@ from typing import Any, Callable
 import numpy as np
 
 from carat.atomic import write_text_atomic
-from carat.data.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
-from carat.data.shards import sha256_file
+from carat.data.sources.segment import EMOTIONS, MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.corpus.shards import sha256_file
 from carat.errors import DataError
 from carat.metrics import above_threshold, tune_shared_threshold, tune_thresholds
 from carat.storage import as_location
@@ -285,7 +285,7 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
 
 def manifest_summary(out_dir: Path) -> dict[str, Any]:
     """Counts, length statistics and label prevalence per split, from the written manifest and shard table."""
-    from carat.data.shards import read_manifest, read_shard_table
+    from carat.data.corpus.shards import read_manifest, read_shard_table
 
     manifest = read_manifest(out_dir)
     splits = np.asarray(manifest.column("split").to_pylist())
@@ -314,7 +314,7 @@ def build_card(out_dir: Path, *, source: str, config: dict[str, Any], issues: Is
                feature_stats: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble the card of the corpus written in ``out_dir`` (the manifest must exist).
 
-    ``feature_stats``: the train split's per-dimension mean / std (:mod:`carat.data.featstats`)."""
+    ``feature_stats``: the train split's per-dimension mean / std (:mod:`carat.data.corpus.featstats`)."""
     import carat
 
     card: dict[str, Any] = {

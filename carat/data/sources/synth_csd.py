@@ -2,13 +2,13 @@
 
 So the path a user takes with real CMU-MOSEI (``python -m carat.data prepare --source csd --input DIR``) can be
 run end to end on data whose planted signal is known. The four files have the SDK layout that
-:mod:`carat.data.csd` reads: one root group (``glove_vectors``, ``FACET 4.2``, ``COVAREP``, ``All Labels``) with
-``data/<video_id>/{features, intervals}`` and one-element string ``metadata`` datasets.
+:mod:`carat.data.sources.csd` reads: one root group (``glove_vectors``, ``FACET 4.2``, ``COVAREP``,
+``All Labels``) with ``data/<video_id>/{features, intervals}`` and one-element string ``metadata`` datasets.
 
 Videos: synthetic video ``v`` of a split becomes the real video id ``folds[split][v % n]`` of the standard folds
-(``carat/data/mosei_std_folds.json``), so ``prepare`` assigns the right split without a ``--folds`` file. A split
-with more synthetic videos than fold ids (train at scale 1: ~2,330 videos for 2,250 ids) wraps around: several
-synthetic videos follow one another in one real video (each keeps its own speaker offset).
+(``carat/data/sources/mosei_std_folds.json``), so ``prepare`` assigns the right split without a ``--folds``
+file. A split with more synthetic videos than fold ids (train at scale 1: ~2,330 videos for 2,250 ids) wraps
+around: several synthetic videos follow one another in one real video (each keeps its own speaker offset).
 
 Time: the segments of a video are consecutive labelled intervals separated by ``GAP_SECONDS``. A segment lasts
 ``max(visual frames / visual_hz, audio frames / audio_hz)`` seconds; visual and audio frames are timestamped at
@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 
 from carat.atomic import publish, temp_path, write_text_atomic
-from carat.data.csd import CSD_FILES
-from carat.data.segment import MODALITIES, SPLITS, Segment, SegmentRef
-from carat.data.synth import SynthConfig, SyntheticCorpus
+from carat.data.sources.csd import CSD_FILES
+from carat.data.sources.segment import MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.sources.synth import SynthConfig, SyntheticCorpus
 from carat.errors import DataError
 
 CSD_ROOTS: dict[str, str] = {"text": "glove_vectors", "visual": "FACET 4.2", "audio": "COVAREP",
                              "labels": "All Labels"}
-"""Root group names of the SDK files (the defaults of :class:`carat.data.prepare.PrepareConfig`)."""
+"""Root group names of the SDK files (the defaults of :class:`carat.data.corpus.prepare.PrepareConfig`)."""
 GAP_SECONDS = 0.5
 """Silence between consecutive labelled segments of a video (and before the first)."""
 MAP_FILE = "synth_csd.json"
@@ -46,7 +46,7 @@ def video_layout(corpus: SyntheticCorpus) -> dict[str, dict[str, list[SegmentRef
 
     Synthetic video ``v`` goes to ``folds[split][v % n]``; refs are in index order, so a wrapped-around video
     holds its synthetic videos one after another."""
-    from carat.data.prepare import load_fold_lists
+    from carat.data.corpus.prepare import load_fold_lists
 
     folds, origin = load_fold_lists()
     layout: dict[str, dict[str, list[SegmentRef]]] = {}
@@ -103,10 +103,10 @@ def _metadata(kind: str, cfg: SynthConfig) -> dict[str, Any]:
     root = CSD_ROOTS[kind]
     return {
         "root name": root,
-        "computational sequence description": f"{root} of a synthetic CMU-MOSEI-like corpus (carat.data.synth, "
+        "computational sequence description": f"{root} of a synthetic CMU-MOSEI-like corpus (carat.data.sources.synth, "
                                               f"seed {cfg.seed}); not real data",
         "dimension names": None, "computational sequence version": "1.0", "alignment compatible": True,
-        "dataset name": "CMU-MOSEI (synthetic)", "dataset version": "1.0", "creator": "carat.data.synth_csd",
+        "dataset name": "CMU-MOSEI (synthetic)", "dataset version": "1.0", "creator": "carat.data.sources.synth_csd",
         "contact": "", "featureset bib citation": "", "dataset bib citation": "",
     }
 
@@ -127,7 +127,7 @@ def write_synthetic_csd(out_dir: Path | str, cfg: SynthConfig) -> Path:
     One real video at a time is generated and written, so memory holds one video, never the corpus. Each file is
     written under a temporary name and renamed when complete; ``out_dir`` is locked meanwhile (a second writer
     gets :class:`~carat.locks.LockHeld`). Returns ``out_dir``."""
-    from carat.data.outdir import corpus_write_lock
+    from carat.data.corpus.outdir import corpus_write_lock
 
     with corpus_write_lock(Path(out_dir)) as out:
         _write_csd_files(out, cfg)
@@ -168,7 +168,8 @@ def _write_csd_files(out: Path, cfg: SynthConfig) -> None:
     key_map = {ref.key: f"{vid}[{j}]" for videos in layout.values()
                for vid, refs in videos.items() for j, ref in enumerate(refs)}
     write_text_atomic(out / MAP_FILE, json.dumps({
-        "note": "synthetic CMU-MOSEI-like corpus exported as CMU-MultimodalSDK .csd files (carat.data.synth_csd); "
+        "note": "synthetic CMU-MOSEI-like corpus exported as CMU-MultimodalSDK .csd files "
+                "(carat.data.sources.synth_csd); "
                 "convert with: python -m carat.data prepare --source csd --input <this folder> --out <shards>",
         "synth": asdict(cfg),
         "videos": {split: len(videos) for split, videos in layout.items()},

@@ -13,12 +13,12 @@ first '.', so '.' (and '/', '%') are percent-encoded. Arrays are ``.npy`` only: 
 
 Manifest columns beyond the contract: ``offset`` and ``nbytes`` give the byte range of a sample's members in
 its tar, so a loader can read exactly the samples of a planned batch with a ranged read instead of streaming a
-whole shard (see :mod:`carat.data.loader`). ``sample_hash`` is the xxh3-64 hash of those bytes (headers,
+whole shard (see :mod:`carat.data.loader.pipeline`). ``sample_hash`` is the xxh3-64 hash of those bytes (headers,
 payloads and padding), computed from the published shard: the loader checks it on every read, so a flipped
 byte in a payload is an error naming shard and key, never finite garbage in a batch. xxh3 hashes ~60 GB/s
 per core (about 3 us for a typical 190 kB sample), where zlib.crc32 and blake2b cost 50-210 us, as much as
 the rest of the loader; the per-shard sha256 remains the strong check of ``verify``. Corpora written before
-this column have no hashes: they load with a one-time note (:mod:`carat.data.split_index`).
+this column have no hashes: they load with a one-time note (:mod:`carat.data.loader.split_index`).
 
 Determinism: shard boundaries are planned from the refs alone (estimated member sizes from lengths and
 dtype), every tar header field is fixed (mtime 0, uid/gid 0, empty uname/gname, mode 0o644), and the
@@ -53,8 +53,8 @@ import xxhash
 from carat.atomic import publish, temp_path, write_text_atomic
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location
-from carat.data.storage_config import TINY_OVERRIDES, StorageConfig  # noqa: F401  (re-exported)
-from carat.data.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
+from carat.data.corpus.storage_config import TINY_OVERRIDES, StorageConfig  # noqa: F401  (re-exported)
+from carat.data.sources.segment import EMOTIONS, FEATURE_DIMS, MODALITIES, SPLITS, Segment, SegmentRef
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"

@@ -1,10 +1,10 @@
 """The split index: one split's manifest rows as arrays, checked against the shard files on disk.
 
-Every rank reads the manifest (never the tars) to plan an epoch (:mod:`carat.data.plan`); the same rows give
-the reader each sample's shard and byte range (:mod:`carat.data.tar_reader`). Shards missing or of the wrong
+Every rank reads the manifest (never the tars) to plan an epoch (:mod:`carat.data.loader.plan`); the same rows give
+the reader each sample's shard and byte range (:mod:`carat.data.loader.tar_reader`). Shards missing or of the wrong
 size are a :class:`~carat.errors.DataError` here, when the loader is built, not mid-epoch.
 
-Each row carries its sample's hash from the manifest (:func:`carat.data.shards.sample_hash`), which the reader
+Each row carries its sample's hash from the manifest (:func:`carat.data.corpus.shards.sample_hash`), which the reader
 checks on every read. A corpus written before hashes existed has none: it loads, with a note printed once per
 process and corpus that its samples are not checked.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from carat.data.segment import SPLITS
-from carat.data.shards import ShardInfo, read_manifest, read_shard_table, sample_hashes_of
+from carat.data.sources.segment import SPLITS
+from carat.data.corpus.shards import ShardInfo, read_manifest, read_shard_table, sample_hashes_of
 from carat.errors import ConfigError, DataError
 from carat.storage import ObjectPath, as_location, resolved
 

@@ -3,7 +3,7 @@
 Plots (PNG, matplotlib's object-oriented API on an Agg canvas, nothing global): sequence-length histograms per
 modality, label prevalence per split, and the padding efficiency (real frames / padded frames) of length-sorted
 token-budget batching versus random batching under the same budget. Batches are planned with the loader's own
-planner (:mod:`carat.data.plan`), so the figure is what training gets.
+planner (:mod:`carat.data.loader.plan`), so the figure is what training gets.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from carat.data.card import read_card, tuned_micro_f1
-from carat.data.loader_config import LoaderConfig
-from carat.data.segment import EMOTIONS, MODALITIES, SPLITS
+from carat.data.corpus.card import read_card, tuned_micro_f1
+from carat.data.loader.loader_config import LoaderConfig
+from carat.data.sources.segment import EMOTIONS, MODALITIES, SPLITS
 from carat.errors import DataError
 from carat.storage import ObjectPath, as_location
 
@@ -100,7 +100,7 @@ def format_card(card: dict[str, Any]) -> str:
 
 def split_lengths(corpus_dir: Path, split: str = "train") -> np.ndarray:
     """[N, 3] (text, visual, audio) lengths of a split from the manifest, in stored (sorted) order."""
-    from carat.data.shards import read_manifest
+    from carat.data.corpus.shards import read_manifest
 
     table = read_manifest(corpus_dir)
     splits = np.asarray(table.column("split").to_pylist())
@@ -111,7 +111,7 @@ def split_lengths(corpus_dir: Path, split: str = "train") -> np.ndarray:
 def padding_comparison(lengths: np.ndarray, *, token_budget: int, max_batch_size: int,
                        weights: tuple[float, float, float], seed: int = 0, min_batch_size: int = 1) -> dict[str, Any]:
     """Padding efficiency of length-sorted vs random token-budget batches (the loader's planner for both)."""
-    from carat.data.plan import cost_order, padding_efficiency, plan_batches
+    from carat.data.loader.plan import cost_order, padding_efficiency, plan_batches
 
     orders = {"sorted": cost_order(lengths, weights),
               "random": np.random.default_rng(seed).permutation(len(lengths))}
@@ -235,7 +235,7 @@ def _write_plots(card: dict[str, Any], lengths: dict[str, np.ndarray], split: st
     """Write the three plots; the report line says where. The default place is inside the corpus, which may be
     read-only (a shared or mounted corpus): then the summary still prints and the line says how to get plots.
     A ``plots_dir`` the user named that cannot be written is a DataError naming it."""
-    from carat.data.outdir import check_writable_dir
+    from carat.data.corpus.outdir import check_writable_dir
 
     if plots_dir is None and isinstance(corpus_dir, ObjectPath):
         return f"plots not written: {corpus_dir} is in object storage; pass --plots DIR to write them locally"

@@ -1,11 +1,11 @@
 """The two shapes of a batch on its way from a shard to the model.
 
-:class:`CollatedBatch` is what a loader worker makes (:func:`carat.data.collate.collate`) and sends to the
+:class:`CollatedBatch` is what a loader worker makes (:func:`carat.data.loader.collate.collate`) and sends to the
 training process: padded features in the stored dtype, lengths instead of masks, small numpy arrays for the
 rest (one shared-memory segment per small tensor would cost more than the batch), plus what the loader needs
 to account for it (skipped samples, the shared-memory slot it was written into).
 
-:class:`Batch` is what the loader yields (:func:`carat.data.collate.to_batch`): every field a tensor, features
+:class:`Batch` is what the loader yields (:func:`carat.data.loader.collate.to_batch`): every field a tensor, features
 cast (float32 by default), bool masks. The model never sees either type: the training loop unpacks
 :meth:`Batch.model_inputs` into the model's keyword arguments.
 """
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # annotations only: both modules import this one
-    from carat.data.shm_pool import PooledTensor
-    from carat.data.tar_reader import Skip
+    from carat.data.loader.shm_pool import PooledTensor
+    from carat.data.loader.tar_reader import Skip
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CollatedBatch:
 
     Only the three feature tensors travel through shared memory; the numpy arrays and lists are pickled
     inline. Features are sent either as tensors (torch's shared-memory transfer) or, when they were written
-    into a slot of the loader's ring, as :class:`~carat.data.shm_pool.PooledTensor` addresses that the
+    into a slot of the loader's ring, as :class:`~carat.data.loader.shm_pool.PooledTensor` addresses that the
     receiving process resolves against :attr:`ring_slot` before copying them out.
     """
 
@@ -57,7 +57,7 @@ class CollatedBatch:
     tensors). The consumer copies the features out, then releases the slot."""
 
     def features(self) -> dict[str, torch.Tensor | PooledTensor]:
-        """The padded feature tensors by modality, in :data:`~carat.data.segment.MODALITIES` order."""
+        """The padded feature tensors by modality, in :data:`~carat.data.sources.segment.MODALITIES` order."""
         return {"text": self.text, "visual": self.visual, "audio": self.audio}
 
     def __len__(self) -> int:
