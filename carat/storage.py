@@ -10,7 +10,10 @@ never go through fsspec (they stay exactly as fast as before). ``Path("s3://b/p"
 Credentials and endpoints are the ecosystem's: fsspec's S3 backend (s3fs, over botocore) reads the standard
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` / ``AWS_PROFILE`` / ``AWS_REGION``
 variables, ``~/.aws/config``, instance roles, and ``AWS_ENDPOINT_URL`` for S3-compatible stores (MinIO, Ceph,
-moto). carat never stores any of them: a location is only its URL.
+moto); its GCS backend (gcsfs) Google's application default credentials (``GOOGLE_APPLICATION_CREDENTIALS``,
+``gcloud auth application-default login``, the metadata server), and ``STORAGE_EMULATOR_HOST`` for an emulator
+(gcp-storage-emulator, fake-gcs-server), which carat then talks to anonymously, as Google's own client does.
+carat never stores any of them: a location is only its URL.
 
 Clients are made per process (:func:`filesystem` is keyed by the process id), so DataLoader workers forked
 from a process that already used the store open their own connections. Every call that can fail transiently
@@ -78,17 +81,36 @@ def _s3_options() -> dict[str, Any]:
                               "read_timeout": 60}}
 
 
+def _gcs_emulator() -> str | None:
+    """``STORAGE_EMULATOR_HOST`` when set (gcsfs reads it too, and takes "default" for unset)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return host if host not in ("", "default") else None
+
+
+def _new_filesystem(protocol: str, **options: Any) -> Any:
+    """A new fsspec filesystem for ``protocol`` (never fsspec's shared instance)."""
+    if protocol in ("gs", "gcs") and _gcs_emulator():
+        # An emulator serves the JSON API only and checks no credentials: gcsfs' JSON-API filesystem, anonymous, as
+        # Google's client libraries do. gcsfs' default filesystem first asks the Storage Control API (gRPC) for each
+        # bucket's layout, which no emulator serves: every lookup would wait out a 60 s retry deadline. Without a
+        # token it would also look for Google credentials (the metadata server) first.
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(token="anon", skip_instance_cache=True, **options)
+    import fsspec
+
+    return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+
+
 def filesystem(protocol: str) -> Any:
     """This process' fsspec filesystem for ``protocol``: made on first use in each process (a forked worker
     never reuses its parent's connections or event loop)."""
     key = (os.getpid(), protocol)
     fs = _FILESYSTEMS.get(key)
     if fs is None:
-        import fsspec
-
         options = _s3_options() if protocol in ("s3", "s3a") else {}
         try:
-            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            fs = _new_filesystem(protocol, **options)
         except (ImportError, ValueError) as exc:
             raise DataError(f"{protocol}://: no fsspec backend for this store ({exc}); install the package fsspec "
                             f"names (s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
@@ -104,10 +126,9 @@ def arrow_filesystem(location: ObjectPath) -> tuple[Any, str]:
     """The store as a pyarrow filesystem and the path in it, as Ray Train's ``storage_filesystem`` takes them:
     through fsspec, so Ray's uploads use the credentials and endpoint carat uses everywhere, with botocore's
     default retries (Ray's persistence has none of carat's bounded ones)."""
-    import fsspec
     import pyarrow.fs
 
-    fs = fsspec.filesystem(location.protocol, skip_instance_cache=True)
+    fs = _new_filesystem(location.protocol)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), location.path
 
 
@@ -120,6 +141,8 @@ def endpoint_note(protocol: str) -> str:
     """Where requests go, for error messages (never credentials)."""
     if protocol in ("s3", "s3a"):
         return f" (endpoint {os.environ.get('AWS_ENDPOINT_URL') or os.environ.get('AWS_ENDPOINT_URL_S3') or 'AWS'})"
+    if protocol in ("gs", "gcs"):
+        return f" (endpoint {_gcs_emulator() or 'GCS'})"
     return ""
 
 
@@ -141,13 +164,23 @@ class StorageError(DataError):
         self.missing = missing
 
 
+def _as_denial(exc: BaseException) -> BaseException:
+    """A denial as the PermissionError s3fs raises: gcsfs reports HTTP 403 as a plain ``OSError("Forbidden: ...")``
+    (which would otherwise read as a transient network error)."""
+    if type(exc) is OSError and str(exc).startswith("Forbidden:"):
+        return PermissionError(*exc.args)
+    return exc
+
+
 def storage_error(url: str, exc: BaseException, doing: str, attempts: int = 1) -> StorageError:
     """One line naming the object, what was being done and why it failed."""
     protocol = url.split("://", 1)[0]
+    exc = _as_denial(exc)
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, PermissionError):
-        why = (f"access denied ({detail}): check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
-               "AWS_PROFILE) and the bucket's policy")
+        credentials = ("GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`"
+                       if protocol in ("gs", "gcs") else "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        why = f"access denied ({detail}): check the credentials ({credentials}) and the bucket's policy"
     elif isinstance(exc, FileNotFoundError):
         why = f"not found ({detail})"
     else:
@@ -166,7 +199,7 @@ def with_retries(url: str, doing: str, call: Callable[[], T], retries: int = RET
         except DataError:
             raise
         except Exception as exc:  # fsspec backends raise OSError, botocore and aiohttp types
-            if not is_transient(exc) or attempt == retries:
+            if not is_transient(_as_denial(exc)) or attempt == retries:
                 raise storage_error(url, exc, doing, attempt + 1) from None
             time.sleep(BACKOFF_S * 2 ** attempt)
     raise AssertionError("unreachable")

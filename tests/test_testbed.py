@@ -142,7 +142,8 @@ def wait_for_epochs(run: Path, epochs: int, timeout_s: float) -> None:
 
 def carat_processes(host: str) -> list[str]:
     proc = on(host, "ps", "-eo", "args")
-    return [line for line in proc.stdout.splitlines() if "carat.train" in line or "raylet" in line]
+    return [line for line in proc.stdout.splitlines()
+            if "carat.train" in line or "raylet" in line or "gcs_server" in line]
 
 
 def assert_two_hosts(run: Path) -> None:
@@ -219,6 +220,30 @@ def test_ray_sbatch_tune_sweeps_across_both_hosts(testbed):
     for row in rows:  # each trial's two ranks, one on each host
         assert_two_hosts(Path(row["run_dir"]))
     assert (sweep / "best.toml").is_file()
+
+
+def test_ray_sbatch_trains_into_a_bucket_across_both_hosts(testbed, testbed_s3):
+    """`--train.storage_path=s3://...` under Ray over two hosts: Ray Train writes its checkpoints into the bucket
+    itself, each host keeps its own copy of carat's run files, and rank 0 may train on either host."""
+    from carat.train.checkpoint import COMPLETE_FILE
+
+    aws, staging, storage = testbed_s3, testbed.shared / "staging", f"s3://{BUCKET}/runs"
+    env = {**aws, "CARAT_STAGING_DIR": str(staging)}
+    ray = run_job(testbed, "ray.sbatch", 2, "ray-bucket", **{**env, "RUN_NAME": "ray-bucket"},
+                  EXTRA_ARGS=f"--run-name=ray-bucket --train.storage_path={storage} --train.epochs=2")
+    assert ray.rc == 0, ray.log[-4000:]
+    copies = host_copies(staging, "ray-bucket")
+    assert_two_hosts(copies["node1"])
+    results = assert_every_sample_once(testbed, copies["node1"], epochs=2)
+    assert results["launcher"] == "ray" and results["world_size"] == 2
+    objects = bucket_objects(testbed, f"{storage}/ray-bucket", aws)
+    assert {"history.jsonl", "results.json", "best/best/carat_complete.json"} <= objects, sorted(objects)
+    ray_checkpoints = {name.split("/")[0] for name in objects if name.startswith("checkpoint_") and "/" in name}
+    assert ray_checkpoints, sorted(objects)
+    for checkpoint in ray_checkpoints:  # each holds both ranks' files (each rank sent its own) and the marker
+        tags = {name.split("/")[1] for name in objects if name.startswith(f"{checkpoint}/") and name.count("/") == 2}
+        assert any({f"{checkpoint}/{tag}/{f}" for f in ("rng_rank0.pt", "rng_rank1.pt", COMPLETE_FILE)} <= objects
+                   for tag in tags), sorted(n for n in objects if n.startswith(checkpoint))
 
 
 def test_ray_rank_killed_on_the_second_host_mid_epoch_restarts_from_the_last_checkpoint(testbed):
@@ -338,12 +363,13 @@ LIST_OBJECTS = ("import json, sys; from carat.storage import ObjectPath; where =
 MAKE_BUCKET = f"from carat.storage import ObjectPath; ObjectPath('s3://{BUCKET}').fs.mkdir('{BUCKET}')"
 
 
-@contextlib.contextmanager
-def s3_on_ctl(tb: SharedDirs):
+@pytest.fixture(scope="module")
+def testbed_s3(testbed):
     """A real S3 server (moto's) on the testbed's controller, reached by the nodes over the testbed's network;
     yields the AWS settings of a user whose keys sit in a credentials file every node reads."""
     from tests.ports import free_port
 
+    tb = testbed
     port = free_port()
     credentials = tb.shared / "aws-credentials"
     credentials.write_text("[carat]\naws_access_key_id = testbed\naws_secret_access_key = testbed-secret\n")
@@ -372,69 +398,53 @@ def host_copies(staging: Path, run_name: str) -> dict[str, Path]:
     return {host: next((staging / host / "runs").glob(f"*/{run_name}")) for host in ("node1", "node2")}
 
 
-def test_deepspeed_sbatch_trains_into_a_bucket_without_a_shared_run_directory_and_resumes_from_it(testbed):
+def test_deepspeed_sbatch_trains_into_a_bucket_without_a_shared_run_directory_and_resumes_from_it(
+        testbed, testbed_s3):
     """`--train.storage_path=s3://...` over two hosts: each host stages its own copy of the run (named after the
     host, so even a shared staging folder is not shared), the bucket gets every rank's files of each checkpoint,
     and a rerun on hosts whose copies are gone resumes from the bucket alone."""
     from carat.train.checkpoint import COMPLETE_FILE
 
-    with s3_on_ctl(testbed) as aws:
-        staging = testbed.shared / "staging"
-        storage = f"s3://{BUCKET}/runs"
-        env = {**aws, "CARAT_STAGING_DIR": str(staging), "RUN_NAME": "ds-bucket"}
-        args = f"--train.storage_path={storage} --train.epochs=4"
-        job_id = submit(testbed, "deepspeed.sbatch", 2, "ds-bucket", EXTRA_ARGS=args, **env)
-        deadline = time.monotonic() + 240
-        while not list((staging / "node1").glob("runs/*/ds-bucket/history.jsonl")):
-            assert time.monotonic() < deadline, "the run never wrote its history"
-            time.sleep(0.5)
-        wait_for_epochs(host_copies(staging, "ds-bucket")["node1"], 1, timeout_s=240)
-        assert on("ctl", "scancel", job_id).returncode == 0
-        assert wait_for_job_end(job_id, timeout_s=60) == "CANCELLED"
-        copies = host_copies(staging, "ds-bucket")
-        # no shared run directory: node2's checkpoints hold node2's partition, not rank 0's files
-        ds_files = sorted(p.name for p in (copies["node2"] / "checkpoints").rglob("*_optim_states.pt"))
-        assert ds_files and all(name.startswith("zero_pp_rank_1_") for name in ds_files), ds_files
-        assert not (copies["node2"] / "history.jsonl").exists()
-        assert_two_hosts(copies["node1"])
-        objects = bucket_objects(testbed, f"{storage}/ds-bucket", aws)
-        markers = [m for m in copies["node1"].rglob(COMPLETE_FILE) if ".staging" not in m.as_posix()]
-        assert markers
-        for marker in markers:  # every file a marker vouches for is in the bucket, both ranks' among them
-            folder = marker.parent.relative_to(copies["node1"]).as_posix()
-            if f"{folder}/{COMPLETE_FILE}" not in objects:
-                continue  # committed locally as the job was cancelled, not yet announced
-            listed = {f"{folder}/{name}" for name in json.loads(marker.read_text())["files"]}
-            assert listed <= objects, sorted(listed - objects)
-            assert any("zero_pp_rank_1_" in name for name in listed), listed
-        assert "checkpoints/latest" in objects
+    aws = testbed_s3
+    staging = testbed.shared / "staging"
+    storage = f"s3://{BUCKET}/runs"
+    env = {**aws, "CARAT_STAGING_DIR": str(staging), "RUN_NAME": "ds-bucket"}
+    args = f"--train.storage_path={storage} --train.epochs=4"
+    job_id = submit(testbed, "deepspeed.sbatch", 2, "ds-bucket", EXTRA_ARGS=args, **env)
+    deadline = time.monotonic() + 240
+    while not list((staging / "node1").glob("runs/*/ds-bucket/history.jsonl")):
+        assert time.monotonic() < deadline, "the run never wrote its history"
+        time.sleep(0.5)
+    wait_for_epochs(host_copies(staging, "ds-bucket")["node1"], 1, timeout_s=240)
+    assert on("ctl", "scancel", job_id).returncode == 0
+    assert wait_for_job_end(job_id, timeout_s=60) == "CANCELLED"
+    copies = host_copies(staging, "ds-bucket")
+    # no shared run directory: node2's checkpoints hold node2's partition, not rank 0's files
+    ds_files = sorted(p.name for p in (copies["node2"] / "checkpoints").rglob("*_optim_states.pt"))
+    assert ds_files and all(name.startswith("zero_pp_rank_1_") for name in ds_files), ds_files
+    assert not (copies["node2"] / "history.jsonl").exists()
+    assert_two_hosts(copies["node1"])
+    objects = bucket_objects(testbed, f"{storage}/ds-bucket", aws)
+    markers = [m for m in copies["node1"].rglob(COMPLETE_FILE) if ".staging" not in m.as_posix()]
+    assert markers
+    for marker in markers:  # every file a marker vouches for is in the bucket, both ranks' among them
+        folder = marker.parent.relative_to(copies["node1"]).as_posix()
+        if f"{folder}/{COMPLETE_FILE}" not in objects:
+            continue  # committed locally as the job was cancelled, not yet announced
+        listed = {f"{folder}/{name}" for name in json.loads(marker.read_text())["files"]}
+        assert listed <= objects, sorted(listed - objects)
+        assert any("zero_pp_rank_1_" in name for name in listed), listed
+    assert "checkpoints/latest" in objects
 
-        shutil.rmtree(staging)  # both hosts' copies gone: the bucket is all a rerun has
-        second = run_job(testbed, "deepspeed.sbatch", 2, "ds-bucket-resume", EXTRA_ARGS=args, **env)
-        assert second.rc == 0, second.log[-4000:]
-        assert "resumed from" in second.log, second.log[-4000:]
-        fetched = [line for line in second.log.splitlines() if "files of the run into" in line]
-        assert {"/node1/", "/node2/"} <= {host for host in ("/node1/", "/node2/") for line in fetched if host in line}
-        copies = host_copies(staging, "ds-bucket")
-        results = assert_every_sample_once(testbed, copies["node1"], epochs=4)
-        assert results["launcher"] == "deepspeed" and results["world_size"] == 2
-        assert_two_hosts(copies["node1"])
-        bucket_history = bucket_objects(testbed, f"{storage}/ds-bucket", aws)
-        assert {"history.jsonl", "results.json", "checkpoints/latest"} <= bucket_history
-
-        # Ray over the same two hosts: Ray Train keeps its checkpoints in the bucket itself, each host its copy
-        ray = run_job(testbed, "ray.sbatch", 2, "ray-bucket", **{**env, "RUN_NAME": "ray-bucket"},
-                      EXTRA_ARGS=f"--run-name=ray-bucket --train.storage_path={storage} --train.epochs=2")
-        assert ray.rc == 0, ray.log[-4000:]
-        copies = host_copies(staging, "ray-bucket")
-        assert_two_hosts(copies["node1"])
-        results = assert_every_sample_once(testbed, copies["node1"], epochs=2)
-        assert results["launcher"] == "ray" and results["world_size"] == 2
-        objects = bucket_objects(testbed, f"{storage}/ray-bucket", aws)
-        assert {"history.jsonl", "results.json", "best/best/carat_complete.json"} <= objects, sorted(objects)
-        ray_checkpoints = {name.split("/")[0] for name in objects if name.startswith("checkpoint_") and "/" in name}
-        assert ray_checkpoints, sorted(objects)
-        for checkpoint in ray_checkpoints:  # each holds both ranks' files (each rank sent its own) and the marker
-            tags = {name.split("/")[1] for name in objects if name.startswith(f"{checkpoint}/") and name.count("/") == 2}
-            assert any({f"{checkpoint}/{tag}/{f}" for f in ("rng_rank0.pt", "rng_rank1.pt", COMPLETE_FILE)} <= objects
-                       for tag in tags), sorted(n for n in objects if n.startswith(checkpoint))
+    shutil.rmtree(staging)  # both hosts' copies gone: the bucket is all a rerun has
+    second = run_job(testbed, "deepspeed.sbatch", 2, "ds-bucket-resume", EXTRA_ARGS=args, **env)
+    assert second.rc == 0, second.log[-4000:]
+    assert "resumed from" in second.log, second.log[-4000:]
+    fetched = [line for line in second.log.splitlines() if "files of the run into" in line]
+    assert {"/node1/", "/node2/"} <= {host for host in ("/node1/", "/node2/") for line in fetched if host in line}
+    copies = host_copies(staging, "ds-bucket")
+    results = assert_every_sample_once(testbed, copies["node1"], epochs=4)
+    assert results["launcher"] == "deepspeed" and results["world_size"] == 2
+    assert_two_hosts(copies["node1"])
+    bucket_history = bucket_objects(testbed, f"{storage}/ds-bucket", aws)
+    assert {"history.jsonl", "results.json", "checkpoints/latest"} <= bucket_history

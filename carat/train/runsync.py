@@ -327,4 +327,5 @@ def local_copy(value: str | Path) -> Path:
     return local
 
 
-__all__ = ["RAY_TRAIN_OBJECTS", "RunSync", "fetch_run_files", "host_mirror", "local_copy", "staged_storage", "synced_run"]
+__all__ = ["RAY_TRAIN_OBJECTS", "RunSync", "fetch_run_files", "host_mirror", "local_copy", "staged_storage",
+           "synced_run"]
