@@ -261,9 +261,10 @@ class FinalError:
     def clear(run_dir: Path, storage_url: str | None = None) -> None:
         for path in run_dir.glob(".final-error-*.json"):
             path.unlink(missing_ok=True)
-        if storage_url:
-            for path in (as_location(storage_url) / run_dir.name).glob(".final-error-*.json"):
-                path.unlink(missing_ok=True)
+        if storage_url:  # best effort: a leftover is keyed by its fit's attempt id, which no later fit has
+            with contextlib.suppress(CaratError):
+                for path in (as_location(storage_url) / run_dir.name).glob(".final-error-*.json"):
+                    path.unlink(missing_ok=True)
 
 
 def _cluster_gpus() -> float | None:
@@ -407,10 +408,10 @@ def launch_ray(cfg: CaratConfig, run_dir: Path, shard_dir: Path) -> dict[str, An
         raise worker_carat_error(error) or error from None
     finally:
         FinalError.clear(run_dir, storage_url)
-        if storage_url:  # rank 0 may have run on another node: its files reach this one through the bucket
-            fetch_run_files(run_dir, storage_url)
     if result.error is not None:
         raise worker_carat_error(result.error) or result.error
+    if storage_url:  # rank 0 may have run on another node: its files reach this one through the bucket
+        fetch_run_files(run_dir, storage_url)
     return read_results(run_dir)
 
 
